@@ -1,0 +1,1 @@
+"""Llama-family decoder, its configuration and checkpoint loaders."""

@@ -1,0 +1,289 @@
+"""Llama-family decoder as pure functions over a parameter pytree.
+
+Covers Llama-2/3, SmolLM/SmolLM2 and Qwen2/2.5: RMSNorm, RoPE (with Llama-3
+scaling), grouped-query attention, SwiGLU, tied or untied embeddings.
+
+Parameters are a plain pytree with the layers stacked on a leading axis ``L`` so
+the forward pass is one ``lax.scan`` (compile time independent of depth)::
+
+    {"embed": [V, D],
+     "layers": {"attn_norm": [L, D],
+                "q": {"w": [L, D, H*hd], "b": [L, H*hd]},   # b only with qkv_bias
+                "k": {"w": [L, D, K*hd], "b": ...}, "v": {...},
+                "o": {"w": [L, H*hd, D]},                  # "b" with o_bias
+                "mlp_norm": [L, D],
+                "gate": {"w": [L, D, F]}, "up": {"w": [L, D, F]},
+                "down": {"w": [L, F, D]}},
+     "final_norm": [D],
+     "lm_head": [D, V]}                                     # absent when tied
+
+Kernels are ``[in, out]`` (``y = x @ w``); loaders transpose HF's ``[out, in]``.
+RoPE uses the Hugging Face half-split layout; loaders undo llama.cpp's
+interleaving of Q/K rows.
+
+Decoding state is the explicit :class:`KVCache` pytree. All rows of a batch
+share one write index (prompts are left-padded), so each step writes the cache
+with a single ``dynamic_update_slice``; ``valid`` masks the padding slots.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_u2s import lora as lora_lib
+from fedjax_u2s.models.config import ModelConfig
+
+PyTree = Any
+_NEG_INF = -1e30  # Finite, so a fully masked (padding) row gives no NaN.
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer for a batch of sequences.
+
+  Attributes:
+    k: [L, B, S, K, hd] keys (after RoPE).
+    v: [L, B, S, K, hd] values.
+    valid: [B, S] bool, True where a slot holds a real (non-padding) token.
+    index: [] int32, the next slot to write; shared by all rows.
+  """
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+  index: jax.Array
+
+  @property
+  def max_length(self) -> int:
+    return self.k.shape[2]
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_length: int,
+               dtype: Any = None) -> KVCache:
+  """An empty cache of ``max_length`` slots per row."""
+  dtype = dtype or config.compute_dtype
+  shape = (config.num_layers, batch_size, max_length, config.num_kv_heads,
+           config.head_dim)
+  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                 valid=jnp.zeros((batch_size, max_length), bool),
+                 index=jnp.zeros((), jnp.int32))
+
+
+def init_params(rng: jax.Array, config: ModelConfig, std: float = 0.02) -> PyTree:
+  """Random parameters (for tests and shape inference; real runs load weights)."""
+  d, f, hd, n = (config.hidden_size, config.intermediate_size, config.head_dim,
+                 config.num_layers)
+  q, kv = config.num_heads * hd, config.num_kv_heads * hd
+  dt = config.weight_dtype
+  keys = iter(jax.random.split(rng, 16))
+
+  def normal(*shape):
+    return (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(dt)
+
+  def proj(d_in, d_out, bias):
+    p = {"w": normal(n, d_in, d_out)}
+    if bias:
+      p["b"] = normal(n, d_out)
+    return p
+
+  layers = {
+      "attn_norm": jnp.ones((n, d), dt),
+      "q": proj(d, q, config.qkv_bias),
+      "k": proj(d, kv, config.qkv_bias),
+      "v": proj(d, kv, config.qkv_bias),
+      "o": proj(q, d, config.o_bias),
+      "mlp_norm": jnp.ones((n, d), dt),
+      "gate": proj(d, f, config.mlp_bias),
+      "up": proj(d, f, config.mlp_bias),
+      "down": proj(f, d, config.mlp_bias),
+  }
+  params = {"embed": normal(config.vocab_size, d), "layers": layers,
+            "final_norm": jnp.ones((d,), dt)}
+  if not config.tie_word_embeddings:
+    params["lm_head"] = normal(d, config.vocab_size)
+  return params
+
+
+def param_shapes(config: ModelConfig) -> PyTree:
+  """The parameter pytree as ``jax.ShapeDtypeStruct`` leaves, nothing allocated."""
+  return jax.eval_shape(lambda: init_params(jax.random.key(0), config))
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (x32 * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_frequencies(config: ModelConfig) -> np.ndarray:
+  """[hd/2] inverse frequencies, with Llama-3 scaling when configured."""
+  hd = config.head_dim
+  inv = 1.0 / (config.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+  rs = config.rope_scaling
+  if rs is not None:
+    low_wl = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wl = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    smooth = ((rs.original_max_position_embeddings / wavelen - rs.low_freq_factor)
+              / (rs.high_freq_factor - rs.low_freq_factor))
+    scaled = np.where(wavelen > low_wl, inv / rs.factor, inv)
+    mid = (wavelen <= low_wl) & (wavelen >= high_wl)
+    inv = np.where(mid, (1 - smooth) * inv / rs.factor + smooth * inv, scaled)
+  return inv.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotates [B, T, N, hd] by [B, T] positions (HF half-split layout)."""
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def _attention(q, k, v, mask, config: ModelConfig):
+  """Grouped-query attention.
+
+  Args:
+    q: [B, T, H, hd]; k, v: [B, S, K, hd]; mask: [B, T, S] bool.
+  Returns:
+    [B, T, H*hd].
+  """
+  b, t, h, hd = q.shape
+  kh = config.num_kv_heads
+  q = q.reshape(b, t, kh, h // kh, hd)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
+                      preferred_element_type=jnp.float32) / math.sqrt(hd)
+  scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h * hd)
+
+
+def forward(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
+            input_mask: jax.Array | None = None,
+            positions: jax.Array | None = None,
+            cache: KVCache | None = None,
+            lora: PyTree | None = None,
+            lora_config: lora_lib.LoraConfig | None = None,
+            dropout_rng: jax.Array | None = None,
+            return_hidden: bool = False):
+  """Runs the decoder.
+
+  Args:
+    params: base parameters (layout in the module docstring).
+    tokens: [B, T] int token ids.
+    config: the model's static config.
+    input_mask: [B, T] bool, False at padding. Defaults to all True.
+    positions: [B, T] RoPE positions. Defaults to the count of real tokens
+      before each one (in the cache too), which handles left padding.
+    cache: if given, the T tokens are written at ``cache.index`` and attend to
+      everything valid in the cache; the updated cache is returned.
+    lora: optional adapter pytree (see :mod:`fedjax_u2s.lora`).
+    lora_config: required with ``lora``.
+    dropout_rng: enables LoRA dropout (training only).
+    return_hidden: return the final normed hidden states [B, T, D] instead of
+      logits (for chunked losses).
+
+  Returns:
+    ``(logits [B, T, V] float32, cache)``; ``cache`` is None if none was given.
+  """
+  cfg = config
+  b, t = tokens.shape
+  dt = cfg.compute_dtype
+  if input_mask is None:
+    input_mask = jnp.ones((b, t), bool)
+  input_mask = input_mask.astype(bool)
+  if positions is None:
+    offset = 0 if cache is None else jnp.sum(cache.valid, axis=1, dtype=jnp.int32)
+    positions = jnp.cumsum(input_mask, axis=1, dtype=jnp.int32) - 1
+    positions = jnp.maximum(positions, 0) + (
+        offset if cache is None else offset[:, None])
+
+  if cache is None:
+    slot = jnp.arange(t)
+    mask = input_mask[:, None, :] & (slot[None, :, None] >= slot[None, None, :])
+    new_valid = None
+  else:
+    idx = cache.index
+    new_valid = jax.lax.dynamic_update_slice(cache.valid, input_mask, (0, idx))
+    q_slot = idx + jnp.arange(t)
+    k_slot = jnp.arange(cache.max_length)
+    mask = new_valid[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])
+
+  if lora is not None and lora_config is None:
+    raise ValueError("forward(lora=...) needs lora_config.")
+  inv_freq = rope_frequencies(cfg)
+  lora_scale = lora_config.scale if lora is not None else 0.0
+  lora_dropout = lora_config.dropout if lora is not None else 0.0
+  hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+
+  def layer(carry, xs):
+    x, ck, cv = carry
+    lp, ll, i = xs
+    rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+
+    def proj(name, h, j):
+      p = lp[name]
+      y = jnp.einsum("btd,df->btf", h, p["w"].astype(dt))
+      if "b" in p:
+        y = y + p["b"].astype(dt)
+      if ll is not None and name in ll:
+        r = None if rng is None else jax.random.fold_in(rng, j)
+        y = y + lora_lib.apply(h, ll[name], lora_scale, dropout=lora_dropout, rng=r)
+      return y
+
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    q = proj("q", h, 0).reshape(b, t, nh, hd)
+    k = proj("k", h, 1).reshape(b, t, nkv, hd)
+    v = proj("v", h, 2).reshape(b, t, nkv, hd)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    if ck is not None:
+      ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype),
+                                        (i, 0, cache.index, 0, 0))
+      cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype),
+                                        (i, 0, cache.index, 0, 0))
+      k = jax.lax.dynamic_index_in_dim(ck, i, keepdims=False).astype(dt)
+      v = jax.lax.dynamic_index_in_dim(cv, i, keepdims=False).astype(dt)
+    attn = _attention(q, k, v, mask, cfg)
+    x = x + proj("o", attn, 3)
+    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+    mlp = jax.nn.silu(proj("gate", h, 4)) * proj("up", h, 5)
+    x = x + proj("down", mlp, 6)
+    return (x, ck, cv), None
+
+  if cfg.remat:
+    layer = jax.checkpoint(layer, prevent_cse=False)
+
+  x = jnp.take(params["embed"], tokens, axis=0).astype(dt)
+  ck = cv = None
+  if cache is not None:
+    ck, cv = cache.k, cache.v
+  xs = (params["layers"], lora, jnp.arange(cfg.num_layers))
+  (x, ck, cv), _ = jax.lax.scan(layer, (x, ck, cv), xs)
+  x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+
+  new_cache = None
+  if cache is not None:
+    new_cache = KVCache(k=ck, v=cv, valid=new_valid, index=cache.index + t)
+  if return_hidden:
+    return x, new_cache
+  return logits_from_hidden(params, x, config=cfg), new_cache
+
+
+def logits_from_hidden(params: PyTree, x: jax.Array, *, config: ModelConfig) -> jax.Array:
+  """[..., D] final hidden states -> [..., V] float32 logits."""
+  dt = config.compute_dtype
+  if config.tie_word_embeddings:
+    return jnp.einsum("...d,vd->...v", x.astype(dt), params["embed"].astype(dt),
+                      preferred_element_type=jnp.float32)
+  return jnp.einsum("...d,dv->...v", x.astype(dt), params["lm_head"].astype(dt),
+                    preferred_element_type=jnp.float32)
