@@ -23,3 +23,24 @@ def tiny_qwen2_config(**overrides) -> ModelConfig:
             qkv_bias=True, name="tiny-qwen2")
   kw.update(overrides)
   return ModelConfig(**kw)
+
+
+class ByteTokenizer:
+  """A tokenizer with one token per byte (ids 0-255) plus pad/bos/eos.
+
+  Enough of the :class:`fedjax_u2s.tokenizer.Tokenizer` interface for the
+  sampler, with byte strings that tests can reason about by hand.
+  """
+  pad_id = 256
+  bos_id = 257
+  eos_ids = (258,)
+  vocab_size = 259
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode("latin-1"))
+
+  def decode(self, ids, skip_special_tokens: bool = True) -> str:
+    return bytes(i for i in ids if i < 256).decode("latin-1")
+
+  def token_bytes(self) -> list[bytes]:
+    return [bytes([i]) for i in range(256)] + [b"", b"", b""]
