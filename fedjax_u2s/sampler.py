@@ -238,7 +238,11 @@ def sample_tokens(params: PyTree, prompt_tokens: jax.Array, prompt_mask: jax.Arr
   cache = llama.init_cache(config, b, p + max_new_tokens)
   fwd = functools.partial(llama.forward, params, config=config, lora=lora,
                           lora_config=lora_config)
-  logits, cache = fwd(prompt_tokens, input_mask=prompt_mask, cache=cache)
+  # Prefill: only the last position's logits are needed, so skip the
+  # [B, P, V] LM-head product (the largest matmul of a long prompt).
+  hidden, cache = fwd(prompt_tokens, input_mask=prompt_mask, cache=cache,
+                      return_hidden=True, prefill=True)
+  logits = llama.logits_from_hidden(params, hidden[:, -1:], config=config)
   eos = jnp.asarray(eos_ids, jnp.int32)
   n_stop = stop_tables.shape[0]
 

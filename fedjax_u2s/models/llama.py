@@ -148,22 +148,40 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
   return out.astype(x.dtype)
 
 
-def _attention(q, k, v, mask, config: ModelConfig):
-  """Grouped-query attention.
+def _attention(q, k, v, mask, config: ModelConfig, k_old=None, v_old=None,
+               mask_old=None):
+  """Grouped-query attention, optionally also over a cache of older keys.
+
+  One softmax runs over the old and the new keys together, so the cache is
+  read in place and never concatenated or copied.
 
   Args:
-    q: [B, T, H, hd]; k, v: [B, S, K, hd]; mask: [B, T, S] bool.
+    q: [B, T, H, hd]; k, v: [B, T, K, hd]; mask: [B, T, T] bool.
+    k_old, v_old: [B, S, K, hd] cached keys/values, or None.
+    mask_old: [B, T, S] bool, which cached slots each query may see.
   Returns:
     [B, T, H*hd].
   """
   b, t, h, hd = q.shape
   kh = config.num_kv_heads
   q = q.reshape(b, t, kh, h // kh, hd)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
-                      preferred_element_type=jnp.float32) / math.sqrt(hd)
-  scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+
+  def scores(keys, m):
+    s = jnp.einsum("btkgd,bskd->bkgts", q, keys,
+                   preferred_element_type=jnp.float32) / math.sqrt(hd)
+    return jnp.where(m[:, None, None], s, _NEG_INF)
+
+  s_new = scores(k, mask)
+  if k_old is None:
+    probs = jax.nn.softmax(s_new, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  else:
+    s_old = scores(k_old, mask_old)
+    m = jnp.maximum(jnp.max(s_old, -1, keepdims=True), jnp.max(s_new, -1, keepdims=True))
+    p_old, p_new = jnp.exp(s_old - m), jnp.exp(s_new - m)
+    denom = jnp.sum(p_old, -1, keepdims=True) + jnp.sum(p_new, -1, keepdims=True)
+    out = (jnp.einsum("bkgts,bskd->btkgd", (p_old / denom).astype(v.dtype), v_old)
+           + jnp.einsum("bkgts,bskd->btkgd", (p_new / denom).astype(v.dtype), v))
   return out.reshape(b, t, h * hd)
 
 
@@ -174,7 +192,8 @@ def forward(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
             lora: PyTree | None = None,
             lora_config: lora_lib.LoraConfig | None = None,
             dropout_rng: jax.Array | None = None,
-            return_hidden: bool = False):
+            return_hidden: bool = False,
+            prefill: bool = False):
   """Runs the decoder.
 
   Args:
@@ -191,6 +210,8 @@ def forward(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
     dropout_rng: enables LoRA dropout (training only).
     return_hidden: return the final normed hidden states [B, T, D] instead of
       logits (for chunked losses).
+    prefill: promise that ``cache`` holds nothing yet, so the tokens attend
+      only to each other (skips S x T masked work); the cache is still filled.
 
   Returns:
     ``(logits [B, T, V] float32, cache)``; ``cache`` is None if none was given.
@@ -207,16 +228,15 @@ def forward(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
     positions = jnp.maximum(positions, 0) + (
         offset if cache is None else offset[:, None])
 
-  if cache is None:
-    slot = jnp.arange(t)
-    mask = input_mask[:, None, :] & (slot[None, :, None] >= slot[None, None, :])
-    new_valid = None
-  else:
-    idx = cache.index
-    new_valid = jax.lax.dynamic_update_slice(cache.valid, input_mask, (0, idx))
-    q_slot = idx + jnp.arange(t)
+  slot = jnp.arange(t)
+  mask = input_mask[:, None, :] & (slot[None, :, None] >= slot[None, None, :])
+  mask_old = None
+  if cache is not None and not prefill:
+    # Slots before the write index that hold real tokens; the T new tokens
+    # go to slots index..index+T-1 after the layer scan.
     k_slot = jnp.arange(cache.max_length)
-    mask = new_valid[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])
+    seen = cache.valid & (k_slot[None, :] < cache.index)  # [B, S]
+    mask_old = jnp.broadcast_to(seen[:, None, :], (b, t, cache.max_length))
 
   if lora is not None and lora_config is None:
     raise ValueError("forward(lora=...) needs lora_config.")
@@ -225,9 +245,8 @@ def forward(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
   lora_dropout = lora_config.dropout if lora is not None else 0.0
   hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
 
-  def layer(carry, xs):
-    x, ck, cv = carry
-    lp, ll, i = xs
+  def layer(x, xs):
+    lp, ll, i, k_old, v_old = xs
     rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
 
     def proj(name, h, j):
@@ -246,34 +265,38 @@ def forward(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
     v = proj("v", h, 2).reshape(b, t, nkv, hd)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
-    if ck is not None:
-      ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype),
-                                        (i, 0, cache.index, 0, 0))
-      cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype),
-                                        (i, 0, cache.index, 0, 0))
-      k = jax.lax.dynamic_index_in_dim(ck, i, keepdims=False).astype(dt)
-      v = jax.lax.dynamic_index_in_dim(cv, i, keepdims=False).astype(dt)
-    attn = _attention(q, k, v, mask, cfg)
+    if k_old is not None:
+      attn = _attention(q, k, v, mask, cfg, k_old.astype(dt), v_old.astype(dt),
+                        mask_old)
+    else:
+      attn = _attention(q, k, v, mask, cfg)
     x = x + proj("o", attn, 3)
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
     mlp = jax.nn.silu(proj("gate", h, 4)) * proj("up", h, 5)
     x = x + proj("down", mlp, 6)
-    return (x, ck, cv), None
+    return x, (k, v)
 
   if cfg.remat:
     layer = jax.checkpoint(layer, prevent_cse=False)
 
   x = jnp.take(params["embed"], tokens, axis=0).astype(dt)
-  ck = cv = None
-  if cache is not None:
-    ck, cv = cache.k, cache.v
-  xs = (params["layers"], lora, jnp.arange(cfg.num_layers))
-  (x, ck, cv), _ = jax.lax.scan(layer, (x, ck, cv), xs)
+  k_old = v_old = None
+  if cache is not None and not prefill:
+    k_old, v_old = cache.k, cache.v
+  xs = (params["layers"], lora, jnp.arange(cfg.num_layers), k_old, v_old)
+  x, (k_new, v_new) = jax.lax.scan(layer, x, xs)  # k_new: [L, B, T, K, hd]
   x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
 
   new_cache = None
   if cache is not None:
-    new_cache = KVCache(k=ck, v=cv, valid=new_valid, index=cache.index + t)
+    # One in-place write of the T new slots of every layer.
+    at = (0, 0, cache.index, 0, 0)
+    new_cache = KVCache(
+        k=jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), at),
+        v=jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), at),
+        valid=jax.lax.dynamic_update_slice(cache.valid, input_mask,
+                                           (0, cache.index)),
+        index=cache.index + t)
   if return_hidden:
     return x, new_cache
   return logits_from_hidden(params, x, config=cfg), new_cache
