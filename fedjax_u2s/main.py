@@ -1,0 +1,28 @@
+r"""Entry point: ``python -m fedjax_u2s.main --config=configs/NAME.py --workdir=DIR``.
+
+Parses flags and hands the config to the pipeline it names; nothing else.
+Override any field with ``--config.a.b=value``; append ``:smoke`` to the config
+path for a run that finishes in minutes on a laptop CPU.
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from fedjax_u2s import pipeline
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (get_config(arg)).", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for outputs and checkpoints; a rerun resumes.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  pipeline.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

