@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from fedjax_u2s.models.config import ModelConfig
 
 
@@ -44,3 +46,152 @@ class ByteTokenizer:
 
   def token_bytes(self) -> list[bytes]:
     return [bytes([i]) for i in range(256)] + [b"", b"", b""]
+
+
+# Tiny Hugging Face `config.json` dicts, written the classic (transformers 4)
+# way, with `rope_theta` / `rope_scaling` at top level. Each exercises a
+# different corner of the loader and the decoder; the golden logits in
+# tests/testdata/golden_logits.npz are keyed by these names.
+
+# Llama-3 style: grouped-query attention (4 heads over 2 KV heads), untied
+# embeddings, llama3 RoPE scaling. original_max_position_embeddings is small so
+# that, at head_dim 16, the unscaled, smoothly scaled and fully scaled
+# frequency bands are all present and matter at the short test positions.
+TINY_HF_LLAMA = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
+    "max_position_embeddings": 512,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+# Qwen2: bias on q/k/v only, tied embeddings, rope_theta 1e6, multi-query
+# attention (4 heads over 1 KV head).
+TINY_HF_QWEN2 = {
+    "model_type": "qwen2",
+    "architectures": ["Qwen2ForCausalLM"],
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+    "use_sliding_window": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+# Llama with `attention_bias: true` (bias on q, k, v and o), `mlp_bias: true`,
+# tied embeddings, plain multi-head attention, and head_dim * heads != hidden
+# (so the o kernel is [H*hd, D] with H*hd = 32 != D = 64).
+TINY_HF_LLAMA_BIAS = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 80,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "head_dim": 8,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 512,
+    "attention_bias": True,
+    "mlp_bias": True,
+    "tie_word_embeddings": True,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+TINY_HF_CONFIGS = {
+    "llama": TINY_HF_LLAMA,
+    "qwen2": TINY_HF_QWEN2,
+    "llama_bias": TINY_HF_LLAMA_BIAS,
+}
+
+
+def random_hf_state_dict(hf_config: dict, seed: int) -> dict[str, np.ndarray]:
+  """A deterministic random float32 state dict with Hugging Face names/layout.
+
+  Linear weights are ``[out, in]`` as in PyTorch. Matrices and biases are
+  ``0.02 * normal``; RMSNorm weights are ``1 + 0.1 * normal`` so that a
+  loader that drops or misplaces a norm changes the logits. The draw order is
+  fixed, so the same ``(hf_config, seed)`` always gives the same tensors (the
+  golden logits in ``tests/testdata`` depend on it: regenerate them with
+  ``tests/reference/make_golden_logits.py`` if this function changes).
+
+  Args:
+    hf_config: a ``config.json`` dict of a Llama or Qwen2 model.
+    seed: seed for ``np.random.default_rng``.
+
+  Returns:
+    ``{hf_name: float32 array}``; no ``lm_head.weight`` when embeddings are tied.
+  """
+  model_type = hf_config["model_type"]
+  if model_type not in ("llama", "qwen2"):
+    raise ValueError(f"random_hf_state_dict: model_type {model_type!r} is not "
+                     "'llama' or 'qwen2'.")
+  rng = np.random.default_rng(seed)
+  v, d = hf_config["vocab_size"], hf_config["hidden_size"]
+  f, n = hf_config["intermediate_size"], hf_config["num_hidden_layers"]
+  h = hf_config["num_attention_heads"]
+  k = hf_config.get("num_key_value_heads") or h
+  hd = hf_config.get("head_dim") or d // h
+  attention_bias = bool(hf_config.get("attention_bias", False))
+  qkv_bias = model_type == "qwen2" or attention_bias
+  mlp_bias = bool(hf_config.get("mlp_bias", False))
+
+  def normal(*shape):
+    return (0.02 * rng.standard_normal(shape)).astype(np.float32)
+
+  def norm(dim):
+    return (1.0 + 0.1 * rng.standard_normal(dim)).astype(np.float32)
+
+  sd = {"model.embed_tokens.weight": normal(v, d)}
+  for i in range(n):
+    p = f"model.layers.{i}."
+    sd[p + "input_layernorm.weight"] = norm(d)
+    for name, out_dim, bias in (("q", h * hd, qkv_bias), ("k", k * hd, qkv_bias),
+                                ("v", k * hd, qkv_bias)):
+      sd[p + f"self_attn.{name}_proj.weight"] = normal(out_dim, d)
+      if bias:
+        sd[p + f"self_attn.{name}_proj.bias"] = normal(out_dim)
+    sd[p + "self_attn.o_proj.weight"] = normal(d, h * hd)
+    if attention_bias:
+      sd[p + "self_attn.o_proj.bias"] = normal(d)
+    sd[p + "post_attention_layernorm.weight"] = norm(d)
+    for name, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
+      sd[p + f"mlp.{name}_proj.weight"] = normal(*shape)
+      if mlp_bias:
+        sd[p + f"mlp.{name}_proj.bias"] = normal(shape[0])
+  sd["model.norm.weight"] = norm(d)
+  if not hf_config.get("tie_word_embeddings", False):
+    sd["lm_head.weight"] = normal(v, d)
+  return sd
