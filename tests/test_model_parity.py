@@ -153,12 +153,14 @@ def test_live_save_hf_dir_is_read_by_transformers(tmp_path, name):
     assert err <= ATOL, f"{name}: max error {err:.3e} > {ATOL}"
 
 
+@pytest.mark.parametrize("prefill", [False, True])
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
-def test_kv_cache_decoding_matches_full_recompute(tmp_path, name):
+def test_kv_cache_decoding_matches_full_recompute(tmp_path, name, prefill):
+  """Prefill, a 2-token chunk, then 1-token steps == one full forward pass."""
   config, params = _load(tmp_path, name, 3)
   rng = np.random.default_rng(0)
-  prompt_len, steps = 8, 4
-  tokens = rng.integers(3, config.vocab_size, (3, prompt_len + steps))
+  prompt_len, total = 7, 12
+  tokens = rng.integers(3, config.vocab_size, (3, total))
   mask = np.ones(tokens.shape, bool)
   mask[0, :3] = False  # left padding of different lengths
   mask[2, :6] = False
@@ -168,15 +170,18 @@ def test_kv_cache_decoding_matches_full_recompute(tmp_path, name):
 
   step = jax.jit(functools.partial(llama.forward, config=config))
   cache = llama.init_cache(config, batch_size=3, max_length=16)  # spare slots
-  logits, cache = step(params, tokens[:, :prompt_len],
-                       input_mask=mask[:, :prompt_len], cache=cache)
+  logits, cache = jax.jit(functools.partial(llama.forward, config=config,
+                                            prefill=prefill))(
+      params, tokens[:, :prompt_len], input_mask=mask[:, :prompt_len], cache=cache)
   assert _max_err(logits, full[:, :prompt_len], mask[:, :prompt_len]) <= 1e-5
-  for t in range(prompt_len, prompt_len + steps):
-    logits, cache = step(params, tokens[:, t:t + 1], cache=cache)
-    np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5, rtol=0)
-  assert int(cache.index) == prompt_len + steps
-  np.testing.assert_array_equal(cache.valid[:, :prompt_len + steps], mask)
-  assert not cache.valid[:, prompt_len + steps:].any()
+  t = prompt_len
+  for width in (2, 1, 1, 1):
+    logits, cache = step(params, tokens[:, t:t + width], cache=cache)
+    np.testing.assert_allclose(logits, full[:, t:t + width], atol=1e-5, rtol=0)
+    t += width
+  assert t == total and int(cache.index) == total
+  np.testing.assert_array_equal(cache.valid[:, :total], mask)
+  assert not cache.valid[:, total:].any()
 
 
 def _loss(params, tokens, config):
