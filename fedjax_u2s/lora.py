@@ -131,11 +131,15 @@ def merge(params: PyTree, lora: PyTree, lora_config: LoraConfig) -> PyTree:
 
 
 def split(tree: PyTree, lora_config: LoraConfig) -> tuple[PyTree, PyTree]:
-  """Splits a combined ``{"base": params, "lora": lora}`` pytree apart.
+  """Inverse of :func:`combine`: moves adapter leaves out of a params pytree.
 
-  Also accepts a flat params pytree whose targeted projections carry ``"a"``
-  and ``"b"`` leaves beside ``"w"`` (the layout :func:`combine` produces) and
-  returns ``(base, lora)`` with those leaves moved out.
+  Args:
+    tree: base params whose targeted projections carry ``"a"`` and ``"b"``
+      leaves beside ``"w"`` (the layout :func:`combine` produces).
+    lora_config: says which projections to look at.
+
+  Returns:
+    ``(base, lora)``.
   """
   layers = dict(tree["layers"])
   lora = {}

@@ -13,7 +13,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 from fedjax_u2s import testing
-from fedjax_u2s.models import gguf_loader, llama
+from fedjax_u2s.models import formats, gguf_loader, llama
 from fedjax_u2s.models.config import UnsupportedModelError
 
 
@@ -403,8 +403,8 @@ def test_pickle_refused(tmp_path, suffix):
   with pytest.raises(ValueError, match=rf"pytorch_model\{suffix}.*pickle.*safetensors"):
     gguf_loader.load_gguf(path)
   with pytest.raises(ValueError, match="safetensors"):
-    gguf_loader.reject_pickle(path)
-  gguf_loader.reject_pickle(tmp_path / "model.safetensors")  # fine
+    formats.reject_pickle(path)
+  formats.reject_pickle(tmp_path / "model.safetensors")  # fine
 
 
 def test_moe_refused(good_file, tmp_path):

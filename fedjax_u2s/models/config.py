@@ -109,6 +109,7 @@ class ModelConfig:
     Raises:
       UnsupportedModelError: for an architecture or feature not implemented.
     """
+    hf = _classic_rope_fields(hf, source)
     model_type = hf.get("model_type")
     if model_type not in _ARCHITECTURES:
       archs = hf.get("architectures")
@@ -169,13 +170,45 @@ class ModelConfig:
     if not os.path.exists(path):
       raise FileNotFoundError(
           f"{path} not found: a Hugging Face model directory needs a config.json "
-          "beside its *.safetensors files.")
+          "(the model's hyper-parameters) beside its model.safetensors or "
+          "sharded model-*-of-*.safetensors files.")
     try:
       with open(path, encoding="utf-8") as f:
         hf = json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from e
+    if not isinstance(hf, dict):
+      raise ValueError(f"{path}: expected a JSON object, got {type(hf).__name__}.")
     return cls.from_hf_config(hf, source=path, **overrides)
+
+
+def _classic_rope_fields(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
+  """Maps transformers>=5 ``rope_parameters`` to ``rope_theta``/``rope_scaling``.
+
+  transformers 5 writes ``"rope_parameters": {"rope_type": ..., "rope_theta":
+  ..., <scaling fields>}`` in place of the top-level ``rope_theta`` and
+  ``rope_scaling`` that :meth:`ModelConfig.from_hf_config` reads; without this
+  a freshly saved checkpoint would silently get the default rope_theta.
+  """
+  hf = dict(hf)
+  rp = hf.get("rope_parameters")
+  if rp is None:
+    return hf
+  if not isinstance(rp, Mapping) or any(isinstance(v, Mapping) for v in rp.values()):
+    raise UnsupportedModelError(
+        f"{source}: rope_parameters={rp!r} is not one flat dict; per-layer-type "
+        "RoPE parameters are not implemented.")
+  if "rope_theta" in rp:
+    if "rope_theta" in hf and float(hf["rope_theta"]) != float(rp["rope_theta"]):
+      raise UnsupportedModelError(
+          f"{source}: rope_theta={hf['rope_theta']} disagrees with "
+          f"rope_parameters.rope_theta={rp['rope_theta']}.")
+    hf["rope_theta"] = rp["rope_theta"]
+  scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
+  if hf.get("rope_scaling") is None and scaling.get(
+      "rope_type", scaling.get("type", "default")) != "default":
+    hf["rope_scaling"] = scaling
+  return hf
 
 
 def _rope_scaling(rs: Mapping[str, Any] | None, source: str) -> RopeScaling | None:

@@ -45,11 +45,11 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from fedjax_u2s.models import llama
 from fedjax_u2s.models.config import ModelConfig, RopeScaling, UnsupportedModelError
+from fedjax_u2s.models.formats import reject_pickle
 
 PyTree = Any
 
 # Checkpoint suffixes that are Python pickles: loading one can run arbitrary code.
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 # GGUF architectures this decoder implements -> whether q/k/v carry a bias.
 _ARCHITECTURES = {"llama": False, "qwen2": True}
@@ -64,24 +64,6 @@ SUPPORTED_TYPES = frozenset(GGMLQuantizationType[n] for n in (
 # embedding) spread over the thread pool; numpy releases the GIL in the bulk
 # array operations that gguf.quants is made of.
 _CHUNK_ELEMENTS = 1 << 20
-
-
-def reject_pickle(path: str | os.PathLike) -> None:
-  """Refuses pickle-based checkpoints (``.bin``, ``.pt``, ``.pth``, ``.ckpt``).
-
-  Unpickling runs arbitrary code from the file, so these are never opened.
-
-  Raises:
-    ValueError: naming the file, if its suffix is a pickle format.
-  """
-  path = os.fspath(path)
-  suffix = os.path.splitext(path)[1].lower()
-  if suffix in _PICKLE_SUFFIXES:
-    raise ValueError(
-        f"{path}: {suffix} checkpoints are Python pickles, and unpickling can run "
-        "arbitrary code, so they are not loaded. Convert the model to safetensors "
-        "(e.g. save_pretrained(..., safe_serialization=True) on a trusted machine) "
-        "or to GGUF (llama.cpp's convert_hf_to_gguf.py) and load that instead.")
 
 
 # ----------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from fedjax_u2s.models import formats
 from fedjax_u2s.models import llama
 from fedjax_u2s.models.config import ModelConfig, UnsupportedModelError
 
@@ -43,7 +44,6 @@ PyTree = Any
 CONFIG_NAME = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Buffers some older checkpoints persisted; recomputed from the config here.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
@@ -111,7 +111,7 @@ def load_hf_dir(path: str | os.PathLike, **config_overrides
         f"directory holding {CONFIG_NAME} and {SINGLE_FILE} (or sharded "
         f"model-*-of-*.safetensors with {INDEX_NAME}).")
   config_path = os.path.join(path, CONFIG_NAME)
-  config = _read_config(config_path, **config_overrides)
+  config = ModelConfig.from_json_file(config_path, **config_overrides)
   files = _checkpoint_files(path)                    # {hf name: file path}
 
   expected = _expected_hf_tensors(config)            # {hf name: hf shape}
@@ -153,53 +153,6 @@ def load_hf_dir(path: str | os.PathLike, **config_overrides
   if want != got:  # A bug here, not in the checkpoint.
     raise AssertionError(f"hf_loader built {got}, llama.py expects {want}.")
   return config, params
-
-
-def _read_config(config_path: str, **overrides) -> ModelConfig:
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(
-        f"{config_path} not found: a Hugging Face model directory needs a "
-        f"{CONFIG_NAME} (the model's hyper-parameters) beside its "
-        f"{SINGLE_FILE} or sharded model-*-of-*.safetensors files.")
-  try:
-    with open(config_path, encoding="utf-8") as f:
-      hf = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(
-        f"{config_path}: not valid JSON (line {e.lineno}): {e.msg}") from e
-  if not isinstance(hf, dict):
-    raise ValueError(f"{config_path}: expected a JSON object, got {type(hf).__name__}.")
-  return ModelConfig.from_hf_config(_classic_rope_fields(hf, config_path),
-                                    source=config_path, **overrides)
-
-
-def _classic_rope_fields(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
-  """Maps transformers>=5 ``rope_parameters`` to ``rope_theta``/``rope_scaling``.
-
-  transformers 5 writes ``"rope_parameters": {"rope_type": ..., "rope_theta":
-  ..., <scaling fields>}`` in place of the top-level ``rope_theta`` and
-  ``rope_scaling`` that :meth:`ModelConfig.from_hf_config` reads; without this
-  a freshly saved checkpoint would silently get the default rope_theta.
-  """
-  hf = dict(hf)
-  rp = hf.get("rope_parameters")
-  if rp is None:
-    return hf
-  if not isinstance(rp, Mapping) or any(isinstance(v, Mapping) for v in rp.values()):
-    raise UnsupportedModelError(
-        f"{source}: rope_parameters={rp!r} is not one flat dict; per-layer-type "
-        "RoPE parameters are not implemented.")
-  if "rope_theta" in rp:
-    if "rope_theta" in hf and float(hf["rope_theta"]) != float(rp["rope_theta"]):
-      raise UnsupportedModelError(
-          f"{source}: rope_theta={hf['rope_theta']} disagrees with "
-          f"rope_parameters.rope_theta={rp['rope_theta']}.")
-    hf["rope_theta"] = rp["rope_theta"]
-  scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
-  if hf.get("rope_scaling") is None and scaling.get(
-      "rope_type", scaling.get("type", "default")) != "default":
-    hf["rope_scaling"] = scaling
-  return hf
 
 
 def _checkpoint_files(path: str) -> dict[str, str]:
@@ -269,14 +222,11 @@ def _read_index(index_path: str) -> dict[str, str]:
 
 
 def _reject_pickle_checkpoint(path: str, entries: Iterable[str]) -> None:
-  pickles = [e for e in entries if e.endswith(_PICKLE_SUFFIXES)]
+  pickles = [e for e in entries if formats.is_pickle(e)]
   if pickles:
     raise CheckpointError(
         f"{path}: holds only a pickled checkpoint ({', '.join(pickles)}) and no "
-        f"safetensors. Pickles can run arbitrary code when loaded, so they are "
-        "refused. Convert once where torch is installed, e.g. "
-        "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, "
-        "safe_serialization=True)`, and load the output directory.")
+        f"safetensors. {formats.CONVERT_ADVICE}")
 
 
 def _expected_hf_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -514,8 +464,7 @@ def save_hf_dir(path: str | os.PathLike, config: ModelConfig, params: PyTree,
     hf_config = to_hf_config(config)
   else:
     hf_config = dict(hf_config)
-    described = ModelConfig.from_hf_config(
-        _classic_rope_fields(hf_config, "hf_config"), source="hf_config")
+    described = ModelConfig.from_hf_config(hf_config, source="hf_config")
     diff = [f"{k}: hf_config gives {getattr(described, k)!r}, config has "
             f"{getattr(config, k)!r}" for k in _SHAPE_FIELDS
             if getattr(described, k) != getattr(config, k)]

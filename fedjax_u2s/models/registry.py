@@ -91,6 +91,7 @@ def load(name_or_path: str, *, dtype: str = "float32", param_dtype: str = "float
   """
   # Imported here: the loaders pull gguf/safetensors/tokenizers only when used.
   from fedjax_u2s import tokenizer as tokenizer_lib
+  from fedjax_u2s.models import formats
   from fedjax_u2s.models import gguf_loader
   from fedjax_u2s.models import hf_loader
 
@@ -101,7 +102,7 @@ def load(name_or_path: str, *, dtype: str = "float32", param_dtype: str = "float
     config, params = hf_loader.load_hf_dir(path, **overrides)
     tokenizer = tokenizer_lib.Tokenizer.from_file(path)
   else:
-    gguf_loader.reject_pickle(path)
+    formats.reject_pickle(path)
     if not path.endswith(".gguf"):
       raise ValueError(
           f"{path}: unknown checkpoint format; expected a .gguf file or a "
