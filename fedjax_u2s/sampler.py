@@ -235,6 +235,9 @@ def sample_tokens(params: PyTree, prompt_tokens: jax.Array, prompt_mask: jax.Arr
     The final :class:`SamplingState`.
   """
   b, p = prompt_tokens.shape
+  # Unstacked once per call, outside the loop, so no decode step copies
+  # layer slices of the weights (see llama.unstack_layers).
+  params = llama.unstack_layers(params)
   cache = llama.init_cache(config, b, p + max_new_tokens)
   fwd = functools.partial(llama.forward, params, config=config, lora=lora,
                           lora_config=lora_config)

@@ -231,3 +231,21 @@ def test_bf16_compute_is_close_to_fp32(tmp_path, param_dtype):
   assert max_err <= 0.03 * scale
   assert rel_rms <= 0.03
   assert np.mean(got.argmax(-1) == ref.argmax(-1)) >= 0.9
+
+
+def test_unstacked_layers_give_the_same_logits_and_cache():
+  """forward over unstack_layers(params) (unrolled) == stacked (scanned)."""
+  config = testing.tiny_llama_config()
+  params = llama.init_params(jax.random.key(0), config, std=0.1)
+  tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, config.vocab_size)
+  unstacked = llama.unstack_layers(params)
+  assert isinstance(unstacked["layers"], tuple) and len(unstacked["layers"]) == 2
+  assert llama.unstack_layers(unstacked) is unstacked
+  a, _ = llama.forward(params, tokens, config=config)
+  b, _ = llama.forward(unstacked, tokens, config=config)
+  np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+  cache = llama.init_cache(config, 2, 9)
+  _, ca = llama.forward(params, tokens, config=config, cache=cache)
+  _, cb = llama.forward(unstacked, tokens, config=config, cache=cache)
+  np.testing.assert_allclose(ca.k, cb.k, atol=1e-6, rtol=0)
+  np.testing.assert_allclose(ca.v, cb.v, atol=1e-6, rtol=0)

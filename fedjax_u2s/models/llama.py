@@ -4,7 +4,9 @@ Covers Llama-2/3, SmolLM/SmolLM2 and Qwen2/2.5: RMSNorm, RoPE (with Llama-3
 scaling), grouped-query attention, SwiGLU, tied or untied embeddings.
 
 Parameters are a plain pytree with the layers stacked on a leading axis ``L`` so
-the forward pass is one ``lax.scan`` (compile time independent of depth)::
+the forward pass is one ``lax.scan`` (compile time independent of depth); for
+decoding, :func:`unstack_layers` turns them into a tuple of per-layer pytrees
+that :func:`forward` unrolls::
 
     {"embed": [V, D],
      "layers": {"attn_norm": [L, D],
@@ -48,8 +50,9 @@ class KVCache:
   """Keys and values of every layer for a batch of sequences.
 
   Attributes:
-    k: [L, B, S, K, hd] keys (after RoPE).
-    v: [L, B, S, K, hd] values.
+    k: [L, B, K, S, hd] keys (after RoPE), head-major so attention over a
+      layer's slice is a plain batched matmul.
+    v: [L, B, K, S, hd] values.
     valid: [B, S] bool, True where a slot holds a real (non-padding) token.
     index: [] int32, the next slot to write; shared by all rows.
   """
@@ -60,14 +63,14 @@ class KVCache:
 
   @property
   def max_length(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_length: int,
                dtype: Any = None) -> KVCache:
   """An empty cache of ``max_length`` slots per row."""
   dtype = dtype or config.compute_dtype
-  shape = (config.num_layers, batch_size, max_length, config.num_kv_heads,
+  shape = (config.num_layers, batch_size, config.num_kv_heads, max_length,
            config.head_dim)
   return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                  valid=jnp.zeros((batch_size, max_length), bool),
@@ -107,6 +110,23 @@ def init_params(rng: jax.Array, config: ModelConfig, std: float = 0.02) -> PyTre
   if not config.tie_word_embeddings:
     params["lm_head"] = normal(d, config.vocab_size)
   return params
+
+
+def unstack_layers(params: PyTree) -> PyTree:
+  """Params with ``layers`` as a tuple of per-layer pytrees (no L axis).
+
+  :func:`forward` then unrolls the layers over separate buffers instead of
+  scanning. Decoding wants this: inside a loop, XLA:CPU copies each layer's
+  slice of the stacked weights before every matmul, every step (the weights
+  once over per token). Training keeps the stacked layout (one scan: compile
+  time independent of depth, remat per layer).
+  """
+  layers = params["layers"]
+  if isinstance(layers, (list, tuple)):
+    return params
+  n = jax.tree.leaves(layers)[0].shape[0]
+  return {**params,
+          "layers": tuple(jax.tree.map(lambda w, i=i: w[i], layers) for i in range(n))}
 
 
 def param_shapes(config: ModelConfig) -> PyTree:
@@ -152,37 +172,39 @@ def _attention(q, k, v, mask, config: ModelConfig, k_old=None, v_old=None,
                mask_old=None):
   """Grouped-query attention, optionally also over a cache of older keys.
 
-  One softmax runs over the old and the new keys together, so the cache is
-  read in place and never concatenated or copied.
+  Keys and values are head-major ([B, K, S, hd], the cache layout) so both
+  products are plain batched matmuls over (B, K). One softmax runs over the
+  old and the new keys together, so the cache is read in place, never
+  concatenated.
 
   Args:
-    q: [B, T, H, hd]; k, v: [B, T, K, hd]; mask: [B, T, T] bool.
-    k_old, v_old: [B, S, K, hd] cached keys/values, or None.
+    q: [B, T, H, hd]; k, v: [B, K, T, hd]; mask: [B, T, T] bool.
+    k_old, v_old: [B, K, S, hd] cached keys/values, or None.
     mask_old: [B, T, S] bool, which cached slots each query may see.
   Returns:
     [B, T, H*hd].
   """
   b, t, h, hd = q.shape
   kh = config.num_kv_heads
-  q = q.reshape(b, t, kh, h // kh, hd)
+  q = q.reshape(b, t, kh, h // kh, hd).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, hd]
 
   def scores(keys, m):
-    s = jnp.einsum("btkgd,bskd->bkgts", q, keys,
+    s = jnp.einsum("bkgtd,bksd->bkgts", q, keys,
                    preferred_element_type=jnp.float32) / math.sqrt(hd)
     return jnp.where(m[:, None, None], s, _NEG_INF)
 
   s_new = scores(k, mask)
   if k_old is None:
     probs = jax.nn.softmax(s_new, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
   else:
     s_old = scores(k_old, mask_old)
     m = jnp.maximum(jnp.max(s_old, -1, keepdims=True), jnp.max(s_new, -1, keepdims=True))
     p_old, p_new = jnp.exp(s_old - m), jnp.exp(s_new - m)
     denom = jnp.sum(p_old, -1, keepdims=True) + jnp.sum(p_new, -1, keepdims=True)
-    out = (jnp.einsum("bkgts,bskd->btkgd", (p_old / denom).astype(v.dtype), v_old)
-           + jnp.einsum("bkgts,bskd->btkgd", (p_new / denom).astype(v.dtype), v))
-  return out.reshape(b, t, h * hd)
+    out = (jnp.einsum("bkgts,bksd->bkgtd", (p_old / denom).astype(v.dtype), v_old)
+           + jnp.einsum("bkgts,bksd->bkgtd", (p_new / denom).astype(v.dtype), v))
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
 
 
 def forward(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
@@ -231,7 +253,7 @@ def forward(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
   slot = jnp.arange(t)
   mask = input_mask[:, None, :] & (slot[None, :, None] >= slot[None, None, :])
   mask_old = None
-  if cache is not None and not prefill:
+  if cache is not None and not prefill:  # attend_cache
     # Slots before the write index that hold real tokens; the T new tokens
     # go to slots index..index+T-1 after the layer scan.
     k_slot = jnp.arange(cache.max_length)
@@ -245,8 +267,11 @@ def forward(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
   lora_dropout = lora_config.dropout if lora is not None else 0.0
   hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
 
-  def layer(x, xs):
-    lp, ll, i, k_old, v_old = xs
+  layers = params["layers"]
+  attend_cache = cache is not None and not prefill
+
+  def layer(x, lp, ll, i, k_old, v_old):
+    """One block. lp, ll: this layer's base / LoRA params; i: its index."""
     rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
 
     def proj(name, h, j):
@@ -264,7 +289,8 @@ def forward(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
     k = proj("k", h, 1).reshape(b, t, nkv, hd)
     v = proj("v", h, 2).reshape(b, t, nkv, hd)
     q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq).transpose(0, 2, 1, 3)  # [B, K, T, hd]
+    v = v.transpose(0, 2, 1, 3)
     if k_old is not None:
       attn = _attention(q, k, v, mask, cfg, k_old.astype(dt), v_old.astype(dt),
                         mask_old)
@@ -280,17 +306,36 @@ def forward(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
     layer = jax.checkpoint(layer, prevent_cse=False)
 
   x = jnp.take(params["embed"], tokens, axis=0).astype(dt)
-  k_old = v_old = None
-  if cache is not None and not prefill:
-    k_old, v_old = cache.k, cache.v
-  xs = (params["layers"], lora, jnp.arange(cfg.num_layers), k_old, v_old)
-  x, (k_new, v_new) = jax.lax.scan(layer, x, xs)  # k_new: [L, B, T, K, hd]
+  if isinstance(layers, (list, tuple)):
+    # Unstacked (see unstack_layers): unrolled over separate buffers, so no
+    # layer's weights are sliced (= copied by XLA:CPU) inside a decode loop.
+    k_new, v_new = [], []
+    for i, lp in enumerate(layers):
+      ll = None if lora is None else jax.tree.map(lambda w, i=i: w[i], lora)
+      kv_old = (cache.k[i], cache.v[i]) if attend_cache else (None, None)
+      x, (k, v) = layer(x, lp, ll, i, *kv_old)
+      k_new.append(k)
+      v_new.append(v)
+    k_new, v_new = jnp.stack(k_new), jnp.stack(v_new)
+  else:
+    # Stacked: one scan, so compile time does not grow with depth.
+    at_layer = lambda w, i: jax.lax.dynamic_index_in_dim(w, i, keepdims=False)
+
+    def body(x, xs):
+      ll, i = xs
+      lp = jax.tree.map(lambda w: at_layer(w, i), layers)
+      kv_old = ((at_layer(cache.k, i), at_layer(cache.v, i)) if attend_cache
+                else (None, None))
+      return layer(x, lp, ll, i, *kv_old)
+
+    x, (k_new, v_new) = jax.lax.scan(body, x, (lora, jnp.arange(cfg.num_layers)))
+  # k_new, v_new: [L, B, K, T, hd]
   x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
 
   new_cache = None
   if cache is not None:
     # One in-place write of the T new slots of every layer.
-    at = (0, 0, cache.index, 0, 0)
+    at = (0, 0, 0, cache.index, 0)
     new_cache = KVCache(
         k=jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), at),
         v=jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), at),
