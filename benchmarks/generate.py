@@ -48,7 +48,7 @@ def prompts(tokenizer, n):
       add_generation_prompt=True) for i in range(n)]
 
 
-def bench_ours(model, batch, new_tokens, repeats):
+def bench_ours(model, batch, new_tokens, repeats, unroll):
   tok = model.tokenizer
   smp = sampler_lib.Sampler(model.config, tok)
   ids = [tok.encode(p) for p in prompts(tok, batch)]
@@ -57,7 +57,8 @@ def bench_ours(model, batch, new_tokens, repeats):
   tables, lengths = smp.stop_tables(())
   args = (model.params, jnp.asarray(tokens), jnp.asarray(mask), rngs, tables, lengths)
   static = dict(config=model.config, strategy=sampler_lib.Greedy(),
-                max_new_tokens=new_tokens, eos_ids=(), pad_id=int(tok.pad_id))
+                max_new_tokens=new_tokens, eos_ids=(), pad_id=int(tok.pad_id),
+                unroll_layers=unroll)
   start = time.perf_counter()
   compiled = sampler_lib.sample_tokens.lower(*args, **static).compile()
   compile_s = time.perf_counter() - start
@@ -131,13 +132,16 @@ def main(argv):
     except ImportError:
       print("peer: torch not installed, skipped (pip install torch==2.13.0)")
   for b in map(int, _BATCHES.value):
-    row = dict(batch=b, ours=bench_ours(model, b, _NEW.value, _REPEATS.value))
+    row = dict(batch=b, ours=bench_ours(model, b, _NEW.value, _REPEATS.value, True),
+               ours_scan=bench_ours(model, b, _NEW.value, _REPEATS.value, False))
     if peer is not None:
       row["peer"] = bench_peer(peer, model.tokenizer, b, _NEW.value, _REPEATS.value)
       row["ratio"] = row["ours"]["tokens_per_s"] / row["peer"]["tokens_per_s"]
     results["runs"].append(row)
     line = (f"batch {b:3d}: ours {row['ours']['tokens_per_s']:7.1f} tok/s "
-            f"(compile {row['ours']['compile_s']:.1f}s)")
+            f"(compile {row['ours']['compile_s']:.1f}s; scanned layers "
+            f"{row['ours_scan']['tokens_per_s']:.1f} tok/s, compile "
+            f"{row['ours_scan']['compile_s']:.1f}s)")
     if peer is not None:
       line += (f" | transformers {row['peer']['tokens_per_s']:7.1f} tok/s"
                f" | ratio {row['ratio']:.2f}x")

@@ -66,7 +66,8 @@ def generate(config: ml_collections.ConfigDict, workdir: str) -> None:
   else:
     texts = prompts
   ids = [tok.encode(t) for t in texts]
-  smp = sampler.Sampler(model.config, tok)
+  smp = sampler.Sampler(model.config, tok,
+                        unroll_layers=config.sampling.unroll_layers)
   start = time.perf_counter()
   out = smp(model.params, ids, max_new_tokens=config.sampling.max_new_tokens,
             strategy=sampling_strategy(config.sampling),

