@@ -1,0 +1,69 @@
+r"""Same-process A/B of decode step time: unrolled vs scanned layers.
+
+Random weights with SmolLM2-135M's shapes (no model file needed), fp32 CPU,
+greedy. Decode time per step is (time for N new tokens - time for 1) / (N - 1),
+so prefill is excluded. Variants alternate within each repeat, so machine drift
+hits both alike.
+
+  python benchmarks/decode_ab.py --batch_sizes=1,16
+"""
+
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_u2s import sampler as sampler_lib
+from fedjax_u2s.models import llama
+from fedjax_u2s.models.config import ModelConfig
+
+_BATCHES = flags.DEFINE_list("batch_sizes", ["1", "16"], "Batch sizes.")
+_PROMPT = flags.DEFINE_integer("prompt_len", 40, "Prompt tokens per row.")
+_NEW = flags.DEFINE_integer("new_tokens", 128, "New tokens per row.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Alternating repeats (median).")
+
+SMOLLM2_SHAPES = ModelConfig(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+    num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=1e5, rms_norm_eps=1e-5,
+    tie_word_embeddings=True, name="smollm2-135m-shapes")
+
+
+def compiled_call(params, cfg, batch, new_tokens, unroll):
+  tokens = jnp.ones((batch, _PROMPT.value), jnp.int32)
+  mask = jnp.ones((batch, _PROMPT.value), bool)
+  rngs = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(0), jnp.arange(batch))
+  tables = jnp.zeros((0, 1, cfg.vocab_size), jnp.int32)
+  lengths = jnp.zeros((0,), jnp.int32)
+  args = (params, tokens, mask, rngs, tables, lengths)
+  fn = sampler_lib.sample_tokens.lower(
+      *args, config=cfg, strategy=sampler_lib.Greedy(), max_new_tokens=new_tokens,
+      eos_ids=(), pad_id=0, unroll_layers=unroll).compile()
+  return lambda: fn(*args).tokens.block_until_ready()
+
+
+def main(argv):
+  del argv
+  cfg = SMOLLM2_SHAPES
+  params = llama.init_params(jax.random.key(0), cfg)
+  for b in map(int, _BATCHES.value):
+    calls = {(u, n): compiled_call(params, cfg, b, n, u)
+             for u in (True, False) for n in (1, _NEW.value)}
+    times = {k: [] for k in calls}
+    for _ in range(_REPEATS.value):
+      for k, call in calls.items():
+        start = time.perf_counter()
+        call()
+        times[k].append(time.perf_counter() - start)
+    for u in (True, False):
+      prefill = np.median(times[(u, 1)])
+      step = (np.median(times[(u, _NEW.value)]) - prefill) / (_NEW.value - 1)
+      print(f"batch {b:3d} {'unrolled' if u else 'scanned ':8s}: prefill "
+            f"{prefill * 1e3:6.0f} ms, decode {step * 1e3:6.1f} ms/step = "
+            f"{b / step:6.1f} tok/s", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
