@@ -245,15 +245,15 @@ def forward(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
     input_mask = jnp.ones((b, t), bool)
   input_mask = input_mask.astype(bool)
   if positions is None:
-    offset = 0 if cache is None else jnp.sum(cache.valid, axis=1, dtype=jnp.int32)
-    positions = jnp.cumsum(input_mask, axis=1, dtype=jnp.int32) - 1
-    positions = jnp.maximum(positions, 0) + (
-        offset if cache is None else offset[:, None])
+    positions = jnp.maximum(jnp.cumsum(input_mask, axis=1, dtype=jnp.int32) - 1, 0)
+    if cache is not None:  # Continue after the real tokens already cached.
+      positions += jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
 
+  attend_cache = cache is not None and not prefill
   slot = jnp.arange(t)
   mask = input_mask[:, None, :] & (slot[None, :, None] >= slot[None, None, :])
   mask_old = None
-  if cache is not None and not prefill:  # attend_cache
+  if attend_cache:
     # Slots before the write index that hold real tokens; the T new tokens
     # go to slots index..index+T-1 after the layer scan.
     k_slot = jnp.arange(cache.max_length)
@@ -268,7 +268,6 @@ def forward(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
   hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
 
   layers = params["layers"]
-  attend_cache = cache is not None and not prefill
 
   def layer(x, lp, ll, i, k_old, v_old):
     """One block. lp, ll: this layer's base / LoRA params; i: its index."""
