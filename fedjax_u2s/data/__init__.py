@@ -1,0 +1,1 @@
+"""Data: corpora, instruction data, tokenization, partitioning."""
