@@ -1,0 +1,581 @@
+"""Client corpora: the raw text each federated client turns into instructions.
+
+A corpus is a list of :class:`ClientCorpus`, one per client, each holding
+:class:`Document` s. Three sources, chosen by ``config.kind``:
+
+* ``"wiki"``: the built-in Wikipedia lead paragraphs of
+  :mod:`fedjax_u2s.data.wiki`. Clients get articles by topic (one or several
+  clients per topic), by a Dirichlet split over topics, or IID. A held-out
+  fraction of every topic is reserved first and given to no client, so the
+  evaluation can ask about titles nobody trained on
+  (:func:`wiki_holdout`, :func:`load_corpora_and_holdout`).
+* ``"folder"``: a folder of ``.txt`` / ``.md`` files, one document each
+  (recursive, sorted). With ``partition="natural"`` every immediate
+  sub-folder is a client.
+* ``"files"``: JSON / JSONL / Parquet / CSV records read with HF ``datasets``
+  from local files, with a configurable text field, optional id field and
+  optional client field (``partition="natural"`` groups by it).
+
+Usage::
+
+    cfg = corpus.default_config()
+    cfg.kind = "wiki"; cfg.topics = ("medicine", "math")
+    clients = corpus.load_client_corpora(cfg)
+
+Invalid UTF-8 in files is decoded with U+FFFD replacement and counted in
+``ClientCorpus.stats`` (``replaced_files``, ``replaced_bytes``), never fatal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import tempfile
+import zlib
+from typing import Any, Sequence
+
+import ml_collections
+import numpy as np
+
+from fedjax_u2s.data import wiki
+
+FOLDER_EXTENSIONS = (".txt", ".md")
+# File suffix -> HF datasets builder name.
+RECORD_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet",
+                  ".csv": "csv"}
+PARTITIONS = ("topic", "dirichlet", "natural", "iid")
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+  """One raw text.
+
+  Attributes:
+    doc_id: unique within its corpus (wiki: the title; folder: the relative
+      path; records: the id field or ``"<file>:<row>"``).
+    text: the raw text.
+    meta: provenance (wiki: ``article_id``, ``topic``; files: ``path``,
+      ``row``).
+  """
+  doc_id: str
+  text: str
+  meta: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientCorpus:
+  """The documents one client holds.
+
+  Attributes:
+    client_id: 0..C-1, the client's position in the returned list.
+    name: readable name ("medicine", "medicine-1", "client-3", a folder name).
+    documents: the client's documents, in a deterministic order.
+    stats: reading statistics (``source``: the file/folder read,
+      ``documents``, ``replaced_files``, ``replaced_bytes``, ...).
+  """
+  client_id: int
+  name: str
+  documents: list[Document]
+  stats: dict = dataclasses.field(default_factory=dict)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The ``corpus`` block of an experiment config (locked: typos raise)."""
+  c = ml_collections.ConfigDict()
+  c.kind = "wiki"              # wiki (built-in) | folder (.txt/.md) | files.
+  c.path = ""                  # Folder, file or glob; wiki: JSON ("" = packaged).
+  c.text_field = "text"        # files: the field holding the document text.
+  c.id_field = ""              # files: document id field ("" = "<file>:<row>").
+  c.client_field = ""          # files: client (natural) / label (dirichlet).
+  c.topics = ("medicine", "math", "physics")  # wiki: wiki.TOPICS names/labels.
+  c.num_clients = 0            # 0 = one per topic/group; topic: k * len(topics).
+  c.partition = "topic"        # topic (wiki) | dirichlet | natural | iid.
+  c.alpha = 0.5                # Dirichlet concentration (small = skewed).
+  c.max_docs_per_client = 0    # Seeded sample per client (0 = all documents).
+  c.seed = 0                   # Seed of holdout, splits and sampling.
+  c.holdout_fraction = 0.0     # wiki: share of each topic held by no client.
+  c.lock()
+  return c
+
+
+# ----------------------------------------------------------------------------
+# Decoding.
+
+
+def decode_utf8(data: bytes) -> tuple[str, int]:
+  """Decodes UTF-8 with U+FFFD replacement.
+
+  Returns:
+    (text, invalid_bytes): the decoded text and how many input bytes were not
+    valid UTF-8 (0 for clean input).
+  """
+  try:
+    return data.decode("utf-8"), 0
+  except UnicodeDecodeError:
+    pass
+  text = data.decode("utf-8", errors="replace")
+  introduced = text.count("\ufffd") - data.count("\ufffd".encode("utf-8"))
+  valid_bytes = len(text.encode("utf-8")) - 3 * introduced
+  return text, len(data) - valid_bytes
+
+
+# ----------------------------------------------------------------------------
+# Folder reader.
+
+
+def read_folder(path: str, extensions: Sequence[str] = FOLDER_EXTENSIONS
+               ) -> tuple[list[Document], dict]:
+  """Reads every ``.txt`` / ``.md`` file under ``path``, one document each.
+
+  Files are found recursively and sorted by relative path; ``doc_id`` is the
+  relative path with ``/`` separators. Hidden files and folders are skipped.
+
+  Returns:
+    (documents, stats) with stats ``files``, ``replaced_files`` (files with
+    invalid UTF-8) and ``replaced_bytes`` (invalid bytes replaced by U+FFFD).
+
+  Raises:
+    FileNotFoundError: ``path`` is not a folder.
+    ValueError: no matching file under ``path``.
+  """
+  if not os.path.isdir(path):
+    raise FileNotFoundError(
+        f"Corpus folder {path!r} does not exist or is not a folder; set "
+        "corpus.path to a folder of .txt/.md files.")
+  rels = []
+  for root, dirs, files in os.walk(path):
+    dirs[:] = [d for d in dirs if not d.startswith(".")]
+    for name in files:
+      if name.startswith(".") or not name.lower().endswith(tuple(extensions)):
+        continue
+      rels.append(os.path.relpath(os.path.join(root, name), path)
+                  .replace(os.sep, "/"))
+  rels.sort()
+  if not rels:
+    raise ValueError(
+        f"Corpus folder {path!r} holds no {'/'.join(extensions)} files; add "
+        "some or point corpus.path elsewhere.")
+  docs, stats = [], {"files": len(rels), "replaced_files": 0,
+                     "replaced_bytes": 0}
+  for rel in rels:
+    with open(os.path.join(path, rel), "rb") as f:
+      text, bad = decode_utf8(f.read())
+    if bad:
+      stats["replaced_files"] += 1
+      stats["replaced_bytes"] += bad
+    docs.append(Document(doc_id=rel, text=text,
+                         meta={"path": os.path.join(path, rel),
+                               "invalid_bytes": bad}))
+  return docs, stats
+
+
+# ----------------------------------------------------------------------------
+# Record files (HF datasets).
+
+
+def _record_files(path: str) -> list[str]:
+  files = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
+  if not files or not all(os.path.isfile(f) for f in files):
+    raise FileNotFoundError(
+        f"Corpus file(s) {path!r} not found; set corpus.path to a .json, "
+        ".jsonl, .parquet or .csv file (or a glob of them).")
+  return files
+
+
+def read_records(path: str, text_field: str = "text", id_field: str = "",
+                 client_field: str = "") -> tuple[list[Document], dict]:
+  """Reads JSON / JSONL / Parquet / CSV records with HF ``datasets``.
+
+  Args:
+    path: a file, or a glob of files of one format.
+    text_field: the column holding the text.
+    id_field: optional column holding a document id; ids must be unique.
+    client_field: optional column naming the record's client; its value is kept
+      as ``meta["client"]`` (a string).
+
+  Returns:
+    (documents, stats): stats ``files``, ``rows``, ``replaced_rows`` (texts
+    containing U+FFFD, e.g. from bytes the reader replaced).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: an unknown format, a missing column, or a row whose text is not
+      a string (naming file, row and field), duplicate ids, no records.
+  """
+  import datasets  # pylint: disable=g-import-not-at-top  (slow import)
+
+  files = _record_files(path)
+  suffixes = {os.path.splitext(f)[1].lower() for f in files}
+  builders = {RECORD_FORMATS.get(s) for s in suffixes}
+  if None in builders or len(builders) != 1:
+    raise ValueError(
+        f"Corpus files {files} have suffixes {sorted(suffixes)}; use one of "
+        f"{sorted(RECORD_FORMATS)} for all of them.")
+  builder = builders.pop()
+  docs, seen = [], {}
+  stats = {"files": len(files), "rows": 0, "replaced_rows": 0}
+  for file in files:
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+      # A throw-away cache: the records are kept in memory, and reading never
+      # leaves files behind in ~/.cache or serves a stale copy.
+      with tempfile.TemporaryDirectory(prefix="fedjax_u2s_corpus_") as tmp:
+        ds = datasets.load_dataset(builder, data_files=file, split="train",
+                                   keep_in_memory=True, cache_dir=tmp)
+    except Exception as e:  # datasets wraps parse errors in many types.
+      raise ValueError(f"{file}: could not read as {builder} ({e}); check the "
+                       "file's format.") from e
+    finally:
+      if bars:
+        datasets.enable_progress_bars()
+    for field, what in ((text_field, "corpus.text_field"),
+                        (id_field, "corpus.id_field"),
+                        (client_field, "corpus.client_field")):
+      if field and field not in ds.column_names:
+        raise ValueError(
+            f"{file}: no field {field!r} (set by {what}); the records have "
+            f"fields {ds.column_names}.")
+    texts = ds[text_field]
+    ids = ds[id_field] if id_field else None
+    clients = ds[client_field] if client_field else None
+    for row, text in enumerate(texts):
+      if not isinstance(text, str):
+        raise ValueError(
+            f"{file}: row {row} field {text_field!r} is "
+            f"{'missing' if text is None else type(text).__name__}, expected a "
+            "string; fix the record or drop it.")
+      if ids is not None:
+        if ids[row] is None:
+          raise ValueError(f"{file}: row {row} has no id in field {id_field!r}.")
+        doc_id = str(ids[row])
+      else:
+        doc_id = f"{os.path.basename(file)}:{row}"
+      if doc_id in seen:
+        raise ValueError(
+            f"{file}: row {row} repeats document id {doc_id!r} (first at "
+            f"{seen[doc_id]}); ids in {id_field or 'file:row'} must be unique.")
+      seen[doc_id] = f"{file} row {row}"
+      meta: dict[str, Any] = {"path": file, "row": row}
+      if clients is not None:
+        if clients[row] is None:
+          raise ValueError(
+              f"{file}: row {row} has no client in field {client_field!r}.")
+        meta["client"] = str(clients[row])
+      if "\ufffd" in text:
+        stats["replaced_rows"] += 1
+      docs.append(Document(doc_id=doc_id, text=text, meta=meta))
+    stats["rows"] += len(texts)
+  if not docs:
+    raise ValueError(f"Corpus file(s) {path!r} hold no records.")
+  return docs, stats
+
+
+# ----------------------------------------------------------------------------
+# Splits.
+
+
+def dirichlet_split(labels: Sequence[Any], num_clients: int, alpha: float,
+                    seed: int, max_tries: int = 100) -> list[np.ndarray]:
+  """Label-skewed split: per label, client shares drawn from Dir(alpha).
+
+  For each distinct label (in sorted order) the items with that label are
+  shuffled and cut by cumulative proportions ``p ~ Dirichlet(alpha * 1_C)``.
+  Small ``alpha`` gives each client few labels; large ``alpha`` tends to IID.
+  Draws repeat (same generator, so still deterministic in ``seed``) until
+  every client holds at least one item, up to ``max_tries``.
+
+  This is the usual non-IID split (Hsu et al. 2019), kept local so corpora do
+  not depend on :mod:`fedjax_u2s.federated`.
+
+  Returns:
+    ``num_clients`` sorted index arrays that partition ``range(len(labels))``.
+
+  Raises:
+    ValueError: bad arguments, or fewer items than clients / no draw with every
+      client non-empty (raise alpha or lower num_clients).
+  """
+  n = len(labels)
+  if num_clients <= 0:
+    raise ValueError(f"num_clients must be positive, got {num_clients}.")
+  if alpha <= 0:
+    raise ValueError(f"Dirichlet alpha must be positive, got {alpha}.")
+  if n < num_clients:
+    raise ValueError(
+        f"Cannot split {n} documents over {num_clients} clients; lower "
+        "num_clients or raise max_docs / holdout settings.")
+  rng = np.random.default_rng(seed)
+  labels = np.asarray([str(l) for l in labels])
+  classes = sorted(set(labels.tolist()))
+  for _ in range(max_tries):
+    parts = [[] for _ in range(num_clients)]
+    for c in classes:
+      idx = np.flatnonzero(labels == c)
+      idx = idx[rng.permutation(len(idx))]
+      p = rng.dirichlet(np.full(num_clients, float(alpha)))
+      cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
+      for k, chunk in enumerate(np.split(idx, cuts)):
+        parts[k].extend(chunk.tolist())
+    if all(parts):
+      return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+  raise ValueError(
+      f"Dirichlet split (alpha={alpha}) left a client empty in {max_tries} "
+      f"draws of {n} documents over {num_clients} clients; raise alpha or lower "
+      "num_clients.")
+
+
+def iid_split(n: int, num_clients: int, seed: int) -> list[np.ndarray]:
+  """A seeded shuffle of ``range(n)`` cut into ``num_clients`` even parts."""
+  if num_clients <= 0 or n < num_clients:
+    raise ValueError(
+        f"Cannot split {n} documents over {num_clients} clients evenly.")
+  perm = np.random.default_rng(seed).permutation(n)
+  return [np.sort(p) for p in np.array_split(perm, num_clients)]
+
+
+def _stable_seed(seed: int, name: str) -> list[int]:
+  """A seed for ``name`` that does not depend on what else is in the config."""
+  return [int(seed), zlib.crc32(name.encode("utf-8"))]
+
+
+def sample_documents(docs: Sequence[Document], max_docs: int, seed: int,
+                     name: str = "") -> list[Document]:
+  """At most ``max_docs`` documents (seeded sample), in their original order."""
+  docs = list(docs)
+  if not max_docs or len(docs) <= max_docs:
+    return docs
+  rng = np.random.default_rng(_stable_seed(seed, "sample:" + name))
+  keep = np.sort(rng.choice(len(docs), size=max_docs, replace=False))
+  return [docs[i] for i in keep]
+
+
+# ----------------------------------------------------------------------------
+# Wiki.
+
+
+def _wiki_doc(a: wiki.Article) -> Document:
+  return Document(doc_id=a.title, text=a.text,
+                  meta={"article_id": a.id, "topic": a.topic,
+                        "description": a.description})
+
+
+def _short_topic(topic: str) -> str:
+  full = wiki.topic_name(topic)
+  return next(k for k, v in wiki.TOPICS.items() if v == full)
+
+
+def _wiki_split(topics: Sequence[str], holdout_fraction: float, seed: int,
+                path: str | None
+                ) -> tuple[dict[str, list[wiki.Article]], list[wiki.Article]]:
+  """Per-topic articles available to clients, and the held-out articles."""
+  if not 0.0 <= holdout_fraction < 1.0:
+    raise ValueError(
+        f"corpus.holdout_fraction must be in [0, 1), got {holdout_fraction}.")
+  if not topics:
+    raise ValueError("corpus.topics is empty; name at least one wiki topic, "
+                     f"e.g. {sorted(wiki.TOPICS)[:3]}.")
+  shorts = [_short_topic(t) for t in topics]
+  if len(set(shorts)) != len(shorts):
+    raise ValueError(f"corpus.topics {tuple(topics)} repeats a topic.")
+  available, holdout = {}, []
+  for short in shorts:
+    arts = wiki.articles_by_topic(short, path)
+    if not arts:
+      raise ValueError(f"wiki topic {short!r} has no articles in "
+                       f"{path or wiki.resolve_path()}.")
+    n_hold = int(round(holdout_fraction * len(arts)))
+    rng = np.random.default_rng(_stable_seed(seed, "holdout:" + short))
+    held = set(rng.choice(len(arts), size=n_hold, replace=False).tolist())
+    holdout.extend(a for i, a in enumerate(arts) if i in held)
+    available[short] = [a for i, a in enumerate(arts) if i not in held]
+  holdout.sort(key=lambda a: a.id)
+  return available, holdout
+
+
+def wiki_holdout(topics: Sequence[str], holdout_fraction: float, seed: int = 0,
+                 path: str | None = None) -> list[Document]:
+  """The held-out wiki articles of ``topics``: held by no client.
+
+  Depends only on (topic, fraction, seed), not on the partition or on the other
+  topics listed, so the evaluation can recompute it from the corpus config.
+  """
+  _, held = _wiki_split(topics, holdout_fraction, seed, path)
+  return [_wiki_doc(a) for a in held]
+
+
+def wiki_clients(topics: Sequence[str] = ("medicine", "math", "physics"),
+                 partition: str = "topic", num_clients: int = 0,
+                 alpha: float = 0.5, max_docs_per_client: int = 0,
+                 seed: int = 0, holdout_fraction: float = 0.0,
+                 path: str | None = None
+                 ) -> tuple[list[ClientCorpus], list[Document]]:
+  """Splits wiki articles of ``topics`` over clients, minus a holdout.
+
+  Args:
+    topics: short topic names (``wiki.TOPICS``) or full labels.
+    partition: ``"topic"``: ``num_clients // len(topics)`` clients per topic
+      (``num_clients=0``: one each), a topic's articles shuffled (seeded) and
+      cut evenly; ``"dirichlet"``: ``num_clients`` clients with topic shares
+      from Dir(alpha) (:func:`dirichlet_split`); ``"iid"``: an even seeded split.
+    num_clients: see ``partition``.
+    alpha: Dirichlet concentration.
+    max_docs_per_client: seeded sample per client (0 = all).
+    seed: seed of every random choice.
+    holdout_fraction: per-topic fraction reserved (:func:`wiki_holdout`).
+    path: a summaries JSON (None = the packaged one).
+
+  Returns:
+    (clients, holdout documents). Documents are ordered by article id within
+    each client; ``doc_id`` is the title and ``meta["article_id"]`` the id.
+  """
+  available, held = _wiki_split(topics, holdout_fraction, seed, path)
+  shorts = list(available)
+  groups: list[tuple[str, list[wiki.Article]]] = []
+  if partition == "topic":
+    per = 1 if not num_clients else num_clients // len(shorts)
+    if num_clients and num_clients % len(shorts):
+      raise ValueError(
+          f"corpus.num_clients={num_clients} is not a multiple of the "
+          f"{len(shorts)} topics {shorts}; use 0 (one client per topic) or a "
+          "multiple.")
+    for short in shorts:
+      arts = available[short]
+      if len(arts) < per:
+        raise ValueError(f"wiki topic {short!r} has {len(arts)} articles left "
+                         f"after the holdout, fewer than {per} clients.")
+      if per == 1:
+        groups.append((short, arts))
+        continue
+      for k, idx in enumerate(iid_split(len(arts), per,
+                                        _stable_seed(seed, "split:" + short))):
+        groups.append((f"{short}-{k}", [arts[i] for i in idx]))
+  elif partition in ("dirichlet", "iid"):
+    if not num_clients:
+      raise ValueError(f"corpus.partition={partition!r} needs "
+                       "corpus.num_clients > 0.")
+    arts = sorted((a for s in shorts for a in available[s]), key=lambda a: a.id)
+    if partition == "dirichlet":
+      parts = dirichlet_split([a.topic for a in arts], num_clients, alpha, seed)
+    else:
+      parts = iid_split(len(arts), num_clients, seed)
+    groups = [(f"client-{k}", [arts[i] for i in p]) for k, p in enumerate(parts)]
+  else:
+    raise ValueError(
+        f"corpus.partition={partition!r} is not one of 'topic', 'dirichlet', "
+        "'iid' for the wiki corpus.")
+  clients = []
+  for k, (name, arts) in enumerate(groups):
+    docs = sample_documents([_wiki_doc(a) for a in arts], max_docs_per_client,
+                            seed, name)
+    topics_held = sorted({d.meta["topic"] for d in docs})
+    clients.append(ClientCorpus(client_id=k, name=name, documents=docs,
+                                stats={"documents": len(docs),
+                                       "topics": topics_held,
+                                       "source": path or "wiki"}))
+  return clients, [_wiki_doc(a) for a in held]
+
+
+# ----------------------------------------------------------------------------
+# Local files -> clients.
+
+
+def _split_local(docs: list[Document], labels: list[str] | None, config,
+                 source: str) -> list[tuple[str, list[Document]]]:
+  """Groups local documents into clients by ``config.partition``."""
+  partition, n = config.partition, config.num_clients
+  if partition == "natural":
+    if labels is None:
+      raise ValueError(
+          f"corpus.partition='natural' on {source!r} needs a client per record "
+          "(set corpus.client_field) or sub-folders (kind='folder').")
+    names = sorted(set(labels))
+    if n and n != len(names):
+      raise ValueError(
+          f"corpus.num_clients={n} but {source!r} has {len(names)} natural "
+          f"clients {names[:5]}...; set num_clients=0 or {len(names)}.")
+    return [(name, [d for d, l in zip(docs, labels) if l == name])
+            for name in names]
+  if partition == "iid":
+    parts = iid_split(len(docs), n or 1, config.seed)
+  elif partition == "dirichlet":
+    if labels is None:
+      raise ValueError(
+          f"corpus.partition='dirichlet' on {source!r} needs labels: set "
+          "corpus.client_field (records) or use sub-folders (kind='folder').")
+    if not n:
+      raise ValueError("corpus.partition='dirichlet' needs corpus.num_clients.")
+    parts = dirichlet_split(labels, n, config.alpha, config.seed)
+  else:
+    raise ValueError(
+        f"corpus.partition={partition!r} does not apply to local files; use "
+        "'natural', 'iid' or 'dirichlet'.")
+  return [(f"client-{k}", [docs[i] for i in p]) for k, p in enumerate(parts)]
+
+
+def _local_clients(config) -> list[ClientCorpus]:
+  if not config.path:
+    raise ValueError(f"corpus.kind={config.kind!r} needs corpus.path.")
+  if config.kind == "folder":
+    docs, stats = read_folder(config.path)
+    labels = [d.doc_id.split("/", 1)[0] if "/" in d.doc_id else "" for d in docs]
+    if config.partition in ("natural", "dirichlet") and "" in labels:
+      top = [d.doc_id for d, l in zip(docs, labels) if not l][:3]
+      raise ValueError(
+          f"corpus.partition={config.partition!r} on folder {config.path!r} "
+          f"uses sub-folders as clients/labels, but {top} lie at the top level; "
+          "move them into a sub-folder or use partition='iid'.")
+  else:
+    docs, stats = read_records(config.path, config.text_field, config.id_field,
+                               config.client_field)
+    labels = ([d.meta["client"] for d in docs] if config.client_field
+              else None)
+  groups = _split_local(docs, labels, config, config.path)
+  out = []
+  for k, (name, group) in enumerate(groups):
+    group = sample_documents(group, config.max_docs_per_client, config.seed, name)
+    if not any(d.text.strip() for d in group):
+      raise ValueError(
+          f"Client {name!r} from {config.path!r} holds no non-empty document.")
+    out.append(ClientCorpus(client_id=k, name=name, documents=group,
+                            stats=dict(stats, documents=len(group),
+                                       source=config.path)))
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Entry point.
+
+
+def load_corpora_and_holdout(config) -> tuple[list[ClientCorpus], list[Document]]:
+  """Client corpora and the held-out documents (empty unless wiki + holdout).
+
+  Args:
+    config: a ConfigDict shaped like :func:`default_config` (missing fields
+      take their defaults).
+  """
+  defaults = default_config().to_dict()
+  given = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  unknown = sorted(set(given) - set(defaults))
+  if unknown:
+    raise ValueError(f"Unknown corpus config field(s) {unknown}; known fields: "
+                     f"{sorted(defaults)}.")
+  cfg = ml_collections.ConfigDict({**defaults, **given})
+  if cfg.kind == "wiki":
+    clients, held = wiki_clients(
+        topics=tuple(cfg.topics), partition=cfg.partition,
+        num_clients=cfg.num_clients, alpha=cfg.alpha,
+        max_docs_per_client=cfg.max_docs_per_client, seed=cfg.seed,
+        holdout_fraction=cfg.holdout_fraction, path=cfg.path or None)
+    return clients, held
+  if cfg.kind in ("folder", "files"):
+    if cfg.holdout_fraction:
+      raise ValueError("corpus.holdout_fraction applies to kind='wiki' only.")
+    return _local_clients(cfg), []
+  raise ValueError(
+      f"corpus.kind={cfg.kind!r} is unknown; use 'wiki', 'folder' or 'files'.")
+
+
+def load_client_corpora(config) -> list[ClientCorpus]:
+  """The client corpora described by a ``corpus`` config block."""
+  return load_corpora_and_holdout(config)[0]
