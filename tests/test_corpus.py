@@ -153,29 +153,6 @@ def test_config_errors():
 # Splits.
 
 
-def test_dirichlet_split_partitions_and_is_deterministic():
-  labels = ["a"] * 50 + ["b"] * 30 + ["c"] * 20
-  parts = corpus.dirichlet_split(labels, 4, alpha=0.1, seed=3)
-  again = corpus.dirichlet_split(labels, 4, alpha=0.1, seed=3)
-  assert all(np.array_equal(p, q) for p, q in zip(parts, again))
-  flat = np.concatenate(parts)
-  assert sorted(flat.tolist()) == list(range(100)) and all(len(p) for p in parts)
-  # Small alpha: most clients are dominated by one label.
-  dominant = [max(np.bincount([ord(labels[i]) - 97 for i in p], minlength=3))
-              / len(p) for p in parts]
-  assert np.mean(dominant) > 0.7
-  other = corpus.dirichlet_split(labels, 4, alpha=0.1, seed=4)
-  assert not all(np.array_equal(p, q) for p, q in zip(parts, other))
-  with pytest.raises(ValueError, match="alpha"):
-    corpus.dirichlet_split(labels, 4, alpha=0.0, seed=0)
-  with pytest.raises(ValueError, match="Cannot split 2"):
-    corpus.dirichlet_split(["a", "b"], 3, alpha=1.0, seed=0)
-
-
-# ----------------------------------------------------------------------------
-# Wiki.
-
-
 def _ids(client):
   return [d.doc_id for d in client.documents]
 

@@ -38,6 +38,7 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
+from fedjax_u2s.data import partition as partition_lib
 from fedjax_u2s.data import wiki
 
 FOLDER_EXTENSIONS = (".txt", ".md")
@@ -276,64 +277,6 @@ def read_records(path: str, text_field: str = "text", id_field: str = "",
 # Splits.
 
 
-def dirichlet_split(labels: Sequence[Any], num_clients: int, alpha: float,
-                    seed: int, max_tries: int = 100) -> list[np.ndarray]:
-  """Label-skewed split: per label, client shares drawn from Dir(alpha).
-
-  For each distinct label (in sorted order) the items with that label are
-  shuffled and cut by cumulative proportions ``p ~ Dirichlet(alpha * 1_C)``.
-  Small ``alpha`` gives each client few labels; large ``alpha`` tends to IID.
-  Draws repeat (same generator, so still deterministic in ``seed``) until
-  every client holds at least one item, up to ``max_tries``.
-
-  This is the usual non-IID split (Hsu et al. 2019), kept local so corpora do
-  not depend on :mod:`fedjax_u2s.federated`.
-
-  Returns:
-    ``num_clients`` sorted index arrays that partition ``range(len(labels))``.
-
-  Raises:
-    ValueError: bad arguments, or fewer items than clients / no draw with every
-      client non-empty (raise alpha or lower num_clients).
-  """
-  n = len(labels)
-  if num_clients <= 0:
-    raise ValueError(f"num_clients must be positive, got {num_clients}.")
-  if alpha <= 0:
-    raise ValueError(f"Dirichlet alpha must be positive, got {alpha}.")
-  if n < num_clients:
-    raise ValueError(
-        f"Cannot split {n} documents over {num_clients} clients; lower "
-        "num_clients or raise max_docs / holdout settings.")
-  rng = np.random.default_rng(seed)
-  labels = np.asarray([str(l) for l in labels])
-  classes = sorted(set(labels.tolist()))
-  for _ in range(max_tries):
-    parts = [[] for _ in range(num_clients)]
-    for c in classes:
-      idx = np.flatnonzero(labels == c)
-      idx = idx[rng.permutation(len(idx))]
-      p = rng.dirichlet(np.full(num_clients, float(alpha)))
-      cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
-      for k, chunk in enumerate(np.split(idx, cuts)):
-        parts[k].extend(chunk.tolist())
-    if all(parts):
-      return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-  raise ValueError(
-      f"Dirichlet split (alpha={alpha}) left a client empty in {max_tries} "
-      f"draws of {n} documents over {num_clients} clients; raise alpha or lower "
-      "num_clients.")
-
-
-def iid_split(n: int, num_clients: int, seed: int) -> list[np.ndarray]:
-  """A seeded shuffle of ``range(n)`` cut into ``num_clients`` even parts."""
-  if num_clients <= 0 or n < num_clients:
-    raise ValueError(
-        f"Cannot split {n} documents over {num_clients} clients evenly.")
-  perm = np.random.default_rng(seed).permutation(n)
-  return [np.sort(p) for p in np.array_split(perm, num_clients)]
-
-
 def _stable_seed(seed: int, name: str) -> list[int]:
   """A seed for ``name`` that does not depend on what else is in the config."""
   return [int(seed), zlib.crc32(name.encode("utf-8"))]
@@ -417,7 +360,7 @@ def wiki_clients(topics: Sequence[str] = ("medicine", "math", "physics"),
     partition: ``"topic"``: ``num_clients // len(topics)`` clients per topic
       (``num_clients=0``: one each), a topic's articles shuffled (seeded) and
       cut evenly; ``"dirichlet"``: ``num_clients`` clients with topic shares
-      from Dir(alpha) (:func:`dirichlet_split`); ``"iid"``: an even seeded split.
+      from Dir(alpha) (:func:`fedjax_u2s.data.partition.dirichlet`); ``"iid"``: an even seeded split.
     num_clients: see ``partition``.
     alpha: Dirichlet concentration.
     max_docs_per_client: seeded sample per client (0 = all).
@@ -447,8 +390,8 @@ def wiki_clients(topics: Sequence[str] = ("medicine", "math", "physics"),
       if per == 1:
         groups.append((short, arts))
         continue
-      for k, idx in enumerate(iid_split(len(arts), per,
-                                        _stable_seed(seed, "split:" + short))):
+      for k, idx in enumerate(partition_lib.iid(
+          len(arts), per, _stable_seed(seed, "split:" + short))):
         groups.append((f"{short}-{k}", [arts[i] for i in idx]))
   elif partition in ("dirichlet", "iid"):
     if not num_clients:
@@ -456,9 +399,9 @@ def wiki_clients(topics: Sequence[str] = ("medicine", "math", "physics"),
                        "corpus.num_clients > 0.")
     arts = sorted((a for s in shorts for a in available[s]), key=lambda a: a.id)
     if partition == "dirichlet":
-      parts = dirichlet_split([a.topic for a in arts], num_clients, alpha, seed)
+      parts = partition_lib.dirichlet([a.topic for a in arts], num_clients, alpha, seed)
     else:
-      parts = iid_split(len(arts), num_clients, seed)
+      parts = partition_lib.iid(len(arts), num_clients, seed)
     groups = [(f"client-{k}", [arts[i] for i in p]) for k, p in enumerate(parts)]
   else:
     raise ValueError(
@@ -497,7 +440,7 @@ def _split_local(docs: list[Document], labels: list[str] | None, config,
     return [(name, [d for d, l in zip(docs, labels) if l == name])
             for name in names]
   if partition == "iid":
-    parts = iid_split(len(docs), n or 1, config.seed)
+    parts = partition_lib.iid(len(docs), n or 1, config.seed)
   elif partition == "dirichlet":
     if labels is None:
       raise ValueError(
@@ -505,7 +448,7 @@ def _split_local(docs: list[Document], labels: list[str] | None, config,
           "corpus.client_field (records) or use sub-folders (kind='folder').")
     if not n:
       raise ValueError("corpus.partition='dirichlet' needs corpus.num_clients.")
-    parts = dirichlet_split(labels, n, config.alpha, config.seed)
+    parts = partition_lib.dirichlet([str(l) for l in labels], n, config.alpha, config.seed)
   else:
     raise ValueError(
         f"corpus.partition={partition!r} does not apply to local files; use "
