@@ -1,0 +1,1 @@
+"""Federated instruction tuning: state, client updates, aggregation, algorithms."""

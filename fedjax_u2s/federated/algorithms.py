@@ -1,0 +1,341 @@
+"""Federated algorithms as pure ``init`` / ``apply`` functions over ServerState.
+
+One engine serves every algorithm of the registry :data:`ALGORITHMS`; they
+differ only in the client objective (FedProx), the control variates
+(SCAFFOLD) and the server optimizer (FedAvgM, FedAdagrad, FedAdam, FedYogi)::
+
+    algorithm = algorithms.build(fed_config, loss_fn)
+    state = algorithm.init(lora_params, jax.random.key(0), num_clients)
+    state, metrics = jax.jit(algorithm.apply)(state, base_params, client_batches)
+
+``apply`` processes the ``C`` clients as a ``lax.scan`` over chunks of
+``clients_per_chunk`` vmapped clients (per device when built with
+``num_client_shards``, as :func:`fedjax_u2s.federated.parallel.build` does),
+so memory stays bounded by one chunk; the example-weighted sum of deltas is accumulated in the scan
+carry. Client ``i`` of round ``r`` draws its randomness from
+``fold_in(fold_in(key, r), i)``, so results depend neither on the chunk size
+nor on the number of devices (up to float summation order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from fedjax_u2s.federated import aggregation
+from fedjax_u2s.federated import client as client_lib
+from fedjax_u2s.federated import objectives
+from fedjax_u2s.federated import state as state_lib
+from fedjax_u2s.federated.state import ClientBatches, ServerState
+
+PyTree = Any
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmSpec:
+  """What distinguishes one registered algorithm.
+
+  Attributes:
+    server_optimizer: a kind of :func:`aggregation.make_server_optimizer`.
+    prox: the client objective has the FedProx proximal term.
+    scaffold: clients use SCAFFOLD control variates.
+  """
+  server_optimizer: str
+  prox: bool = False
+  scaffold: bool = False
+
+
+ALGORITHMS: dict[str, AlgorithmSpec] = {
+    "fedavg": AlgorithmSpec("sgd"),
+    "fedprox": AlgorithmSpec("sgd", prox=True),
+    "fedavgm": AlgorithmSpec("momentum"),
+    "fedadagrad": AlgorithmSpec("adagrad"),
+    "fedadam": AlgorithmSpec("adam"),
+    "fedyogi": AlgorithmSpec("yogi"),
+    "scaffold": AlgorithmSpec("sgd", scaffold=True),
+}
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The federated-optimization config (``config.federated`` of an experiment)."""
+  c = ml_collections.ConfigDict()
+  # One of ALGORITHMS: fedavg|fedprox|fedavgm|fedadagrad|fedadam|fedyogi|scaffold.
+  c.algorithm = "fedavg"
+  c.server_lr = 1.0  # Server learning rate on the mean delta (1.0 + fedavg = plain FedAvg).
+  c.server_momentum = 0.9  # FedAvgM heavy-ball momentum.
+  c.server_b1 = 0.9  # First-moment decay of FedAdagrad/FedAdam/FedYogi.
+  c.server_b2 = 0.99  # Second-moment decay of FedAdam/FedYogi.
+  c.server_tau = 1e-3  # Adaptivity tau of the adaptive server optimizers (Reddi et al.).
+  c.prox_mu = 0.0  # FedProx proximal weight mu (used by fedprox only).
+  c.client_optimizer = "adamw"  # Local optimizer: adamw|sgd (state reset every round).
+  c.client_lr = 1e-4  # Peak local learning rate.
+  c.client_weight_decay = 0.0  # Decoupled weight decay of the local optimizer.
+  c.client_b1 = 0.9  # AdamW b1 of the local optimizer.
+  c.client_b2 = 0.999  # AdamW b2 of the local optimizer.
+  c.grad_clip = 0.0  # Global-norm clip of each local step's gradient (0 = off).
+  c.lr_schedule = "constant"  # Client lr across rounds: constant|cosine.
+  c.warmup_rounds = 0  # Rounds of linear warmup of the client lr.
+  c.num_rounds = 1  # Total rounds (the cosine schedule's horizon).
+  # Clients per vmapped step (per device with num_client_shards); chunks are
+  # scanned so memory holds one chunk (0 = all clients at once).
+  c.clients_per_chunk = 0
+  return c
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmConfig:
+  """Static, hashable form of :func:`default_config` (same fields)."""
+  algorithm: str = "fedavg"
+  server_lr: float = 1.0
+  server_momentum: float = 0.9
+  server_b1: float = 0.9
+  server_b2: float = 0.99
+  server_tau: float = 1e-3
+  prox_mu: float = 0.0
+  client_optimizer: str = "adamw"
+  client_lr: float = 1e-4
+  client_weight_decay: float = 0.0
+  client_b1: float = 0.9
+  client_b2: float = 0.999
+  grad_clip: float = 0.0
+  lr_schedule: str = "constant"
+  warmup_rounds: int = 0
+  num_rounds: int = 1
+  clients_per_chunk: int = 0
+
+  def __post_init__(self):
+    if self.algorithm not in ALGORITHMS:
+      raise ValueError(f"fed config: unknown algorithm {self.algorithm!r}; "
+                       f"valid: {sorted(ALGORITHMS)}.")
+    if self.client_optimizer not in client_lib.CLIENT_OPTIMIZERS:
+      raise ValueError(f"fed config: unknown client_optimizer "
+                       f"{self.client_optimizer!r}; valid: "
+                       f"{client_lib.CLIENT_OPTIMIZERS}.")
+    if self.lr_schedule not in LR_SCHEDULES:
+      raise ValueError(f"fed config: unknown lr_schedule {self.lr_schedule!r}; "
+                       f"valid: {LR_SCHEDULES}.")
+    if self.clients_per_chunk < 0:
+      raise ValueError(f"fed config: clients_per_chunk must be >= 0, got "
+                       f"{self.clients_per_chunk}.")
+    if self.warmup_rounds < 0 or self.num_rounds < 1:
+      raise ValueError(f"fed config: need warmup_rounds >= 0 and num_rounds >= 1, "
+                       f"got {self.warmup_rounds} and {self.num_rounds}.")
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> "AlgorithmConfig":
+    """From a ConfigDict/mapping; missing fields keep defaults, extras are ignored."""
+    if isinstance(cfg, cls):
+      return cfg
+    get = cfg.get if hasattr(cfg, "get") else lambda k, d: getattr(cfg, k, d)
+    kw = {}
+    for f in dataclasses.fields(cls):
+      v = get(f.name, f.default)
+      kw[f.name] = type(f.default)(v)
+    return cls(**kw)
+
+  @property
+  def spec(self) -> AlgorithmSpec:
+    return ALGORITHMS[self.algorithm]
+
+
+def client_learning_rate(cfg: AlgorithmConfig, round_: jax.Array) -> jax.Array:
+  """The client learning rate of round ``round_`` (0-based; traceable).
+
+  Linear warmup ``lr * (r + 1) / warmup_rounds`` over the first
+  ``warmup_rounds`` rounds, then constant or cosine decay to 0 at
+  ``num_rounds``.
+  """
+  r = jnp.asarray(round_, jnp.float32)
+  lr = jnp.float32(cfg.client_lr)
+  if cfg.lr_schedule == "cosine":
+    horizon = max(cfg.num_rounds - cfg.warmup_rounds, 1)
+    progress = jnp.clip((r - cfg.warmup_rounds) / horizon, 0.0, 1.0)
+    lr = lr * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+  if cfg.warmup_rounds > 0:
+    lr = lr * jnp.minimum(1.0, (r + 1.0) / cfg.warmup_rounds)
+  return lr
+
+
+class FederatedAlgorithm(NamedTuple):
+  """Pure functions of one algorithm (jit them at the call site).
+
+  Attributes:
+    init: ``(params, rng, num_clients) -> ServerState``.
+    apply: ``(server_state, frozen, client_batches) -> (server_state, metrics)``.
+    evaluate: ``(params, frozen, batch [N, B, ...]) -> (loss_sum, weight)``.
+    config: the :class:`AlgorithmConfig`.
+  """
+  init: Callable[..., ServerState]
+  apply: Callable[..., tuple[ServerState, dict[str, jax.Array]]]
+  evaluate: Callable[..., tuple[jax.Array, jax.Array]]
+  config: AlgorithmConfig
+
+
+def _chunked(x: jax.Array, chunk: int) -> jax.Array:
+  """[C, ...] -> [C // chunk, chunk, ...] with client ``i * n + j`` at ``[j, i]``.
+
+  The chunk axis takes clients ``n`` apart, so when ``C`` is split in
+  contiguous blocks over devices every scan step has clients on every device.
+  """
+  n = x.shape[0] // chunk
+  return jnp.swapaxes(x.reshape((chunk, n) + x.shape[1:]), 0, 1)
+
+
+def _unchunked(x: jax.Array) -> jax.Array:
+  """Inverse of :func:`_chunked`."""
+  x = jnp.swapaxes(x, 0, 1)
+  return x.reshape((-1,) + x.shape[2:])
+
+
+def build(fed_config: Any, loss_fn: objectives.LossFn, *,
+          num_client_shards: int = 1,
+          chunk_sharding: Callable[[PyTree], PyTree] | None = None
+          ) -> FederatedAlgorithm:
+  """Builds the algorithm named by ``fed_config.algorithm``.
+
+  Args:
+    fed_config: a ConfigDict like :func:`default_config`, or an
+      :class:`AlgorithmConfig`.
+    loss_fn: see :data:`objectives.LossFn`.
+    num_client_shards: devices the client axis is split over
+      (:mod:`fedjax_u2s.federated.parallel` sets it); a scan step then holds
+      ``clients_per_chunk * num_client_shards`` clients.
+    chunk_sharding: optional function applied to each chunk's inputs inside
+      the scan (a sharding constraint on the client axis).
+
+  Returns:
+    A :class:`FederatedAlgorithm`.
+  """
+  cfg = AlgorithmConfig.from_config(fed_config)
+  spec = cfg.spec
+  server_opt = aggregation.make_server_optimizer(
+      spec.server_optimizer, learning_rate=cfg.server_lr,
+      momentum=cfg.server_momentum, b1=cfg.server_b1, b2=cfg.server_b2,
+      tau=cfg.server_tau)
+  prox_mu = cfg.prox_mu if spec.prox else 0.0
+
+  def init(params: PyTree, rng: jax.Array, num_clients: int) -> ServerState:
+    """Round-0 server state for a population of ``num_clients`` clients.
+
+    ``params`` is copied, so donating the state to ``apply`` leaves the
+    caller's arrays alive.
+    """
+    params = jax.tree.map(lambda p: jnp.array(p, copy=True), params)
+    client_controls = None
+    if spec.scaffold:
+      client_controls = jax.tree.map(
+          lambda p: jnp.zeros((num_clients,) + p.shape, p.dtype), params)
+    return ServerState(
+        params=params, opt_state=server_opt.init(params),
+        control=jax.tree.map(jnp.zeros_like, params),
+        client_controls=client_controls, round=jnp.zeros((), jnp.int32),
+        rng=state_lib.key_data(rng))
+
+  def apply(server_state: ServerState, frozen: PyTree,
+            client_batches: ClientBatches
+            ) -> tuple[ServerState, dict[str, jax.Array]]:
+    """One round: local training of every client, aggregation, server step."""
+    num_real = client_batches.num_examples.shape[0]
+    shards = num_client_shards
+    if cfg.clients_per_chunk > 0:
+      chunk = cfg.clients_per_chunk * shards
+    else:
+      chunk = math.ceil(num_real / shards) * shards
+    cb = state_lib.pad_clients(client_batches, chunk)
+    num_chunks = cb.num_examples.shape[0] // chunk
+    xs = jax.tree.map(functools.partial(_chunked, chunk=chunk),
+                      (cb.batch, jnp.asarray(cb.step_mask, bool),
+                       jnp.asarray(cb.num_examples, jnp.float32),
+                       jnp.asarray(cb.client_ids, jnp.int32)))
+
+    params = server_state.params
+    round_key = jax.random.fold_in(server_state.key(), server_state.round)
+    lr = client_learning_rate(cfg, server_state.round)
+    optimizer = client_lib.make_client_optimizer(
+        cfg.client_optimizer, lr, b1=cfg.client_b1, b2=cfg.client_b2,
+        weight_decay=cfg.client_weight_decay)
+    control = server_state.control if spec.scaffold else None
+
+    def one_client(batch, step_mask, client_id, client_control):
+      return client_lib.client_update(
+          params, frozen, batch, step_mask,
+          jax.random.fold_in(round_key, client_id), loss_fn=loss_fn,
+          optimizer=optimizer, learning_rate=lr, grad_clip=cfg.grad_clip,
+          prox_mu=prox_mu, server_control=control,
+          client_control=client_control)
+
+    def body(carry, chunk_xs):
+      if chunk_sharding is not None:
+        chunk_xs = chunk_sharding(chunk_xs)
+      sum_delta, sum_weight, bad, sum_dc, client_controls = carry
+      batch, step_mask, weights, ids = chunk_xs
+      ci = (jax.tree.map(lambda t: t[ids], client_controls)
+            if spec.scaffold else None)
+      out = jax.vmap(one_client)(batch, step_mask, ids, ci)
+      sum_delta = aggregation.accumulate(sum_delta, out.delta, weights)
+      sum_weight = sum_weight + jnp.sum(weights)
+      bad = bad | jnp.any(out.nonfinite)
+      if spec.scaffold:
+        sum_dc = jax.tree.map(lambda s, d: s + jnp.sum(d, axis=0), sum_dc,
+                              out.control_delta)
+        client_controls = jax.tree.map(lambda t, d: t.at[ids].add(d),
+                                       client_controls, out.control_delta)
+      carry = (sum_delta, sum_weight, bad, sum_dc, client_controls)
+      return carry, (out.loss_sum, out.num_tokens)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    carry0 = (zeros, jnp.zeros((), jnp.float32), jnp.array(False),
+              zeros if spec.scaffold else None, server_state.client_controls)
+    (sum_delta, sum_weight, bad, sum_dc, client_controls), (c_loss, c_tokens) = (
+        jax.lax.scan(body, carry0, xs, length=num_chunks))
+
+    mean_delta = aggregation.weighted_mean(sum_delta, sum_weight)
+    new_params, new_opt_state = aggregation.server_update(
+        params, server_state.opt_state, mean_delta, server_opt)
+    new_control = server_state.control
+    if spec.scaffold:
+      num_clients = jax.tree.leaves(server_state.client_controls)[0].shape[0]
+      new_control = jax.tree.map(lambda c, s: c + s / num_clients,
+                                 server_state.control, sum_dc)
+    new_state = ServerState(
+        params=new_params, opt_state=new_opt_state, control=new_control,
+        client_controls=client_controls, round=server_state.round + 1,
+        rng=server_state.rng)
+    nonfinite = bad | ~client_lib.all_finite((new_params, new_opt_state,
+                                               new_control, client_controls))
+    new_state = jax.tree.map(lambda old, new: jnp.where(nonfinite, old, new),
+                             server_state, new_state)
+
+    c_loss = _unchunked(c_loss)[:num_real]
+    c_tokens = _unchunked(c_tokens)[:num_real]
+    num_tokens = jnp.sum(c_tokens)
+    metrics = {
+        "loss": jnp.sum(c_loss) / jnp.maximum(num_tokens, 1.0),
+        "num_tokens": num_tokens,
+        "client_loss": c_loss / jnp.maximum(c_tokens, 1.0),
+        "client_tokens": c_tokens,
+        "update_norm": optax.tree.norm(mean_delta),
+        "nonfinite": nonfinite,
+    }
+    return new_state, metrics
+
+  def evaluate(params: PyTree, frozen: PyTree, batch: PyTree
+               ) -> tuple[jax.Array, jax.Array]:
+    """Summed loss and weight over ``N`` micro-batches (leaves [N, B, ...])."""
+    def body(acc, b):
+      l, w = loss_fn(params, frozen, b, None)
+      return (acc[0] + l.astype(jnp.float32), acc[1] + w.astype(jnp.float32)), None
+    zero = jnp.zeros((), jnp.float32)
+    (loss_sum, weight), _ = jax.lax.scan(body, (zero, zero), batch)
+    return loss_sum, weight
+
+  return FederatedAlgorithm(init=init, apply=apply, evaluate=evaluate, config=cfg)
