@@ -255,7 +255,8 @@ def evaluate_models(config: ml_collections.ConfigDict, workdir: str, model,
       continue
     res = runner.evaluate(model.config, model.params, model.tokenizer, suites,
                           lora=lora, lora_config=lcfg,
-                          batch_size=config.evaluate.batch_size, seed=config.seed)
+                          batch_size=config.evaluate.batch_size, seed=config.seed,
+                          unroll_layers=config.evaluate.unroll_layers)
     runner.write_results(res, out_dir, name)
     with open(path, encoding="utf-8") as f:
       results[name] = json.load(f)

@@ -1,0 +1,149 @@
+"""The U2S generation stage over all clients, resumable from the workdir.
+
+Reads the client corpora, chunks them with the generator's tokenizer, embeds
+the demonstration pool and every piece once, and runs
+:func:`~fedjax_u2s.u2s.generate.generate_client` for each client in turn.
+Everything it produces lands under ``WORKDIR/generated/``:
+
+* ``pieces.jsonl``: every client's pieces (id, client, document, offsets), the
+  input of generation, written once so a rerun chunks nothing;
+* ``client_XXXX.jsonl`` / ``client_XXXX.rejected.jsonl``: kept pairs with
+  provenance and rejected pieces with their reason (see ``writer.py``);
+* ``stats.json``: yield and rejection counts per client;
+* ``corpus.json``: the clients (name, documents) and the held-out titles that
+  no client holds (the evaluation asks about both).
+
+Nothing here leaves a client except through its own files: in a real
+deployment each client runs this stage on its own machine with its own text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+import ml_collections
+import numpy as np
+
+from fedjax_u2s.u2s import chunking
+from fedjax_u2s.u2s import corpus as corpus_lib
+from fedjax_u2s.u2s import generate as generate_lib
+from fedjax_u2s.u2s import pool as pool_lib
+from fedjax_u2s.u2s import writer as writer_lib
+
+PIECES_FILE = "pieces.jsonl"
+CORPUS_FILE = "corpus.json"
+
+
+def prepare_pieces(config: ml_collections.ConfigDict, workdir: str, tokenizer
+                   ) -> tuple[list[list[chunking.Piece]], dict[str, Any]]:
+  """Client pieces, chunked once and then read back from ``pieces.jsonl``.
+
+  Returns:
+    ``(pieces per client, corpus summary)``; the summary holds client names,
+    chunking stats and the held-out documents' titles.
+  """
+  out_dir = writer_lib.generated_dir(workdir)
+  os.makedirs(out_dir, exist_ok=True)
+  pieces_path = os.path.join(out_dir, PIECES_FILE)
+  corpus_path = os.path.join(out_dir, CORPUS_FILE)
+  if os.path.exists(pieces_path) and os.path.exists(corpus_path):
+    with open(corpus_path, encoding="utf-8") as f:
+      summary = json.load(f)
+    per_client: list[list[chunking.Piece]] = [[] for _ in summary["clients"]]
+    for row in writer_lib.read_records(pieces_path):
+      per_client[row["client_id"]].append(chunking.Piece(**row))
+    return per_client, summary
+
+  clients, holdout = corpus_lib.load_corpora_and_holdout(config.corpus)
+  count = lambda text: len(tokenizer.encode(text))
+  chunked = chunking.chunk_corpora(clients, count, config.chunking.max_tokens,
+                                   config.chunking.min_tokens)
+  per_client = []
+  summary = {"clients": [], "holdout": [d.doc_id for d in holdout]}
+  for corpus, (pieces, stats) in zip(clients, chunked):
+    if config.chunking.max_pieces_per_client:
+      pieces = pieces[:config.chunking.max_pieces_per_client]
+    per_client.append(pieces)
+    summary["clients"].append({
+        "client_id": corpus.client_id, "name": corpus.name,
+        "documents": len(corpus.documents), "pieces": len(pieces),
+        "doc_ids": sorted({p.doc_id for p in pieces}),
+        "chunking": {k: int(v) for k, v in stats.items()}})
+  tmp = pieces_path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for pieces in per_client:
+      for p in pieces:
+        f.write(writer_lib.dumps(dataclasses.asdict(p)) + "\n")
+  os.replace(tmp, pieces_path)
+  writer_lib.atomic_write_json(corpus_path, summary)
+  return per_client, summary
+
+
+def run_generation(config: ml_collections.ConfigDict, workdir: str, *, model,
+                   embedder) -> dict[str, Any]:
+  """Generates every client's pairs (skipping what earlier runs finished).
+
+  Args:
+    config: the experiment config (``corpus``, ``chunking``, ``pool``, ``u2s``,
+      ``seed``).
+    workdir: the run directory.
+    model: the generator (``registry.LoadedModel``).
+    embedder: a :class:`fedjax_u2s.models.bert.Embedder`.
+
+  Returns:
+    The ``stats.json`` content plus the corpus summary.
+  """
+  from fedjax_u2s import sampler as sampler_lib
+
+  per_client, summary = prepare_pieces(config, workdir, model.tokenizer)
+  pool = pool_lib.load_pool(config.pool.path or None)
+  pool_emb = embedder.embed([d.text for d in pool])
+  select = generate_lib.make_select_fn(config.u2s.selection, pool_emb)
+  smp = sampler_lib.Sampler(model.config, model.tokenizer,
+                            pad_multiple=config.u2s_sampler.pad_multiple,
+                            unroll_layers=config.u2s_sampler.unroll_layers)
+  out_dir = writer_lib.generated_dir(workdir)
+  all_stats = []
+  for cid, pieces in enumerate(per_client):
+    start = time.perf_counter()
+    st = generate_lib.generate_client(
+        pieces, client_id=cid, pool=pool, pool_embeddings=pool_emb,
+        select_fn=select, embedder=embedder, sampler=smp, params=model.params,
+        tokenizer=model.tokenizer, config=config.u2s, out_dir=out_dir,
+        generator_name=config.model.name, seed=config.seed)
+    all_stats.append(st)
+    name = summary["clients"][cid]["name"]
+    print(f"U2S client {cid} ({name}): {st.kept} kept of {st.kept + st.rejected} "
+          f"pieces ({st.skipped} done earlier), rejected {st.rejected_by_reason}, "
+          f"{time.perf_counter() - start:.0f}s")
+  stats = writer_lib.rebuild_stats(out_dir)
+  generated = sum(s.generated for s in all_stats)
+  seconds = sum(s.seconds for s in all_stats)
+  if generated:
+    logging.info("U2S: %d pieces in %.0fs (%.1f pieces/min)", generated, seconds,
+                 60 * generated / max(seconds, 1e-9))
+  return {"stats": stats, "corpus": summary}
+
+
+def load_pairs(workdir: str, num_clients: int) -> list[list[dict[str, Any]]]:
+  """Every client's kept records, in file order."""
+  out_dir = writer_lib.generated_dir(workdir)
+  return [writer_lib.read_records(writer_lib.client_path(out_dir, c))
+          for c in range(num_clients)]
+
+
+def split_eval(records: list[dict[str, Any]], fraction: float, seed: int,
+               client_id: int) -> tuple[list[dict], list[dict]]:
+  """A seeded per-client train/held-out split of generated pairs."""
+  n_eval = int(round(fraction * len(records)))
+  if n_eval == 0:
+    return records, []
+  order = np.random.default_rng([seed, client_id, 7]).permutation(len(records))
+  held = set(order[:n_eval].tolist())
+  return ([r for i, r in enumerate(records) if i not in held],
+          [r for i, r in enumerate(records) if i in held])
