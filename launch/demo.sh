@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh
 VENV=${VENV:-.venv}
-exec "$VENV/bin/python" -m fedjax_u2s.main --config="${CONFIG:-configs/generate.py}" \
+exec "$VENV/bin/python" -m fedjax_u2s.main --config="${CONFIG:-configs/u2s_wiki.py}" \
   --workdir="${WORKDIR:-workdir/demo}" "$@"
