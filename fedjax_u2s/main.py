@@ -9,6 +9,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from fedjax_u2s import experiments  # noqa: F401  (registers the "experiment" pipeline)
 from fedjax_u2s import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -1,0 +1,138 @@
+r"""Does FedIT-U2S beat the base model, local-only tuning and random demonstrations?
+
+  python -m fedjax_u2s.main --config=configs/experiments/u2s_claim.py --workdir=workdir/claim
+  python -m fedjax_u2s.main --config=configs/experiments/u2s_claim.py:smoke --workdir=workdir/claim_smoke
+  python -m fedjax_u2s.main --config=configs/experiments/u2s_claim.py:gpu --workdir=workdir/claim_gpu
+
+The ``experiment`` pipeline (fedjax_u2s/experiments.py) runs, on the same
+clients (Wikipedia lead paragraphs, one client per domain), the same
+evaluation questions and a matched step budget, the arms ``base``,
+``fedit_u2s`` (FedAvg on pairs generated with retrieved demonstrations),
+``local_only`` (each client alone), ``centralized`` (pooled pairs, the
+federated total of steps) and the selection ablation ``fedit_random`` /
+``fedit_fixed``, each for every seed in ``experiment.seeds``; it writes
+``results.json``, ``results.md`` and ``results.png``. Rerunning the same
+command resumes: finished generations, arms and evaluations are skipped.
+
+Cost of the default (CPU-sized) config on a 2-core CPU, SmolLM2-135M
+(estimated from ~5-10 s per LoRA step at batch 4 x 320 tokens and ~0.1 s per
+batch-16 decode step; not measured end to end): 3 clients x <=10 pieces per
+demonstration selection, 3 selections (~90 pieces at ~2 s each plus sampler
+compiles: ~5-10 min); per seed 24 client steps for each of the three
+federated arms and for centralized, 3 x 12 for local-only, i.e. 132 steps per
+seed and 264 over the two seeds (~25-45 min), plus ~1-2 min of compile for
+each of the three distinct training shapes (the persistent compilation cache
+serves the other 11 of the 14 training runs); 15 evaluations (80
+multiple-choice questions, 20 arithmetic questions, the held-out pairs),
+~1-2 min each. About 1-1.5 h in all. ``:smoke`` (44 steps at batch 2, 12
+pieces per selection, 15 small evaluations) is compile-dominated: roughly
+15-20 min on 2 cores. ``:gpu`` (9 clients, 3 seeds, 7,560 client steps) is
+meant for one accelerator.
+"""
+
+import ml_collections
+
+from fedjax_u2s.config_lib import base_config
+from fedjax_u2s.u2s import corpus as corpus_lib
+from fedjax_u2s.u2s import generate as generate_lib
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = base_config()
+  c.pipeline = "experiment"
+  c.seed = 0                           # Generation seed and held-out split seed.
+
+  c.experiment = ml_collections.ConfigDict()
+  c.experiment.arms = ("base", "fedit_u2s", "local_only", "centralized",
+                       "fedit_random", "fedit_fixed")  # Subset/order of the arms run.
+  c.experiment.seeds = (0, 1)          # Training seeds (init, sampling, order, dropout).
+  c.experiment.heldout_ppl = True      # Also score perplexity on held-out generated pairs.
+  c.experiment.compilation_cache = True  # Persistent XLA cache in WORKDIR/jax_cache (runs share shapes).
+
+  c.corpus = corpus_lib.default_config()
+  c.corpus.kind = "wiki"
+  c.corpus.topics = ("medicine", "math", "geography")
+  c.corpus.partition = "topic"
+  c.corpus.num_clients = 3             # One client per domain (non-IID by topic).
+  c.corpus.max_docs_per_client = 8     # Seeded sample of each client's articles.
+  c.corpus.holdout_fraction = 0.1      # Articles no client holds (wiki_unseen).
+
+  c.chunking = ml_collections.ConfigDict()
+  c.chunking.max_tokens = 200          # Generator tokens per piece, at most.
+  c.chunking.min_tokens = 24           # Smaller pieces are dropped (counted).
+  c.chunking.max_pieces_per_client = 10  # Cap per client; 0 = all.
+
+  c.pool = ml_collections.ConfigDict()
+  c.pool.path = ""                     # Demonstration pool JSON/JSONL; "" = packaged.
+
+  c.embedder = ml_collections.ConfigDict()
+  c.embedder.name = "all-minilm-l6-v2"  # Retrieval and grounding embedder.
+
+  c.u2s = generate_lib.default_config()  # selection is set per arm by the pipeline.
+  c.u2s.batch_size = 8
+  c.u2s.max_new_tokens = 160
+
+  c.u2s_sampler = ml_collections.ConfigDict()
+  c.u2s_sampler.pad_multiple = 128     # Prompt length bucket (fewer recompiles).
+  c.u2s_sampler.unroll_layers = True   # Faster decode steps, slower compile.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.eval_fraction = 0.1           # Retrieval pairs held out (heldout_ppl, eval loss).
+  c.data.system_prompt = ""            # Optional system turn for training examples.
+
+  c.federated.num_rounds = 6           # R: rounds of every trained arm.
+  c.federated.clients_per_round = 2    # C: federated arms; centralized does C x L steps.
+  c.federated.client_lr = 3e-4
+  c.train.max_length = 320
+  c.train.local_steps = 2              # L: must be > 0 (compute is matched in steps).
+  c.train.batch_size = 4
+  c.eval.every = 2
+  c.checkpoint.keep = 1                # Many runs: keep only the last checkpoint.
+  c.train.tensorboard = False          # metrics.jsonl and curves.png are enough here.
+
+  c.evaluate = ml_collections.ConfigDict()
+  c.evaluate.topics = c.corpus.get_ref("topics")  # Wiki questions from these topics.
+  c.evaluate.num_wiki_questions = 40   # Per split (known / unseen).
+  c.evaluate.num_math_questions = 20   # Arithmetic with exact answers.
+  c.evaluate.math_max_new_tokens = 48  # Decode budget per math answer.
+  c.evaluate.batch_size = 8            # Rows per forward / sampler call.
+  c.evaluate.seed = 0                  # Question sampling seed (same for every arm).
+  c.evaluate.unroll_layers = False     # Few decode calls per eval: compile dominates.
+
+  if arg == "smoke":
+    c.experiment.seeds = (0, 1)
+    c.corpus.max_docs_per_client = 3
+    c.chunking.max_pieces_per_client = 4
+    c.u2s.max_new_tokens = 96
+    c.u2s.batch_size = 4
+    c.u2s_sampler.unroll_layers = False  # Few calls: compile time dominates.
+    c.federated.num_rounds = 2
+    c.train.max_length = 256
+    c.train.local_steps = 1
+    c.train.batch_size = 2
+    c.eval.every = 1
+    c.evaluate.num_wiki_questions = 8
+    c.evaluate.num_math_questions = 4
+    c.evaluate.math_max_new_tokens = 16
+  elif arg == "gpu":
+    c.corpus.num_clients = 9           # Three clients per domain.
+    c.corpus.max_docs_per_client = 60
+    c.chunking.max_pieces_per_client = 0
+    c.u2s.batch_size = 32
+    c.u2s.max_new_tokens = 192
+    c.u2s_sampler.unroll_layers = True
+    c.experiment.seeds = (0, 1, 2)
+    c.federated.num_rounds = 30
+    c.federated.clients_per_round = 3
+    c.train.local_steps = 4
+    c.train.batch_size = 8
+    c.train.max_length = 384
+    c.eval.every = 5
+    c.evaluate.num_wiki_questions = 200
+    c.evaluate.num_math_questions = 100
+    c.evaluate.batch_size = 32
+    c.evaluate.unroll_layers = True
+  elif arg not in (None, ""):
+    raise ValueError(f"Unknown config argument {arg!r}; use '', 'smoke' or 'gpu'.")
+  c.lock()
+  return c
