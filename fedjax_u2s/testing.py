@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from fedjax_u2s.models.config import ModelConfig
@@ -221,3 +223,26 @@ def write_tiny_chat_model(path: str, seed: int = 0, **overrides) -> str:
   hf_loader.save_hf_dir(path, config, params)
   tok.save(path)
   return path
+
+
+def load_config(path: str, arg: str = "", **overrides):
+  """``get_config(arg)`` of a config file, dotted-key overrides set, locked.
+
+  What ``--config=PATH:ARG --config.a.b=v`` does, for tests that call
+  :func:`fedjax_u2s.pipeline.run` in-process: ``load_config(p, "smoke",
+  **{"federated.num_rounds": 2})``.
+  """
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "config_" + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  for key, value in overrides.items():
+    node = config
+    *parents, last = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[last] = value
+  config.lock()
+  return config

@@ -6,7 +6,6 @@ and the pipeline's stage marker leave them. A tiny random Llama with
 SmolLM2's real tokenizer stands in for the 135M model.
 """
 
-import importlib.util
 import json
 import os
 import time
@@ -29,10 +28,6 @@ TRAINED = ("fedit_u2s", "local_only", "centralized", "fedit_random", "fedit_fixe
 
 
 def _config(model, **overrides):
-  spec = importlib.util.spec_from_file_location("claim_config", CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("smoke")
   settings = {"model.name": model, "corpus.topics": ("medicine",),
               "experiment.seeds": SEEDS, "federated.num_rounds": 2,
               "federated.clients_per_round": 2, "train.local_steps": 1,
@@ -46,13 +41,7 @@ def _config(model, **overrides):
               # Less to compile: no remat, full logits, no eval loss in training.
               "model.remat": False, "train.logits_chunk_size": 0, "eval.every": 0,
               **overrides}
-  for key, value in settings.items():
-    node = config
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return config
+  return testing.load_config(CONFIG, "smoke", **settings)
 
 
 def write_generated(workdir, selection, titles, holdout, num_clients=2,

@@ -45,21 +45,8 @@ def _main(model, workdir, *extra, env=None, timeout=600):
 
 
 def _config(model, **overrides):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("fedit_config", CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("smoke")
-  config.model.name = model
-  config.federated.num_rounds = ROUNDS
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  config.lock()
-  return config
+  return testing.load_config(CONFIG, "smoke", **{
+      "model.name": model, "federated.num_rounds": ROUNDS, **overrides})
 
 
 def _adapter(workdir):

@@ -8,20 +8,13 @@ import sys
 import pytest
 
 from fedjax_u2s import pipeline
+from fedjax_u2s import testing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load_config(arg=""):
-  from ml_collections import config_flags  # noqa: F401  (registers the loader)
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "generate_config", os.path.join(REPO, "configs", "generate.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
-  config.lock()
-  return config
+  return testing.load_config(os.path.join(REPO, "configs", "generate.py"), arg)
 
 
 def test_config_is_locked_and_smoke_shrinks():

@@ -18,19 +18,7 @@ CONFIG = os.path.join(REPO, "configs", "u2s_wiki.py")
 
 
 def _config(**overrides):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("u2s_config", CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("smoke")
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  config.lock()
-  return config
+  return testing.load_config(CONFIG, "smoke", **overrides)
 
 
 @pytest.fixture

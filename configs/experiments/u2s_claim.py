@@ -32,13 +32,11 @@ meant for one accelerator.
 
 import ml_collections
 
-from fedjax_u2s.config_lib import base_config
-from fedjax_u2s.u2s import corpus as corpus_lib
-from fedjax_u2s.u2s import generate as generate_lib
+from fedjax_u2s.config_lib import u2s_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = base_config()
+  c = u2s_config()
   c.pipeline = "experiment"
   c.seed = 0                           # Generation seed and held-out split seed.
 
@@ -49,54 +47,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.experiment.heldout_ppl = True      # Also score perplexity on held-out generated pairs.
   c.experiment.compilation_cache = True  # Persistent XLA cache in WORKDIR/jax_cache (runs share shapes).
 
-  c.corpus = corpus_lib.default_config()
-  c.corpus.kind = "wiki"
-  c.corpus.topics = ("medicine", "math", "geography")
-  c.corpus.partition = "topic"
-  c.corpus.num_clients = 3             # One client per domain (non-IID by topic).
   c.corpus.max_docs_per_client = 8     # Seeded sample of each client's articles.
-  c.corpus.holdout_fraction = 0.1      # Articles no client holds (wiki_unseen).
-
-  c.chunking = ml_collections.ConfigDict()
-  c.chunking.max_tokens = 200          # Generator tokens per piece, at most.
-  c.chunking.min_tokens = 24           # Smaller pieces are dropped (counted).
   c.chunking.max_pieces_per_client = 10  # Cap per client; 0 = all.
-
-  c.pool = ml_collections.ConfigDict()
-  c.pool.path = ""                     # Demonstration pool JSON/JSONL; "" = packaged.
-
-  c.embedder = ml_collections.ConfigDict()
-  c.embedder.name = "all-minilm-l6-v2"  # Retrieval and grounding embedder.
-
-  c.u2s = generate_lib.default_config()  # selection is set per arm by the pipeline.
-  c.u2s.batch_size = 8
-  c.u2s.max_new_tokens = 160
-
-  c.u2s_sampler = ml_collections.ConfigDict()
-  c.u2s_sampler.pad_multiple = 128     # Prompt length bucket (fewer recompiles).
-  c.u2s_sampler.unroll_layers = True   # Faster decode steps, slower compile.
-
-  c.data = ml_collections.ConfigDict()
   c.data.eval_fraction = 0.1           # Retrieval pairs held out (heldout_ppl, eval loss).
-  c.data.system_prompt = ""            # Optional system turn for training examples.
 
   c.federated.num_rounds = 6           # R: rounds of every trained arm.
   c.federated.clients_per_round = 2    # C: federated arms; centralized does C x L steps.
-  c.federated.client_lr = 3e-4
-  c.train.max_length = 320
   c.train.local_steps = 2              # L: must be > 0 (compute is matched in steps).
-  c.train.batch_size = 4
-  c.eval.every = 2
   c.checkpoint.keep = 1                # Many runs: keep only the last checkpoint.
   c.train.tensorboard = False          # metrics.jsonl and curves.png are enough here.
 
-  c.evaluate = ml_collections.ConfigDict()
-  c.evaluate.topics = c.corpus.get_ref("topics")  # Wiki questions from these topics.
   c.evaluate.num_wiki_questions = 40   # Per split (known / unseen).
   c.evaluate.num_math_questions = 20   # Arithmetic with exact answers.
-  c.evaluate.math_max_new_tokens = 48  # Decode budget per math answer.
-  c.evaluate.batch_size = 8            # Rows per forward / sampler call.
-  c.evaluate.seed = 0                  # Question sampling seed (same for every arm).
   c.evaluate.unroll_layers = False     # Few decode calls per eval: compile dominates.
 
   if arg == "smoke":
