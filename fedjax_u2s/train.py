@@ -132,8 +132,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_config,
         f"{num_clients} clients exist; lower it to at most {num_clients}.")
 
   lcfg = lora_config_from(config.lora)
-  # Logits in chunks of 128 positions (recomputed in the backward pass): half
-  # the temporary memory of full [B, T, V] logits for ~4% of the speed.
+  # train.logits_chunk_size > 0 computes the loss over chunks of positions,
+  # recomputed in the backward pass: on a GPU (H100) 128 with remat was the
+  # fastest and lightest setting; on a CPU full logits without remat was
+  # (docs/benchmarks.md).
   loss_fn = functools.partial(objectives.causal_lm_loss, model_config=model_config,
                               lora_config=lcfg,
                               logits_chunk_size=config.train.logits_chunk_size)

@@ -94,6 +94,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.evaluate.num_math_questions = 100
     c.evaluate.batch_size = 32
     c.evaluate.unroll_layers = True
+    c.model.remat = True               # On a GPU: remat + chunked logits + all
+    c.train.logits_chunk_size = 128    # clients in one step were fastest and
+    c.federated.clients_per_chunk = 0  # lightest (docs/benchmarks.md).
   elif arg not in (None, ""):
     raise ValueError(f"Unknown config argument {arg!r}; use '', 'smoke' or 'gpu'.")
   c.lock()
