@@ -117,6 +117,9 @@ def u2s_config() -> ml_collections.ConfigDict:
   c.embedder = ml_collections.ConfigDict()
   c.embedder.name = "all-minilm-l6-v2"  # Retrieval and grounding embedder.
 
+  c.generator = ml_collections.ConfigDict()
+  c.generator.name = ""                # U2S generator (name or path); "" = config.model.
+
   c.u2s = generate_lib.default_config()
   c.u2s.batch_size = 8
   c.u2s.max_new_tokens = 160

@@ -64,7 +64,11 @@ def test_a_client_with_no_kept_pairs_is_named(tmp_path, smollm2_path):
   """A random-weight generator writes no parseable pair: a clear stop."""
   del smollm2_path
   model = testing.write_tiny_chat_model(str(tmp_path / "tiny"))
-  config = _config(**{"model.name": model, "corpus.topics": ("medicine",),
+  # The tiny model generates; a second copy of it is the one tuned (the
+  # generator may differ from the tuned model).
+  tuned = testing.write_tiny_chat_model(str(tmp_path / "tuned"), seed=1)
+  config = _config(**{"model.name": tuned, "generator.name": model,
+                      "corpus.topics": ("medicine",),
                       "corpus.num_clients": 0,
                       "corpus.max_docs_per_client": 1,
                       "chunking.max_pieces_per_client": 2,
@@ -77,6 +81,8 @@ def test_a_client_with_no_kept_pairs_is_named(tmp_path, smollm2_path):
   assert stats["totals"]["kept"] == 0
   assert stats["totals"]["rejected"] == corpus["clients"][0]["pieces"] > 0
   assert os.path.exists(os.path.join(workdir, "stages", "generate.json"))
+  rejected = open(os.path.join(workdir, "generated", "client_0000.rejected.jsonl"))
+  assert {json.loads(l)["generator"] for l in rejected} == {model}
 
 
 @pytest.mark.slow

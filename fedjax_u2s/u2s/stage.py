@@ -90,16 +90,22 @@ def run_generation(config: ml_collections.ConfigDict, workdir: str, *, model,
 
   Args:
     config: the experiment config (``corpus``, ``chunking``, ``pool``, ``u2s``,
-      ``seed``).
+      ``generator``, ``seed``).
     workdir: the run directory.
-    model: the generator (``registry.LoadedModel``).
+    model: the model being tuned (``registry.LoadedModel``); it generates too
+      unless ``config.generator.name`` names another model.
     embedder: a :class:`fedjax_u2s.models.bert.Embedder`.
 
   Returns:
     The ``stats.json`` content plus the corpus summary.
   """
   from fedjax_u2s import sampler as sampler_lib
+  from fedjax_u2s.models import registry
 
+  generator_name = config.generator.name or config.model.name
+  if config.generator.name and config.generator.name != config.model.name:
+    model = registry.load(config.generator.name, dtype=config.model.dtype,
+                          param_dtype=config.model.param_dtype)
   per_client, summary = prepare_pieces(config, workdir, model.tokenizer)
   pool = pool_lib.load_pool(config.pool.path or None)
   pool_emb = embedder.embed([d.text for d in pool])
@@ -115,7 +121,7 @@ def run_generation(config: ml_collections.ConfigDict, workdir: str, *, model,
         pieces, client_id=cid, pool=pool, pool_embeddings=pool_emb,
         select_fn=select, embedder=embedder, sampler=smp, params=model.params,
         tokenizer=model.tokenizer, config=config.u2s, out_dir=out_dir,
-        generator_name=config.model.name, seed=config.seed)
+        generator_name=generator_name, seed=config.seed)
     all_stats.append(st)
     name = summary["clients"][cid]["name"]
     print(f"U2S client {cid} ({name}): {st.kept} kept of {st.kept + st.rejected} "
