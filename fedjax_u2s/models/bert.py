@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -52,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_u2s.models import hf_loader
+from fedjax_u2s.models import registry
 from fedjax_u2s.models.config import UnsupportedModelError
 
 PyTree = Any
@@ -412,11 +412,9 @@ def resolve(name_or_path: str | os.PathLike) -> str:
   name_or_path = os.fspath(name_or_path)
   if name_or_path.lower() in NAMED_EMBEDDERS:
     named = NAMED_EMBEDDERS[name_or_path.lower()]
-    spec = importlib.util.find_spec(named.package)
-    for loc in (list(spec.submodule_search_locations or []) if spec else []):
-      path = os.path.join(loc, named.subdir)
-      if os.path.exists(os.path.join(path, WEIGHTS_NAME)):
-        return path
+    weights = registry.package_file(named.package, named.subdir, WEIGHTS_NAME)
+    if weights is not None:
+      return os.path.dirname(weights)
     raise FileNotFoundError(
         f"Embedder {name_or_path!r} needs the package {named.pip_name!r}, "
         f"which carries {named.subdir}/{WEIGHTS_NAME}; install it with "

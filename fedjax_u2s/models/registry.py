@@ -50,6 +50,21 @@ class LoadedModel:
   load_seconds: float
 
 
+def package_file(package: str, *relpath: str) -> str | None:
+  """A file shipped inside an installed package, or None.
+
+  The package is located with :func:`importlib.util.find_spec` and never
+  imported: the packages that carry weights and data pull heavy dependencies
+  (llama.cpp bindings, PyTorch, a voice assistant) that we do not use.
+  """
+  spec = importlib.util.find_spec(package)
+  for loc in (list(spec.submodule_search_locations or []) if spec else []):
+    path = os.path.join(loc, *relpath)
+    if os.path.exists(path):
+      return path
+  return None
+
+
 def resolve(name_or_path: str) -> str:
   """Maps a registered name to its file; returns paths unchanged.
 
@@ -59,12 +74,9 @@ def resolve(name_or_path: str) -> str:
   """
   if name_or_path in NAMED_MODELS:
     named = NAMED_MODELS[name_or_path]
-    spec = importlib.util.find_spec(named.package)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for loc in locations:
-      path = os.path.join(loc, named.filename)
-      if os.path.exists(path):
-        return path
+    path = package_file(named.package, named.filename)
+    if path is not None:
+      return path
     raise FileNotFoundError(
         f"Model {name_or_path!r} needs the package {named.pip_name!r}, which "
         f"carries {named.filename}; install it with "
