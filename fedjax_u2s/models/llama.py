@@ -317,17 +317,17 @@ def forward(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
       v_new.append(v)
     k_new, v_new = jnp.stack(k_new), jnp.stack(v_new)
   else:
-    # Stacked: one scan, so compile time does not grow with depth.
-    at_layer = lambda w, i: jax.lax.dynamic_index_in_dim(w, i, keepdims=False)
-
+    # Stacked: one scan, so compile time does not grow with depth. The
+    # weights are scanned over (xs), not closed over and indexed: autodiff
+    # then forwards each layer's slice to the backward pass instead of
+    # saving a stacked copy of every weight as a residual.
     def body(x, xs):
-      ll, i = xs
-      lp = jax.tree.map(lambda w: at_layer(w, i), layers)
-      kv_old = ((at_layer(cache.k, i), at_layer(cache.v, i)) if attend_cache
-                else (None, None))
+      lp, ll, i, kv_old = xs
       return layer(x, lp, ll, i, *kv_old)
 
-    x, (k_new, v_new) = jax.lax.scan(body, x, (lora, jnp.arange(cfg.num_layers)))
+    kv_old = (cache.k, cache.v) if attend_cache else (None, None)
+    x, (k_new, v_new) = jax.lax.scan(
+        body, x, (layers, lora, jnp.arange(cfg.num_layers), kv_old))
   # k_new, v_new: [L, B, K, T, hd]
   x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
 
