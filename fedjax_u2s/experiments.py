@@ -78,6 +78,7 @@ import ml_collections
 import numpy as np
 
 from fedjax_u2s import pipeline
+from fedjax_u2s.evaluation import stats
 
 FEDERATED_ARMS = {"fedit_u2s": "retrieval", "fedit_random": "random",
                   "fedit_fixed": "fixed"}
@@ -432,15 +433,16 @@ def _run_arms(config, workdir: str, arms: list[str], seeds: list[int]) -> None:
 
   raw: dict[str, Any] = {}
   if "base" in arms and lead:
-    raw["base"] = {"runs": {"-": task_metrics(
-        _evaluate(config, arm_dir(workdir, "base"), model, suites))}}
+    scores = _evaluate(config, arm_dir(workdir, "base"), model, suites)
+    raw["base"] = {"runs": {"-": task_metrics(scores)},
+                   "questions": stats.question_values(scores)}
   compute = {}
   for arm in arms:
     if arm == "base":
       continue
     schedule = arm_schedule(arm, config.federated, config.train, num_clients)
     compute[arm] = schedule
-    runs, clients = {}, {}
+    runs, clients, questions = {}, {}, []
     for seed in seeds:
       print(f"\n== {arm}, seed {seed} ==")
       if arm in FEDERATED_ARMS:
@@ -449,12 +451,14 @@ def _run_arms(config, workdir: str, arms: list[str], seeds: list[int]) -> None:
                                   sets, heldout, seed, schedule)
         if scores is not None:
           runs[str(seed)] = task_metrics(scores)
+          questions.append(stats.question_values(scores))
       elif arm == "centralized":
         pooled = [[e for c in train_sets["retrieval"] for e in c]]
         scores = _train_and_score(config, arm_dir(workdir, arm, seed), model, suites,
                                   pooled, heldout, seed, schedule)
         if scores is not None:
           runs[str(seed)] = task_metrics(scores)
+          questions.append(stats.question_values(scores))
       else:  # local_only
         per_client = []
         for cid, exs in enumerate(train_sets["retrieval"]):
@@ -462,10 +466,12 @@ def _run_arms(config, workdir: str, arms: list[str], seeds: list[int]) -> None:
                                     suites, [exs], heldout, seed, schedule)
           if scores is not None:
             per_client.append(task_metrics(scores))
+            questions.append(stats.question_values(scores))
         if lead:
           clients[str(seed)] = per_client
           runs[str(seed)] = mean_over_clients(per_client)
-    raw[arm] = {"runs": runs, **({"clients": clients} if clients else {})}
+    raw[arm] = {"runs": runs, "questions": stats.mean_question_values(questions),
+                **({"clients": clients} if clients else {})}
 
   if not lead:
     return
@@ -485,11 +491,15 @@ def summarize(raw: Mapping[str, dict], compute: Mapping[str, dict], *, config=No
 
   Args:
     raw: ``{arm: {"runs": {seed: {task: {metric: v}}}, "clients": {seed:
-      [per-client {task: {metric: v}}]}}}`` (``clients`` for local_only only,
-      where each run is already the mean over clients).
+      [per-client {task: {metric: v}}]}, "questions": {task: {"kind",
+      "values"}}}}`` (``clients`` for local_only only, where each run is
+      already the mean over clients; ``questions``: per-question values
+      averaged over the arm's runs, :func:`stats.mean_question_values`).
     compute: ``{arm: arm_schedule(...)}``.
   """
   arms = {}
+  paired = paired_comparisons(
+      {arm: r["questions"] for arm, r in raw.items() if r.get("questions")})
   for arm, r in raw.items():
     entry = {"runs": r["runs"], "summary": aggregate(list(r["runs"].values())),
              "num_runs": len(r["runs"])}
@@ -502,6 +512,8 @@ def summarize(raw: Mapping[str, dict], compute: Mapping[str, dict], *, config=No
       entry["compute"] = dict(compute[arm])
     arms[arm] = entry
   out = {"arms": arms}
+  if paired:
+    out["paired"] = paired
   if config is not None:
     out["setup"] = {
         "model": config.model.name, "seeds": list(config.experiment.seeds),
@@ -512,6 +524,28 @@ def summarize(raw: Mapping[str, dict], compute: Mapping[str, dict], *, config=No
         "train_pairs": {sel: [len(c) for c in sets]
                         for sel, sets in (train_sets or {}).items()},
         "batch_size": config.train.batch_size, "grad_accum": config.train.grad_accum}
+  return out
+
+
+def comparison_pairs(arms: Sequence[str]) -> list[tuple[str, str]]:
+  """Which arms are compared question by question: ``(a, b)`` reads a - b.
+
+  fedit_u2s against every other arm (the claim), then every other trained arm
+  against base (does any tuning help at all).
+  """
+  pairs = [("fedit_u2s", b) for b in arms if b != "fedit_u2s"] if "fedit_u2s" in arms else []
+  if "base" in arms:
+    pairs += [(a, "base") for a in arms if a not in ("base", "fedit_u2s")]
+  return pairs
+
+
+def paired_comparisons(questions: Mapping[str, Mapping[str, dict]]) -> dict:
+  """``{"a - b": {task: stats.paired_bootstrap(a, b)}}`` for :func:`comparison_pairs`."""
+  out = {}
+  for a, b in comparison_pairs(list(questions)):
+    tasks = [t for t in questions[a] if t in questions[b]]
+    out[f"{a} - {b}"] = {t: stats.paired_bootstrap(questions[a][t], questions[b][t])
+                         for t in tasks}
   return out
 
 
@@ -562,13 +596,30 @@ def results_table(results: dict) -> str:
 
 
 def findings(results: dict) -> list[str]:
-  """Plain statements of ``fedit_u2s`` against every other arm, per task.
+  """Plain statements of the compared arms, per task.
 
-  A difference counts as clear only when the two seed ranges [min, max] do
-  not overlap; everything else is reported as within seed noise.
+  With per-question comparisons (``results["paired"]``) a difference is clear
+  only when its 95% paired-bootstrap interval over questions excludes zero
+  (:func:`stats.verdict`). Results written before those existed fall back to
+  fedit_u2s against each arm by seed ranges: clear only when the two
+  [min, max] do not overlap.
   """
   from fedjax_u2s.evaluation import runner
   arms = results["arms"]
+  if results.get("paired"):
+    out = []
+    for pair, by_task in results["paired"].items():
+      a, b = pair.split(" - ")
+      for task in _tasks(results):
+        if task not in by_task:
+          continue
+        head = _headline(results, task)
+        verdict = stats.verdict(by_task[task], head in runner.LOWER_IS_BETTER)
+        verdict = ("not clearly different from" if verdict == "no clear difference"
+                   else verdict + " than")
+        out.append(f"- {task} ({head}): {a} is {verdict} {b}: "
+                   f"{stats.format_interval(by_task[task])}.")
+    return out
   if "fedit_u2s" not in arms:
     return []
   out = []
@@ -596,6 +647,18 @@ def findings(results: dict) -> list[str]:
       out.append(f"- {task} ({head}): fedit_u2s is {verdict} {arm} "
                  f"(mean {diff:+.3f}{note}).")
   return out
+
+
+def paired_table(results: dict) -> str:
+  """Markdown: comparison x task, the paired difference and its interval."""
+  tasks = [t for t in _tasks(results)
+           if any(t in by_task for by_task in results["paired"].values())]
+  lines = ["| a - b | " + " | ".join(f"{t} {_headline(results, t)}" for t in tasks) + " |",
+           "|---|" + "---|" * len(tasks)]
+  for pair, by_task in results["paired"].items():
+    cells = [stats.format_interval(by_task[t]) if t in by_task else "-" for t in tasks]
+    lines.append(f"| {pair} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
 
 
 def plot(results: dict, path: str) -> str | None:
@@ -668,7 +731,16 @@ def write_results(workdir: str, results: dict) -> tuple[str, str, str | None]:
                    f"{_cell({'mean': s['max']})} | {s['n']} |")
     lines.append("")
   found = findings(results)
-  if found:
+  if results.get("paired"):
+    lines += ["## Paired differences on the same questions", "",
+              paired_table(results), "",
+              "Each cell: metric(a) - metric(b) on the questions both arms "
+              "answered, [95% paired-bootstrap interval over questions], "
+              "two-sided bootstrap p, number of questions. Each arm's "
+              "per-question score is first averaged over its seeds (and "
+              "local_only's over clients). A difference is called clear only "
+              "when the interval excludes zero.", "", *found, ""]
+  elif found:
     lines += ["## fedit_u2s against each arm", "",
               "Clear only when the seed ranges [min, max] do not overlap.", "",
               *found, ""]

@@ -291,3 +291,18 @@ def test_generate_all_runs_each_selection_once_on_the_same_pieces(tmp_path, monk
   assert len(calls) == 3 and loads == ["minilm"]  # All done: nothing rerun.
   with pytest.raises(FileNotFoundError, match="generation/nothing/stages"):
     experiments.load_generated(wd, "nothing")
+
+
+def test_paired_differences_cover_every_comparison(run):
+  paired = run["results"]["paired"]
+  expected = ([f"fedit_u2s - {a}" for a in experiments.ARMS if a != "fedit_u2s"]
+              + [f"{a} - base" for a in TRAINED if a != "fedit_u2s"])
+  assert sorted(paired) == sorted(expected)
+  base = _scores(experiments.arm_dir(run["workdir"], "base"))
+  for by_task in paired.values():
+    for task, res in by_task.items():
+      assert res["n"] == base[task]["n"], task  # Every question is paired.
+      assert res["ci_low"] <= res["diff"] <= res["ci_high"] or res["n"] == 0
+  md = open(os.path.join(run["workdir"], "results.md")).read()
+  assert "## Paired differences on the same questions" in md
+  assert "| fedit_u2s - base | " in md

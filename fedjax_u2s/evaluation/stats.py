@@ -1,0 +1,153 @@
+"""Paired comparisons of two models on the same questions.
+
+Two arms scored on the same questions differ by far less than two independent
+samples would suggest: most questions are answered the same way by both. A
+difference is judged here by a paired bootstrap over questions (resample the
+question ids, recompute the headline metric of each arm on the resample, take
+the difference), so its confidence interval carries the question-sampling
+noise that a spread over a handful of training seeds cannot show.
+
+Each arm's per-question value is first averaged over its runs (training seeds,
+and for local-only tuning also over clients), so seed noise is averaged in,
+not resampled: with two or three seeds there is nothing to resample.
+
+Per-question values by task kind (the headline metric of
+:mod:`fedjax_u2s.evaluation.runner`):
+
+* ``multiple_choice``: ``correct_norm`` (acc_norm), 0 or 1;
+* ``generation``: ``correct`` (accuracy), 0 or 1;
+* ``perplexity``: ``(nll, num_tokens)``; the metric of a resample is the
+  token-weighted ``exp(sum nll / sum tokens)``, as for the whole task.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+# Record field holding each kind's headline per question.
+_FIELD = {"multiple_choice": "correct_norm", "generation": "correct"}
+
+
+def question_values(scores: Mapping[str, dict]) -> dict[str, dict]:
+  """``{task: {"kind", "values": {question id: value}}}`` of one scored run.
+
+  ``value`` is a float for accuracy-like kinds and ``[nll, num_tokens]`` for
+  perplexity. Tasks without per-question ``records`` are skipped.
+  """
+  out = {}
+  for task, res in scores.items():
+    records = res.get("records")
+    if not records:
+      continue
+    kind = res["kind"]
+    if kind == "perplexity":
+      values = {str(r["id"]): [float(r["nll"]), float(r["num_tokens"])] for r in records}
+    elif kind in _FIELD:
+      values = {str(r["id"]): float(bool(r[_FIELD[kind]])) for r in records}
+    else:
+      raise ValueError(f"Task {task!r}: unknown kind {kind!r}.")
+    out[task] = {"kind": kind, "values": values}
+  return out
+
+
+def mean_question_values(runs: Sequence[Mapping[str, dict]]) -> dict[str, dict]:
+  """Per task and question, the mean of :func:`question_values` over runs.
+
+  Only questions present in every run are kept (runs of one arm are scored on
+  the same suites, so normally all of them).
+  """
+  out: dict[str, dict] = {}
+  if not runs:
+    return out
+  tasks = set(runs[0])
+  for run in runs[1:]:
+    tasks &= set(run)
+  for task in sorted(tasks):
+    kind = runs[0][task]["kind"]
+    ids = set(runs[0][task]["values"])
+    for run in runs[1:]:
+      ids &= set(run[task]["values"])
+    values = {}
+    for qid in sorted(ids):
+      vals = [run[task]["values"][qid] for run in runs]
+      values[qid] = (np.mean(np.asarray(vals, np.float64), axis=0).tolist()
+                     if kind == "perplexity" else float(np.mean(vals)))
+    out[task] = {"kind": kind, "values": values}
+  return out
+
+
+def _metric(kind: str, values: np.ndarray, idx: np.ndarray) -> np.ndarray:
+  """The headline metric of each resample; ``idx`` is [B, n] question indices."""
+  if kind == "perplexity":
+    nll = values[:, 0][idx].sum(axis=-1)
+    tokens = values[:, 1][idx].sum(axis=-1)
+    return np.exp(nll / np.maximum(tokens, 1.0))
+  return values[idx].mean(axis=-1)
+
+
+def paired_bootstrap(a: Mapping[str, dict], b: Mapping[str, dict], *,
+                     num_samples: int = 10_000, seed: int = 0,
+                     level: float = 0.95) -> dict:
+  """Metric of ``a`` minus metric of ``b`` on their shared questions.
+
+  Args:
+    a, b: one task's ``{"kind", "values"}`` (from :func:`question_values` or
+      :func:`mean_question_values`).
+    num_samples: bootstrap resamples.
+    seed: resampling seed (the result is deterministic given it).
+    level: confidence level of the percentile interval.
+
+  Returns:
+    ``{"n", "diff", "ci_low", "ci_high", "p_value", "level"}``: ``diff`` on
+    all shared questions; ``p_value`` is the two-sided bootstrap estimate
+    ``2 * min(P(d <= 0), P(d >= 0))`` (capped at 1). ``n`` = 0 (and the rest
+    None) when no question is shared.
+  """
+  if a["kind"] != b["kind"]:
+    raise ValueError(f"Cannot pair a {a['kind']} task with a {b['kind']} task.")
+  kind = a["kind"]
+  ids = sorted(set(a["values"]) & set(b["values"]))
+  n = len(ids)
+  if not n:
+    return {"n": 0, "diff": None, "ci_low": None, "ci_high": None,
+            "p_value": None, "level": level}
+  va = np.asarray([a["values"][i] for i in ids], np.float64)
+  vb = np.asarray([b["values"][i] for i in ids], np.float64)
+  full = np.arange(n)[None]
+  diff = float(_metric(kind, va, full)[0] - _metric(kind, vb, full)[0])
+  rng = np.random.default_rng(seed)
+  d = np.empty(num_samples)
+  for start in range(0, num_samples, 1000):  # Bounded memory for large n.
+    idx = rng.integers(0, n, size=(min(1000, num_samples - start), n))
+    d[start:start + len(idx)] = _metric(kind, va, idx) - _metric(kind, vb, idx)
+  lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
+  p = min(1.0, 2.0 * min(float(np.mean(d <= 0)), float(np.mean(d >= 0))))
+  return {"n": n, "diff": diff, "ci_low": float(lo), "ci_high": float(hi),
+          "p_value": p, "level": level, "num_samples": num_samples}
+
+
+def verdict(result: Mapping, lower_is_better: bool) -> str:
+  """``"better"``, ``"worse"`` or ``"no clear difference"`` for ``a`` vs ``b``.
+
+  Clear only when the interval excludes zero.
+  """
+  if not result.get("n") or result["ci_low"] is None:
+    return "no clear difference"
+  lo, hi = result["ci_low"], result["ci_high"]
+  if lo > 0 or hi < 0:
+    a_higher = lo > 0
+    return "better" if a_higher != lower_is_better else "worse"
+  return "no clear difference"
+
+
+def format_interval(result: Mapping, digits: int = 3) -> str:
+  """``"+0.050 [−0.010, +0.110], p=0.12, n=80"`` (or ``"-"``)."""
+  if not result.get("n") or result["diff"] is None:
+    return "-"
+  p = result["p_value"]
+  floor = 2.0 / result.get("num_samples", 10_000)  # Resolution of the estimate.
+  p_txt = f"p<{floor:.0e}" if p < floor else f"p={p:.2g}"
+  return (f"{result['diff']:+.{digits}f} [{result['ci_low']:+.{digits}f}, "
+          f"{result['ci_high']:+.{digits}f}], {p_txt}, n={result['n']}")
