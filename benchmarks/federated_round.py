@@ -51,6 +51,9 @@ from absl import app
 from absl import flags
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from smollm2_shapes import SMOLLM2_135M  # noqa: E402  (benchmarks/ is not a package)
+
 _MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "Model name or GGUF path.")
 _CLIENTS = flags.DEFINE_integer("clients", 8, "Clients in the round.")
 _STEPS = flags.DEFINE_integer("local_steps", 4, "Local steps per client.")
@@ -81,13 +84,6 @@ _VARIANT = flags.DEFINE_string("variant", "", "Internal: the variant to run.")
 
 LORA = dict(rank=16, alpha=32.0, targets=("q", "k", "v", "o"))
 LR = 2e-4
-# SmolLM2-135M-Instruct's config.json (the fields the decoder reads).
-SMOLLM2_135M = dict(
-    model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=49152,
-    hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-    num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
-    rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True,
-    hidden_act="silu", bos_token_id=1, eos_token_id=2, pad_token_id=2)
 
 
 def parse_variant(v: str) -> dict:
