@@ -615,6 +615,10 @@ def findings(results: dict) -> list[str]:
           continue
         head = _headline(results, task)
         verdict = stats.verdict(by_task[task], head in runner.LOWER_IS_BETTER)
+        if verdict == "too few questions":
+          out.append(f"- {task} ({head}): {a} against {b}: too few questions to "
+                     f"judge (n={by_task[task]['n']} < {stats.MIN_QUESTIONS}).")
+          continue
         verdict = ("not clearly different from" if verdict == "no clear difference"
                    else verdict + " than")
         out.append(f"- {task} ({head}): {a} is {verdict} {b}: "
@@ -739,7 +743,8 @@ def write_results(workdir: str, results: dict) -> tuple[str, str, str | None]:
               "two-sided bootstrap p, number of questions. Each arm's "
               "per-question score is first averaged over its seeds (and "
               "local_only's over clients). A difference is called clear only "
-              "when the interval excludes zero.", "", *found, ""]
+              "when the interval excludes zero, and none is judged on fewer "
+              f"than {stats.MIN_QUESTIONS} questions.", "", *found, ""]
   elif found:
     lines += ["## fedit_u2s against each arm", "",
               "Clear only when the seed ranges [min, max] do not overlap.", "",

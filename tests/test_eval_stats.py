@@ -45,9 +45,9 @@ def test_mean_question_values_averages_runs_on_shared_questions():
 
 
 def test_identical_arms_differ_by_nothing():
-  a = _acc([1, 0, 1, 1, 0])
+  a = _acc([1, 0, 1, 1, 0] * 3)
   r = stats.paired_bootstrap(a, a, num_samples=500)
-  assert (r["n"], r["diff"], r["ci_low"], r["ci_high"], r["p_value"]) == (5, 0.0, 0.0, 0.0, 1.0)
+  assert (r["n"], r["diff"], r["ci_low"], r["ci_high"], r["p_value"]) == (15, 0.0, 0.0, 0.0, 1.0)
   assert stats.verdict(r, lower_is_better=False) == "no clear difference"
 
 
@@ -90,6 +90,12 @@ def test_perplexity_is_token_weighted_by_hand():
   r = stats.paired_bootstrap(a, b, num_samples=200)
   assert r["diff"] == pytest.approx(math.exp(3.0) - math.exp(1.0))
   assert r["ci_low"] > 0
+  # Two pairs: the interval excludes zero, but no verdict on so few.
+  assert stats.verdict(r, lower_is_better=True) == "too few questions"
+  many_a = {"kind": "perplexity", "values": {f"q{i}": [2.0 + i % 3, 1.0] for i in range(12)}}
+  many_b = {"kind": "perplexity", "values": {f"q{i}": [1.0, 1.0] for i in range(12)}}
+  r = stats.paired_bootstrap(many_a, many_b, num_samples=200)
+  assert r["diff"] == pytest.approx(math.exp(3.0) - math.exp(1.0))  # Mean nll 3 vs 1.
   assert stats.verdict(r, lower_is_better=True) == "worse"
 
 
@@ -100,7 +106,7 @@ def test_deterministic_and_bad_inputs():
     stats.paired_bootstrap(a, {"kind": "perplexity", "values": {}})
   empty = stats.paired_bootstrap(a, {"kind": "multiple_choice", "values": {"z": 1.0}})
   assert empty["n"] == 0 and stats.format_interval(empty) == "-"
-  assert stats.verdict(empty, lower_is_better=False) == "no clear difference"
+  assert stats.verdict(empty, lower_is_better=False) == "too few questions"
 
 
 def test_experiment_summary_reports_paired_differences():

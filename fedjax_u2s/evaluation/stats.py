@@ -26,6 +26,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+# Fewer shared questions than this get no verdict: a bootstrap over a handful
+# of questions (e.g. 2 held-out pairs) gives intervals that look tight and
+# mean nothing.
+MIN_QUESTIONS = 10
+
 # Record field holding each kind's headline per question.
 _FIELD = {"multiple_choice": "correct_norm", "generation": "correct"}
 
@@ -129,12 +134,13 @@ def paired_bootstrap(a: Mapping[str, dict], b: Mapping[str, dict], *,
 
 
 def verdict(result: Mapping, lower_is_better: bool) -> str:
-  """``"better"``, ``"worse"`` or ``"no clear difference"`` for ``a`` vs ``b``.
+  """``"better"``, ``"worse"``, ``"no clear difference"`` or ``"too few questions"``.
 
-  Clear only when the interval excludes zero.
+  Clear only when the interval excludes zero, and judged at all only on at
+  least :data:`MIN_QUESTIONS` shared questions.
   """
-  if not result.get("n") or result["ci_low"] is None:
-    return "no clear difference"
+  if (result.get("n") or 0) < MIN_QUESTIONS or result["ci_low"] is None:
+    return "too few questions"
   lo, hi = result["ci_low"], result["ci_high"]
   if lo > 0 or hi < 0:
     a_higher = lo > 0
