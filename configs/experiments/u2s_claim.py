@@ -14,9 +14,9 @@ federated total of steps) and the selection ablation ``fedit_random`` /
 ``results.json``, ``results.md`` and ``results.png``. Rerunning the same
 command resumes: finished generations, arms and evaluations are skipped.
 
-Cost of the default (CPU-sized) config on a 2-core CPU, SmolLM2-135M
-(estimated from ~5-10 s per LoRA step at batch 4 x 320 tokens and ~0.1 s per
-batch-16 decode step; not measured end to end): 3 clients x <=10 pieces per
+Cost of the default (CPU-sized) config on a 2-core CPU, SmolLM2-135M: measured
+end to end at 1 h 21 min on 2026-11-23 (results in docs/RESULTS.md). The
+estimate it was sized by: 3 clients x <=10 pieces per
 demonstration selection, 3 selections (~90 pieces at ~2 s each plus sampler
 compiles: ~5-10 min); per seed 24 client steps for each of the three
 federated arms and for centralized, 3 x 12 for local-only, i.e. 132 steps per
