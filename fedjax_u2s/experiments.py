@@ -540,12 +540,17 @@ def comparison_pairs(arms: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def paired_comparisons(questions: Mapping[str, Mapping[str, dict]]) -> dict:
-  """``{"a - b": {task: stats.paired_bootstrap(a, b)}}`` for :func:`comparison_pairs`."""
+  """``{"a - b": {task: stats.paired_bootstrap(a, b)}}`` for :func:`comparison_pairs`.
+
+  All judged comparisons form one family for the Holm adjustment
+  (:func:`stats.adjust_family`).
+  """
   out = {}
   for a, b in comparison_pairs(list(questions)):
     tasks = [t for t in questions[a] if t in questions[b]]
     out[f"{a} - {b}"] = {t: stats.paired_bootstrap(questions[a][t], questions[b][t])
                          for t in tasks}
+  stats.adjust_family([r for by_task in out.values() for r in by_task.values()])
   return out
 
 
@@ -740,10 +745,12 @@ def write_results(workdir: str, results: dict) -> tuple[str, str, str | None]:
               paired_table(results), "",
               "Each cell: metric(a) - metric(b) on the questions both arms "
               "answered, [95% paired-bootstrap interval over questions], "
-              "two-sided bootstrap p, number of questions. Each arm's "
+              "two-sided bootstrap p, Holm-adjusted p over every judged "
+              "comparison of this table, number of questions. Each arm's "
               "per-question score is first averaged over its seeds (and "
               "local_only's over clients). A difference is called clear only "
-              "when the interval excludes zero, and none is judged on fewer "
+              "when the interval excludes zero and the Holm-adjusted p is "
+              "below 0.05, and none is judged on fewer "
               f"than {stats.MIN_QUESTIONS} questions.", "", *found, ""]
   elif found:
     lines += ["## fedit_u2s against each arm", "",

@@ -128,3 +128,27 @@ def test_experiment_summary_reports_paired_differences():
   assert found[2].startswith("- t (acc_norm): local_only is not clearly different from base")
   table = experiments.paired_table(results)
   assert "| fedit_u2s - local_only | +0.225 [" in table
+
+
+def test_holm_by_hand():
+  # Sorted 0.01, 0.03, 0.04 -> x3, x2, x1 = 0.03, 0.06, 0.04 -> monotone 0.03, 0.06, 0.06.
+  assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+  assert stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+  assert stats.holm([]) == []
+
+
+def test_family_adjustment_can_withdraw_a_verdict():
+  a = [1] * 50 + [0] * 50
+  b = list(a)
+  for i in range(5):  # a wins 5 questions outright: clear on its own.
+    b[i] = 0
+  one = stats.paired_bootstrap(_acc(a), _acc(b), num_samples=2000)
+  assert stats.verdict(one, lower_is_better=False) == "better"
+  # The same comparison among 40 others with no signal: not clear any more.
+  family = [dict(one)] + [stats.paired_bootstrap(_acc(a), _acc(a)) for _ in range(40)]
+  few = dict(stats.paired_bootstrap(_acc([1, 0]), _acc([0, 0])))
+  stats.adjust_family(family + [few])
+  assert family[0]["family"] == 41 and "p_holm" not in few  # n=2 is not judged.
+  assert family[0]["p_holm"] == pytest.approx(min(1.0, 41 * one["p_value"]))
+  assert stats.verdict(family[0], lower_is_better=False) == "no clear difference"
+  assert ", Holm p=" in stats.format_interval(family[0])

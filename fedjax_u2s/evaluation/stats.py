@@ -133,14 +133,47 @@ def paired_bootstrap(a: Mapping[str, dict], b: Mapping[str, dict], *,
           "p_value": p, "level": level, "num_samples": num_samples}
 
 
+def holm(p_values: Sequence[float]) -> list[float]:
+  """Holm-Bonferroni adjusted p-values, in the order given.
+
+  The i-th smallest of m p-values is multiplied by m - i (0-based i), the
+  results are made non-decreasing in that order and capped at 1; rejecting
+  where the adjusted p < alpha controls the family-wise error rate at alpha.
+  """
+  m = len(p_values)
+  order = sorted(range(m), key=lambda i: p_values[i])
+  adjusted, running = [0.0] * m, 0.0
+  for rank, i in enumerate(order):
+    running = max(running, min(1.0, (m - rank) * p_values[i]))
+    adjusted[i] = running
+  return adjusted
+
+
+def adjust_family(results: Sequence[dict]) -> None:
+  """Adds ``p_holm`` and ``family`` to each judged result (n >= MIN_QUESTIONS).
+
+  The family is every comparison of one report: judging 27 differences at 5%
+  each would call about one of them clear by chance alone.
+  """
+  judged = [r for r in results
+            if (r.get("n") or 0) >= MIN_QUESTIONS and r.get("p_value") is not None]
+  for r, p in zip(judged, holm([r["p_value"] for r in judged])):
+    r["p_holm"] = p
+    r["family"] = len(judged)
+
+
 def verdict(result: Mapping, lower_is_better: bool) -> str:
   """``"better"``, ``"worse"``, ``"no clear difference"`` or ``"too few questions"``.
 
-  Clear only when the interval excludes zero, and judged at all only on at
-  least :data:`MIN_QUESTIONS` shared questions.
+  Clear only when the interval excludes zero and, where the result carries a
+  family-wise adjusted p (:func:`adjust_family`), that p is below
+  ``1 - level`` too; judged at all only on at least :data:`MIN_QUESTIONS`
+  shared questions.
   """
   if (result.get("n") or 0) < MIN_QUESTIONS or result["ci_low"] is None:
     return "too few questions"
+  if result.get("p_holm") is not None and result["p_holm"] >= 1 - result["level"]:
+    return "no clear difference"
   lo, hi = result["ci_low"], result["ci_high"]
   if lo > 0 or hi < 0:
     a_higher = lo > 0
@@ -155,5 +188,7 @@ def format_interval(result: Mapping, digits: int = 3) -> str:
   p = result["p_value"]
   floor = 2.0 / result.get("num_samples", 10_000)  # Resolution of the estimate.
   p_txt = f"p<{floor:.0e}" if p < floor else f"p={p:.2g}"
+  holm_txt = (f", Holm p={result['p_holm']:.2g}"
+              if result.get("p_holm") is not None else "")
   return (f"{result['diff']:+.{digits}f} [{result['ci_low']:+.{digits}f}, "
-          f"{result['ci_high']:+.{digits}f}], {p_txt}, n={result['n']}")
+          f"{result['ci_high']:+.{digits}f}], {p_txt}{holm_txt}, n={result['n']}")
