@@ -443,23 +443,19 @@ def _run_arms(config, workdir: str, arms: list[str], seeds: list[int]) -> None:
     schedule = arm_schedule(arm, config.federated, config.train, num_clients)
     compute[arm] = schedule
     runs, clients, questions = {}, {}, []
+    if arm in FEDERATED_ARMS:
+      sets = train_sets[FEDERATED_ARMS[arm]]
+    elif arm == "centralized":  # Every retrieval pair pooled as one client.
+      sets = [[e for c in train_sets["retrieval"] for e in c]]
     for seed in seeds:
       print(f"\n== {arm}, seed {seed} ==")
-      if arm in FEDERATED_ARMS:
-        sets = train_sets[FEDERATED_ARMS[arm]]
+      if arm != "local_only":
         scores = _train_and_score(config, arm_dir(workdir, arm, seed), model, suites,
                                   sets, heldout, seed, schedule)
         if scores is not None:
           runs[str(seed)] = task_metrics(scores)
           questions.append(stats.question_values(scores))
-      elif arm == "centralized":
-        pooled = [[e for c in train_sets["retrieval"] for e in c]]
-        scores = _train_and_score(config, arm_dir(workdir, arm, seed), model, suites,
-                                  pooled, heldout, seed, schedule)
-        if scores is not None:
-          runs[str(seed)] = task_metrics(scores)
-          questions.append(stats.question_values(scores))
-      else:  # local_only
+      else:  # local_only: each client alone.
         per_client = []
         for cid, exs in enumerate(train_sets["retrieval"]):
           scores = _train_and_score(config, arm_dir(workdir, arm, seed, cid), model,
@@ -605,9 +601,9 @@ def findings(results: dict) -> list[str]:
 
   With per-question comparisons (``results["paired"]``) a difference is clear
   only when its 95% paired-bootstrap interval over questions excludes zero
-  (:func:`stats.verdict`). Results written before those existed fall back to
-  fedit_u2s against each arm by seed ranges: clear only when the two
-  [min, max] do not overlap.
+  (:func:`stats.verdict`). Without them (:func:`summarize` given no
+  per-question ``questions``) it falls back to fedit_u2s against each arm by
+  seed ranges: clear only when the two [min, max] do not overlap.
   """
   from fedjax_u2s.evaluation import runner
   arms = results["arms"]
