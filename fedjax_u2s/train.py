@@ -194,7 +194,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_config,
   # never includes compilation (reported apart as compile_s).
   executables = {}
 
-  def compiled_round(batches):
+  def compiled_round(server, batches):
     key = tuple((x.shape, x.dtype) for x in jax.tree.leaves(batches))
     compile_s = 0.0
     if key not in executables:
@@ -220,7 +220,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_config,
           max_local_steps=tcfg.max_local_steps or None, seed=config.seed)
       host_batches = parallel.pad_clients(host_batches, multiple)
       batches = jax.tree.map(lambda x: _global_array(x, by_client), host_batches)
-      step, compile_s = compiled_round(batches)
+      step, compile_s = compiled_round(server, batches)
       t1 = time.perf_counter()
       server, m = step(server, base, batches)
       loss = float(m["loss"])  # Syncs: the round is done.

@@ -23,7 +23,6 @@ import functools
 import importlib
 import importlib.util
 import json
-import os
 import random
 import re
 import sys
