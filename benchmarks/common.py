@@ -1,8 +1,39 @@
-"""SmolLM2-135M-Instruct's HF config: the exact shapes for random-weight benchmarks."""
+"""What the benchmarks share: SmolLM2-135M's shapes, timing, the peak-dot reference."""
 
+from __future__ import annotations
+
+import statistics
+import time
+
+# SmolLM2-135M-Instruct's config.json (the fields the decoder reads): the exact
+# shapes for random-weight runs.
 SMOLLM2_135M = dict(
     model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=49152,
     hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
     num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
     rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True,
     hidden_act="silu", bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def median_time(fn, repeats: int) -> tuple[float, list[float]]:
+  """One untimed warm-up call of ``fn``, then the median of ``repeats`` timed calls."""
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), times
+
+
+def peak_flops(n: int, dtype) -> float:
+  """FLOP/s of an n x n x n ``jnp.dot``: the MFU denominator of every benchmark."""
+  import jax
+  import jax.numpy as jnp
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
+  dot = jax.jit(jnp.dot)
+  reps = 5 if jax.default_backend() == "cpu" else 50
+  seconds, _ = median_time(lambda: jax.block_until_ready(dot(a, b)), reps)
+  return 2.0 * n ** 3 / seconds

@@ -52,7 +52,7 @@ from absl import flags
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from smollm2_shapes import SMOLLM2_135M  # noqa: E402  (benchmarks/ is not a package)
+from common import SMOLLM2_135M, peak_flops  # noqa: E402  (benchmarks/ is not a package)
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "Model name or GGUF path.")
 _CLIENTS = flags.DEFINE_integer("clients", 8, "Clients in the round.")
@@ -93,28 +93,6 @@ def parse_variant(v: str) -> dict:
     raise ValueError(f"--variants entry {v!r}: expected "
                      "clients_per_chunk:remat:logits_chunk_size, e.g. 8:1:128.") from None
   return dict(clients_per_chunk=cpc, remat=bool(remat), logits_chunk_size=chunk)
-
-
-def _median_time(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
-def peak_flops(n: int, dtype) -> float:
-  """FLOP/s of an n x n x n ``jnp.dot`` (median of repeats, after a warm-up)."""
-  import jax
-  import jax.numpy as jnp
-  ka, kb = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
-  b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
-  dot = jax.jit(jnp.dot)
-  jax.block_until_ready(dot(a, b))
-  reps = 5 if jax.default_backend() == "cpu" else 50
-  return 2.0 * n ** 3 / _median_time(lambda: jax.block_until_ready(dot(a, b)), reps)
 
 
 def run_ours(workdir: str, variant: dict) -> dict:

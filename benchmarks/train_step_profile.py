@@ -30,7 +30,6 @@ import gzip
 import json
 import os
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from smollm2_shapes import SMOLLM2_135M  # noqa: E402  (benchmarks/ is not a package)
+from common import SMOLLM2_135M, median_time, peak_flops  # noqa: E402  (benchmarks/ is not a package)
 
 _SIDE = flags.DEFINE_enum("side", "ours", ["ours", "peer", "matmul"], "What to time.")
 _REPS = flags.DEFINE_integer("reps", 5, "Timed steps (median reported).")
@@ -56,16 +55,6 @@ _TOP = flags.DEFINE_integer("top", 20, "Ops listed with --trace.")
 # (M, K, N) of the step's dense products: projections of 1024 tokens and the tied head.
 MATMUL_SHAPES = ((1024, 576, 1536), (1024, 1536, 576), (1024, 576, 576),
                  (1024, 576, 192), (1020, 576, 49152), (2048, 2048, 2048))
-
-
-def median_time(fn, reps: int) -> tuple[float, list[float]]:
-  fn()  # Warm-up (and compile).
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), times
 
 
 def categorize(name: str) -> str | None:
@@ -143,10 +132,7 @@ def run_ours() -> dict:
              xla_temp_mb=compiled.memory_analysis().temp_size_in_bytes / 2**20,
              xla_flags=os.environ.get("XLA_FLAGS", ""))
   if _PEAK.value:
-    a = jnp.ones((2048, 2048), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    dot_s, _ = median_time(lambda: jax.block_until_ready(dot(a, a)), _REPS.value)
-    out["peak_gflops"] = 2 * 2048 ** 3 / dot_s / 1e9
+    out["peak_gflops"] = peak_flops(2048, jnp.float32) / 1e9
     out["mfu"] = 4 * config.num_params * b * t / seconds / (out["peak_gflops"] * 1e9)
   if _TRACE.value:
     with tempfile.TemporaryDirectory() as d:
