@@ -217,14 +217,16 @@ class SamplingState:
 
 @functools.partial(
     jax.jit, static_argnames=("config", "strategy", "max_new_tokens", "eos_ids",
-                              "pad_id", "lora_config", "unroll_layers"))
+                              "pad_id", "lora_config", "unroll_layers",
+                              "cpu_sgemm"))
 def sample_tokens(params: PyTree, prompt_tokens: jax.Array, prompt_mask: jax.Array,
                   row_rngs: jax.Array, stop_tables: jax.Array,
                   stop_lengths: jax.Array, lora: PyTree | None = None, *,
                   config: ModelConfig, strategy: Strategy, max_new_tokens: int,
                   eos_ids: tuple[int, ...], pad_id: int,
                   lora_config: lora_lib.LoraConfig | None = None,
-                  unroll_layers: bool = True) -> SamplingState:
+                  unroll_layers: bool = True,
+                  cpu_sgemm: bool = True) -> SamplingState:
   """Generates up to ``max_new_tokens`` for a left-padded batch of prompts.
 
   Args:
@@ -237,15 +239,19 @@ def sample_tokens(params: PyTree, prompt_tokens: jax.Array, prompt_mask: jax.Arr
     stop_lengths: [N] byte length of each stop string (its "matched" state).
     lora: optional adapter applied during decoding.
     config, strategy, max_new_tokens, eos_ids, pad_id, lora_config: static.
-    unroll_layers: decode over unstacked, unrolled layers (static). Faster
-      steps (inside a loop XLA:CPU copies each layer's slice of stacked
-      weights before its matmuls), slower compile (~9 s vs ~1 s for SmolLM2
-      on 2 CPU cores): worth it when one shape is sampled many times.
+    unroll_layers: decode over unstacked, unrolled layers (static). Slower
+      compile (~9 s vs ~1.5 s for SmolLM2 on 2 CPU cores); on that CPU its
+      steps are 1.46x faster at batch 1, as fast at batches 4 and 8, and
+      0.69x as fast at batch 16 (each layer's cache slice is copied per
+      step; docs/benchmarks.md): worth it for small batches sampled often.
+    cpu_sgemm: run the float32 projections through MKL's sgemm on the CPU
+      (``ModelConfig.cpu_sgemm``; static): 1.3x faster decoding at batch 1.
 
   Returns:
     The final :class:`SamplingState`.
   """
   b, p = prompt_tokens.shape
+  config = config.replace(cpu_sgemm=cpu_sgemm)
   if unroll_layers:
     # Unstacked once per call, outside the loop (see llama.unstack_layers).
     params = llama.unstack_layers(params)

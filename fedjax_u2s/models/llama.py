@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_u2s import lora as lora_lib
+from fedjax_u2s.kernels import cpu_gemm
 from fedjax_u2s.models.config import ModelConfig
 
 PyTree = Any
@@ -275,7 +276,7 @@ def forward(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
 
     def proj(name, h, j):
       p = lp[name]
-      y = jnp.einsum("btd,df->btf", h, p["w"].astype(dt))
+      y = cpu_gemm.matmul(h, p["w"].astype(dt), sgemm=cfg.cpu_sgemm)
       if "b" in p:
         y = y + p["b"].astype(dt)
       if ll is not None and name in ll:
@@ -350,7 +351,8 @@ def logits_from_hidden(params: PyTree, x: jax.Array, *, config: ModelConfig) -> 
   """[..., D] final hidden states -> [..., V] float32 logits."""
   dt = config.compute_dtype
   if config.tie_word_embeddings:
-    return jnp.einsum("...d,vd->...v", x.astype(dt), params["embed"].astype(dt),
-                      preferred_element_type=jnp.float32)
-  return jnp.einsum("...d,dv->...v", x.astype(dt), params["lm_head"].astype(dt),
-                    preferred_element_type=jnp.float32)
+    w, transpose_w = params["embed"], True
+  else:
+    w, transpose_w = params["lm_head"], False
+  return cpu_gemm.matmul(x.astype(dt), w.astype(dt), transpose_w=transpose_w,
+                         sgemm=config.cpu_sgemm).astype(jnp.float32)

@@ -1,0 +1,1 @@
+"""Compute kernels that XLA's own lowering does not provide fast enough."""

@@ -1,0 +1,227 @@
+"""float32 matmuls on XLA:CPU through MKL's sgemm (an XLA FFI custom call).
+
+On the skinny products of decoding ([B, D] x [D, F] with B of 1 to 16) XLA:CPU's
+dot kernels reach well under half of what MKL's sgemm does on the same core
+(60 vs 138 GFLOP/s at [16, 576] x [576, 1536] on the 2-core dev machine). With
+this kernel the sampler decodes SmolLM2-135M at batch 1 ~1.3x faster
+(docs/benchmarks.md, "The sgemm kernel"). In LoRA training it is no faster
+(M = B*T is large; XLA's dots fuse their neighbours, the custom call cannot)
+and XLA needs +18% temp memory, so :class:`ModelConfig.cpu_sgemm` is off there
+and the sampler turns it on.
+
+:func:`matmul` routes a product through ``cpu_gemm.cc`` when all of these
+hold, and through ``jnp.einsum`` otherwise:
+
+* the caller asks for it (``sgemm=True``);
+* the computation is lowered for the CPU (``lax.platform_dependent``: the same
+  jitted function compiled for a GPU or TPU never sees the custom call);
+* both operands are float32;
+* the kernel is available: a C++ compiler built ``cpu_gemm.cc`` against the
+  FFI headers that ship with jaxlib (once, cached under
+  ``$FEDJAX_U2S_CACHE`` or ``~/.cache/fedjax_u2s``), and a CBLAS library was
+  found: ``$FEDJAX_U2S_CBLAS`` if set, else ``libmkl_rt`` from the ``mkl``
+  wheel (a dependency on x86-64 Linux);
+* ``$FEDJAX_U2S_CPU_GEMM`` is not ``0`` (the switch for A/B runs).
+
+The sgemms are single-threaded (MKL's sequential layer); the kernel splits
+each product into blocks run on XLA's own intra-op threads, so no second
+thread pool competes for the cores (MKL's OpenMP threads beside XLA's made
+the training step 10% slower). The custom call is differentiable (a
+``custom_vjp`` whose backward is two more sgemms with a transposed operand,
+so no transpose is materialised) and batches under ``jax.vmap`` without
+copying a shared operand: an unbatched weight arrives as a size-1 batch dim,
+and the kernel folds the batch into M.
+
+Numerics: sgemm sums in a different order than XLA's dot, so results differ
+in the last bits (~1e-6 relative); MKL's conditional-reproducibility mode
+makes them identical run to run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import logging
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import jaxlib.version
+import numpy as np
+
+_TARGET = "fedjax_u2s_cpu_gemm"
+_SOURCE = pathlib.Path(__file__).with_name("cpu_gemm.cc")
+_MKL_CBWR_AUTO = 2  # mkl.h: MKL_CBWR_AUTO
+_MKL_THREADING_SEQUENTIAL = 1  # mkl.h: MKL_THREADING_SEQUENTIAL
+
+
+class _Kernel:
+  """The loaded CBLAS library and FFI target, or why there is none."""
+
+  def __init__(self, cblas: ctypes.CDLL | None = None, reason: str = ""):
+    self.cblas = cblas
+    self.reason = reason
+
+  @property
+  def ok(self) -> bool:
+    return self.cblas is not None
+
+
+def _cache_dir() -> pathlib.Path:
+  root = os.environ.get("FEDJAX_U2S_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "fedjax_u2s")
+  return pathlib.Path(root) / "kernels"
+
+
+def _find_cblas() -> str | None:
+  """Path of the CBLAS library: $FEDJAX_U2S_CBLAS, else the mkl wheel's."""
+  if os.environ.get("FEDJAX_U2S_CBLAS"):
+    return os.environ["FEDJAX_U2S_CBLAS"]
+  try:
+    files = importlib.metadata.distribution("mkl").files or ()
+  except importlib.metadata.PackageNotFoundError:
+    return None
+  for f in files:
+    if f.name.startswith("libmkl_rt.so"):
+      return str(f.locate())
+  return None
+
+
+def _build(cxx: str) -> pathlib.Path:
+  """Compiles cpu_gemm.cc once per (source, jaxlib, compiler); returns the .so."""
+  include = jax.ffi.include_dir()
+  src = _SOURCE.read_bytes()
+  key = hashlib.sha256(src + jaxlib.version.__version__.encode() + include.encode()
+                       + cxx.encode()).hexdigest()[:16]
+  out = _cache_dir() / f"cpu_gemm-{key}.so"
+  if out.exists():
+    return out
+  out.parent.mkdir(parents=True, exist_ok=True)
+  # Build beside the target and rename: concurrent processes never load a
+  # half-written library.
+  with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+    tmp_out = pathlib.Path(tmp) / out.name
+    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-isystem", include,
+           str(_SOURCE), "-o", str(tmp_out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+      raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    os.replace(tmp_out, out)
+  return out
+
+
+@functools.cache
+def _kernel() -> _Kernel:
+  if os.environ.get("FEDJAX_U2S_CPU_GEMM", "1") == "0":
+    return _Kernel(reason="disabled by FEDJAX_U2S_CPU_GEMM=0")
+  cblas_path = _find_cblas()
+  if cblas_path is None:
+    return _Kernel(reason="no CBLAS library: install the `mkl` wheel or set "
+                   "FEDJAX_U2S_CBLAS to a libcblas/libmkl_rt path")
+  cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+  if cxx is None:
+    return _Kernel(reason="no C++ compiler (g++/c++ or $CXX) to build cpu_gemm.cc")
+  try:
+    so = _build(cxx)
+    cblas = ctypes.CDLL(cblas_path, mode=ctypes.RTLD_GLOBAL)
+    sgemm = cblas.cblas_sgemm
+  except (OSError, AttributeError, RuntimeError) as e:
+    return _Kernel(reason=f"{type(e).__name__}: {e}")
+  if hasattr(cblas, "MKL_Set_Threading_Layer"):
+    # Single-threaded sgemms: cpu_gemm.cc splits each product over XLA's own
+    # intra-op threads, so no OpenMP pool competes with XLA's for the cores.
+    # (Must precede every other MKL call.)
+    cblas.MKL_Set_Threading_Layer(ctypes.c_int(_MKL_THREADING_SEQUENTIAL))
+  if hasattr(cblas, "MKL_CBWR_Set"):
+    # Same bits run to run (exact resume needs it).
+    cblas.MKL_CBWR_Set(ctypes.c_int(_MKL_CBWR_AUTO))
+  lib = ctypes.CDLL(str(so))
+  lib.fedjax_u2s_set_sgemm(ctypes.cast(sgemm, ctypes.c_void_p))
+  jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.FedjaxU2sCpuGemm),
+                              platform="cpu")
+  logging.info("fedjax_u2s: float32 CPU matmuls use %s", cblas_path)
+  return _Kernel(cblas)
+
+
+def available() -> bool:
+  """Whether float32 CPU matmuls go through the sgemm kernel."""
+  return _kernel().ok
+
+
+def unavailable_reason() -> str:
+  """Why :func:`available` is False ('' when it is True)."""
+  return _kernel().reason
+
+
+def _gemm(a: jax.Array, b: jax.Array, transpose_a: bool = False,
+          transpose_b: bool = False) -> jax.Array:
+  """The custom call on equal-rank operands (leading dims broadcast)."""
+  m = a.shape[-1] if transpose_a else a.shape[-2]
+  n = b.shape[-2] if transpose_b else b.shape[-1]
+  batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+  out = jax.ShapeDtypeStruct((*batch, m, n), jnp.float32)
+  return jax.ffi.ffi_call(_TARGET, out, vmap_method="expand_dims")(
+      a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+
+
+def _flat(x: jax.Array) -> jax.Array:
+  return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _sgemm_matmul(x: jax.Array, w: jax.Array, transpose_w: bool) -> jax.Array:
+  """[..., K] x ([K, N] or [N, K] transposed) -> [..., N] through sgemm."""
+  y = _gemm(_flat(x), w, transpose_b=transpose_w)
+  return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _sgemm_fwd(x, w, transpose_w):
+  return _sgemm_matmul(x, w, transpose_w), (x, w)
+
+
+def _sgemm_bwd(transpose_w, res, g):
+  x, w = res
+  g2 = _flat(g)
+  # dx = g w^T; dw = x^T g (or g^T x for a transposed w). The frozen base's
+  # dw is never used, and XLA drops the unused (side-effect free) call.
+  dx = _gemm(g2, w, transpose_b=not transpose_w).reshape(x.shape)
+  if transpose_w:
+    dw = _gemm(g2, _flat(x), transpose_a=True)
+  else:
+    dw = _gemm(_flat(x), g2, transpose_a=True)
+  return dx, dw
+
+
+_sgemm_matmul.defvjp(_sgemm_fwd, _sgemm_bwd)
+
+
+def _einsum_matmul(x: jax.Array, w: jax.Array, transpose_w: bool) -> jax.Array:
+  spec = "...k,nk->...n" if transpose_w else "...k,kn->...n"
+  return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(
+      jnp.result_type(x, w))
+
+
+def matmul(x: jax.Array, w: jax.Array, *, transpose_w: bool = False,
+           sgemm: bool = True) -> jax.Array:
+  """``x @ w`` (or ``x @ w.T``) for x [..., K] and a 2-D w.
+
+  With ``sgemm``, on the CPU, in float32, with the kernel available, this is
+  one sgemm over all of x's leading dims (and all vmapped clients); otherwise
+  an einsum.
+  """
+  if w.ndim != 2:
+    raise ValueError(f"matmul takes a 2-D w, got shape {w.shape}")
+  if not (sgemm and x.dtype == jnp.float32 and w.dtype == jnp.float32
+          and available()):
+    return _einsum_matmul(x, w, transpose_w)
+  return jax.lax.platform_dependent(
+      x, w,
+      cpu=lambda x, w: _sgemm_matmul(x, w, transpose_w),
+      default=lambda x, w: _einsum_matmul(x, w, transpose_w))

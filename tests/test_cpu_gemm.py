@@ -1,0 +1,172 @@
+"""The MKL sgemm custom call against jnp.einsum: values, grads, vmap, lowering."""
+
+import platform
+import re
+import sys
+
+import jax
+from jax import export
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_u2s import sampler
+from fedjax_u2s.kernels import cpu_gemm
+from fedjax_u2s.models import llama
+from fedjax_u2s.models.config import ModelConfig
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+_ON_MKL_PLATFORM = sys.platform == "linux" and platform.machine() == "x86_64"
+
+
+def _ref(x, w, transpose_w):
+  return jnp.einsum("...k,nk->...n" if transpose_w else "...k,kn->...n", x, w,
+                    precision=_HIGHEST)
+
+
+def _rand(key, *shape):
+  return jax.random.normal(jax.random.PRNGKey(key), shape, jnp.float32)
+
+
+def _custom_calls(f, *args) -> list[str]:
+  """Lines of f's StableHLO that call the sgemm target."""
+  text = jax.jit(f).lower(*args).as_text()
+  return [l for l in text.splitlines() if "fedjax_u2s_cpu_gemm" in l]
+
+
+def test_available_where_mkl_is_a_dependency():
+  # setup.cfg installs `mkl` on x86-64 Linux and CI has g++: there the kernel
+  # must load, not fall back to XLA unnoticed.
+  if not _ON_MKL_PLATFORM:
+    pytest.skip("mkl is a dependency on x86-64 Linux only")
+  assert cpu_gemm.available(), cpu_gemm.unavailable_reason()
+
+
+needs_kernel = pytest.mark.skipif(
+    not cpu_gemm.available(), reason=f"no sgemm kernel: {cpu_gemm.unavailable_reason()}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("transpose_w", [False, True])
+@pytest.mark.parametrize("x_shape", [(7,), (5, 7), (2, 3, 7), (0, 7)])
+def test_matches_einsum(transpose_w, x_shape):
+  x = _rand(0, *x_shape)
+  w = _rand(1, 4, 7) if transpose_w else _rand(1, 7, 4)
+  f = jax.jit(lambda x, w: cpu_gemm.matmul(x, w, transpose_w=transpose_w))
+  assert len(_custom_calls(f, x, w)) == 1
+  y = f(x, w)
+  assert y.shape == (*x_shape[:-1], 4)
+  np.testing.assert_allclose(y, _ref(x, w, transpose_w), rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_zero_contraction_gives_zeros():
+  y = jax.jit(cpu_gemm.matmul)(jnp.ones((3, 0)), jnp.ones((0, 5)))
+  np.testing.assert_array_equal(y, np.zeros((3, 5)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_grads_match_einsum(transpose_w):
+  x = _rand(0, 2, 5, 7)
+  w = _rand(1, 4, 7) if transpose_w else _rand(1, 7, 4)
+  g = _rand(2, 2, 5, 4)
+
+  def loss(mm):
+    return lambda x, w: jnp.sum(mm(x, w) * g)
+
+  ours = jax.jit(jax.grad(loss(lambda x, w: cpu_gemm.matmul(
+      x, w, transpose_w=transpose_w)), argnums=(0, 1)))(x, w)
+  ref = jax.grad(loss(lambda x, w: _ref(x, w, transpose_w)), argnums=(0, 1))(x, w)
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_vmap_shares_the_unbatched_weight():
+  """Clients vmapped over x with one w: w is not broadcast to every client."""
+  xs, w = _rand(0, 6, 3, 5, 7), _rand(1, 7, 4)
+  f = jax.vmap(lambda x: cpu_gemm.matmul(x, w))
+  calls = _custom_calls(f, xs)
+  assert len(calls) == 1
+  # The weight operand keeps a size-1 batch dim: (tensor<6x15x7xf32>, tensor<1x7x4xf32>).
+  assert re.search(r"tensor<1x7x4xf32>\)", calls[0]), calls[0]
+  np.testing.assert_allclose(jax.jit(f)(xs), _ref(xs, w, False), rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_vmap_of_grad_with_batched_and_shared_weights(transpose_w):
+  xs = _rand(0, 6, 5, 7)
+  w = _rand(1, 4, 7) if transpose_w else _rand(1, 7, 4)
+  ws = _rand(2, 6, *w.shape)
+
+  def loss(mm):
+    return lambda x, w: jnp.sum(jnp.sin(mm(x, w)))
+
+  ours = loss(lambda x, w: cpu_gemm.matmul(x, w, transpose_w=transpose_w))
+  ref = loss(lambda x, w: _ref(x, w, transpose_w))
+  for in_axes, wv in (((0, None), w), ((0, 0), ws)):
+    a = jax.jit(jax.vmap(jax.grad(ours, argnums=(0, 1)), in_axes=in_axes))(xs, wv)
+    b = jax.vmap(jax.grad(ref, argnums=(0, 1)), in_axes=in_axes)(xs, wv)
+    for u, v in zip(a, b):
+      np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_deterministic():
+  x, w = _rand(0, 64, 300), _rand(1, 300, 200)
+  f = jax.jit(cpu_gemm.matmul)
+  np.testing.assert_array_equal(f(x, w), f(x + 0.0, w))
+
+
+def test_other_dtypes_and_platforms_use_einsum():
+  x, w = _rand(0, 5, 7), _rand(1, 7, 4)
+  assert not _custom_calls(cpu_gemm.matmul, x.astype(jnp.bfloat16),
+                           w.astype(jnp.bfloat16))
+  # Lowered for a GPU (no GPU needed to lower), the CPU branch is dropped.
+  exported = export.export(jax.jit(cpu_gemm.matmul), platforms=["cuda"])(x, w)
+  assert "fedjax_u2s_cpu_gemm" not in exported.mlir_module()
+
+
+_TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                    tie_word_embeddings=True)
+
+
+@needs_kernel
+def test_decoder_logits_and_grads_match_the_einsum_path():
+  """A tiny Llama: the sgemm and XLA paths agree on logits and grads."""
+  params = llama.init_params(jax.random.PRNGKey(0), _TINY)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 6), 0, 64)
+
+  def run(cpu_sgemm):
+    cfg = _TINY.replace(cpu_sgemm=cpu_sgemm)
+
+    def loss(p):
+      logits, _ = llama.forward(p, tokens, config=cfg)
+      return jnp.mean(jax.nn.logsumexp(logits, -1)), logits
+
+    text = jax.jit(loss).lower(params).as_text()
+    assert ("fedjax_u2s_cpu_gemm" in text) == cpu_sgemm
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+  (l1, logits1), g1 = run(True)
+  (l2, logits2), g2 = run(False)
+  np.testing.assert_allclose(logits1, logits2, rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               g1, g2)
+
+
+@needs_kernel
+def test_sampler_decodes_the_same_tokens_through_sgemm():
+  params = llama.init_params(jax.random.PRNGKey(0), _TINY, std=0.5)
+  prompts = jax.random.randint(jax.random.PRNGKey(1), (3, 5), 0, 64)
+  mask = jnp.ones((3, 5), bool).at[0, :2].set(False)
+  rngs = jax.random.split(jax.random.PRNGKey(2), 3)
+  no_stops = (jnp.zeros((0, 1, 64), jnp.int32), jnp.zeros((0,), jnp.int32))
+  out = [sampler.sample_tokens(params, prompts, mask, rngs, *no_stops,
+                               config=_TINY, strategy=sampler.Greedy(),
+                               max_new_tokens=8, eos_ids=(), pad_id=0,
+                               cpu_sgemm=flag).tokens for flag in (True, False)]
+  np.testing.assert_array_equal(out[0], out[1])
