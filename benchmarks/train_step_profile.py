@@ -11,8 +11,9 @@ in its own process (pin them to the same cores, e.g. ``taskset -c 2,3``):
   them); ``--peak`` also times a 2048^3 ``jnp.dot`` for MFU.
 * ``peer``: transformers ``LlamaForCausalLM`` + PEFT, one AdamW step; with
   ``--trace`` torch.profiler's table of self CPU time.
-* ``matmul``: the step's matmul shapes alone, JAX and (if importable) torch,
-  GFLOP/s per shape.
+* ``matmul``: the step's and the sampler's matmul shapes alone, XLA's dot,
+  the sgemm kernel (``fedjax_u2s/kernels/cpu_gemm.py``) and (if importable)
+  torch, GFLOP/s per shape.
 
   taskset -c 2,3 python benchmarks/train_step_profile.py --side=ours --trace
   OMP_NUM_THREADS=2 taskset -c 2,3 python benchmarks/train_step_profile.py --side=peer --trace
@@ -54,7 +55,10 @@ _TOP = flags.DEFINE_integer("top", 20, "Ops listed with --trace.")
 
 # (M, K, N) of the step's dense products: projections of 1024 tokens and the tied head.
 MATMUL_SHAPES = ((1024, 576, 1536), (1024, 1536, 576), (1024, 576, 576),
-                 (1024, 576, 192), (1020, 576, 49152), (2048, 2048, 2048))
+                 (1024, 576, 192), (1020, 576, 49152), (2048, 2048, 2048),
+                 # Decoding at batch 16 and 1 (the sampler's products).
+                 (16, 576, 1536), (16, 1536, 576), (16, 576, 49152),
+                 (1, 576, 1536), (1, 576, 49152))
 
 
 def categorize(name: str) -> str | None:
@@ -178,15 +182,20 @@ def run_peer() -> dict:
 
 
 def run_matmul() -> dict:
+  """GFLOP/s per shape: XLA's dot, the sgemm kernel (if built), torch (if importable)."""
   import jax
   import jax.numpy as jnp
-  out = {"jax": {}, "torch": {}}
-  for m, k, n in MATMUL_SHAPES:
-    flop = 2.0 * m * k * n
-    a, w = jnp.ones((m, k)), jnp.ones((k, n))
-    f = jax.jit(jnp.matmul)
-    s, _ = median_time(lambda: jax.block_until_ready(f(a, w)), _REPS.value)
-    out["jax"][f"{m}x{k}x{n}"] = flop / s / 1e9
+  from fedjax_u2s.kernels import cpu_gemm
+  out = {"jax": {}, "sgemm": {}, "torch": {}}
+  fns = {"jax": jnp.matmul}
+  if cpu_gemm.available():
+    fns["sgemm"] = cpu_gemm.matmul
+  for name, fn in fns.items():
+    f = jax.jit(fn)
+    for m, k, n in MATMUL_SHAPES:
+      a, w = jnp.ones((m, k)), jnp.ones((k, n))
+      s, _ = median_time(lambda: jax.block_until_ready(f(a, w)), _REPS.value)
+      out[name][f"{m}x{k}x{n}"] = 2.0 * m * k * n / s / 1e9
   try:
     import torch
   except ImportError:
