@@ -226,7 +226,7 @@ def sample_tokens(params: PyTree, prompt_tokens: jax.Array, prompt_mask: jax.Arr
                   eos_ids: tuple[int, ...], pad_id: int,
                   lora_config: lora_lib.LoraConfig | None = None,
                   unroll_layers: bool = True,
-                  cpu_sgemm: bool = True) -> SamplingState:
+                  cpu_sgemm: bool | None = None) -> SamplingState:
   """Generates up to ``max_new_tokens`` for a left-padded batch of prompts.
 
   Args:
@@ -244,25 +244,33 @@ def sample_tokens(params: PyTree, prompt_tokens: jax.Array, prompt_mask: jax.Arr
       steps are 1.46x faster at batch 1, as fast at batches 4 and 8, and
       0.69x as fast at batch 16 (each layer's cache slice is copied per
       step; docs/benchmarks.md): worth it for small batches sampled often.
-    cpu_sgemm: run the float32 projections through MKL's sgemm on the CPU
-      (``ModelConfig.cpu_sgemm``; static): 1.3x faster decoding at batch 1.
+    cpu_sgemm: run the decode steps' float32 products through MKL's sgemm
+      on the CPU (``ModelConfig.cpu_sgemm``; static); the prefill keeps XLA's
+      dots. None (default): only for a single row, as measured on 2 cores:
+      1.2-1.3x faster at batch 1, 0.9x at batch 8 with U2S's ~900-token
+      prompts (docs/benchmarks.md, "The sgemm kernel").
 
   Returns:
     The final :class:`SamplingState`.
   """
   b, p = prompt_tokens.shape
-  config = config.replace(cpu_sgemm=cpu_sgemm)
+  # The sgemm kernel only where products are skinny ([B, D] per step): the
+  # prefill's [B*P, D] ones are as large as training's, where it is no faster.
+  if cpu_sgemm is None:
+    cpu_sgemm = b == 1
+  step_config = config.replace(cpu_sgemm=cpu_sgemm)
+  config = config.replace(cpu_sgemm=False)
   if unroll_layers:
     # Unstacked once per call, outside the loop (see llama.unstack_layers).
     params = llama.unstack_layers(params)
   cache = llama.init_cache(config, b, p + max_new_tokens)
-  fwd = functools.partial(llama.forward, params, config=config, lora=lora,
+  fwd = functools.partial(llama.forward, params, lora=lora,
                           lora_config=lora_config)
   # Prefill: only the last position's logits are needed, so skip the
   # [B, P, V] LM-head product (the largest matmul of a long prompt).
-  hidden, cache = fwd(prompt_tokens, input_mask=prompt_mask, cache=cache,
-                      return_hidden=True, prefill=True)
-  logits = llama.logits_from_hidden(params, hidden[:, -1:], config=config)
+  hidden, cache = fwd(prompt_tokens, config=config, input_mask=prompt_mask,
+                      cache=cache, return_hidden=True, prefill=True)
+  logits = llama.logits_from_hidden(params, hidden[:, -1:], config=step_config)
   eos = jnp.asarray(eos_ids, jnp.int32)
   n_stop = stop_tables.shape[0]
 
@@ -302,7 +310,8 @@ def sample_tokens(params: PyTree, prompt_tokens: jax.Array, prompt_mask: jax.Arr
 
   def body(state):
     last = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1)
-    logits, cache = fwd(last, input_mask=~state.done[:, None], cache=state.cache)
+    logits, cache = fwd(last, config=step_config, input_mask=~state.done[:, None],
+                        cache=state.cache)
     return pick(state.replace(cache=cache), logits[:, -1])
 
   return jax.lax.while_loop(cond, body, state)

@@ -170,3 +170,17 @@ def test_sampler_decodes_the_same_tokens_through_sgemm():
                                max_new_tokens=8, eos_ids=(), pad_id=0,
                                cpu_sgemm=flag).tokens for flag in (True, False)]
   np.testing.assert_array_equal(out[0], out[1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch", [1, 3])
+def test_sampler_uses_sgemm_by_default_for_one_row_only(batch):
+  params = llama.init_params(jax.random.PRNGKey(0), _TINY)
+  prompts = jnp.zeros((batch, 5), jnp.int32)
+  no_stops = (jnp.zeros((0, 1, 64), jnp.int32), jnp.zeros((0,), jnp.int32))
+  text = sampler.sample_tokens.lower(
+      params, prompts, jnp.ones((batch, 5), bool),
+      jax.random.split(jax.random.PRNGKey(0), batch), *no_stops,
+      config=_TINY, strategy=sampler.Greedy(), max_new_tokens=2, eos_ids=(),
+      pad_id=0).as_text()
+  assert ("fedjax_u2s_cpu_gemm" in text) == (batch == 1)

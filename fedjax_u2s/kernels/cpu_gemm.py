@@ -2,12 +2,13 @@
 
 On the skinny products of decoding ([B, D] x [D, F] with B of 1 to 16) XLA:CPU's
 dot kernels reach well under half of what MKL's sgemm does on the same core
-(60 vs 138 GFLOP/s at [16, 576] x [576, 1536] on the 2-core dev machine). With
-this kernel the sampler decodes SmolLM2-135M at batch 1 ~1.3x faster
-(docs/benchmarks.md, "The sgemm kernel"). In LoRA training it is no faster
-(M = B*T is large; XLA's dots fuse their neighbours, the custom call cannot)
-and XLA needs +18% temp memory, so :class:`ModelConfig.cpu_sgemm` is off there
-and the sampler turns it on.
+(66 vs 178 GFLOP/s at [16, 576] x [576, 1536], 3 vs 12 at [1, 576] x [576,
+1536] on the 2-core dev machine). With this kernel the sampler decodes
+SmolLM2-135M at batch 1 1.2-1.3x faster (docs/benchmarks.md, "The sgemm
+kernel"). In LoRA training it is no faster (M = B*T is large; XLA's dots fuse
+their neighbours, the custom call cannot) and XLA needs +18% temp memory, and
+decoding 8 rows of long prompts it was 0.9x, so :class:`ModelConfig.cpu_sgemm`
+is off by default and the sampler turns it on for single-row decode steps.
 
 :func:`matmul` routes a product through ``cpu_gemm.cc`` when all of these
 hold, and through ``jnp.einsum`` otherwise:

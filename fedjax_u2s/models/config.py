@@ -64,8 +64,8 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: bool = False         # Rematerialise each layer in the backward pass.
   # float32 projections on XLA:CPU through MKL's sgemm (kernels/cpu_gemm.py).
-  # The sampler turns it on (decoding at batch 1: ~1.3x); training leaves it
-  # off (same speed, +18% XLA temp memory). Elsewhere it is a no-op.
+  # The sampler turns it on for decode steps at batch 1 (~1.2-1.3x); training
+  # leaves it off (same speed, +18% XLA temp memory). Off the CPU: a no-op.
   cpu_sgemm: bool = False
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
