@@ -134,6 +134,19 @@ _TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
                     tie_word_embeddings=True)
 
 
+def test_bf16_logits_accumulate_and_return_float32():
+  """As before the kernel: no rounding of the logits to bf16 on the way out."""
+  cfg = _TINY.replace(dtype="bfloat16", cpu_sgemm=True)
+  params = llama.init_params(jax.random.PRNGKey(0), _TINY)
+  x = _rand(1, 2, 3, 32)
+  want = jnp.einsum("...d,vd->...v", x.astype(jnp.bfloat16),
+                    params["embed"].astype(jnp.bfloat16),
+                    preferred_element_type=jnp.float32)
+  got = jax.jit(lambda p, x: llama.logits_from_hidden(p, x, config=cfg))(params, x)
+  assert got.dtype == jnp.float32
+  np.testing.assert_array_equal(got, want)
+
+
 @needs_kernel
 def test_decoder_logits_and_grads_match_the_einsum_path():
   """A tiny Llama: the sgemm and XLA paths agree on logits and grads."""

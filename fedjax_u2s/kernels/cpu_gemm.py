@@ -203,26 +203,28 @@ def _sgemm_bwd(transpose_w, res, g):
 _sgemm_matmul.defvjp(_sgemm_fwd, _sgemm_bwd)
 
 
-def _einsum_matmul(x: jax.Array, w: jax.Array, transpose_w: bool) -> jax.Array:
+def _einsum_matmul(x: jax.Array, w: jax.Array, transpose_w: bool,
+                   out_dtype) -> jax.Array:
   spec = "...k,nk->...n" if transpose_w else "...k,kn->...n"
-  return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(
-      jnp.result_type(x, w))
+  return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
 
 
 def matmul(x: jax.Array, w: jax.Array, *, transpose_w: bool = False,
-           sgemm: bool = True) -> jax.Array:
+           sgemm: bool = True, out_dtype=None) -> jax.Array:
   """``x @ w`` (or ``x @ w.T``) for x [..., K] and a 2-D w.
 
   With ``sgemm``, on the CPU, in float32, with the kernel available, this is
   one sgemm over all of x's leading dims (and all vmapped clients); otherwise
-  an einsum.
+  an einsum accumulating in and returning ``out_dtype`` (default: the
+  operands' dtype), e.g. float32 logits from bfloat16 operands.
   """
   if w.ndim != 2:
     raise ValueError(f"matmul takes a 2-D w, got shape {w.shape}")
+  out_dtype = jnp.dtype(out_dtype or jnp.result_type(x, w))
   if not (sgemm and x.dtype == jnp.float32 and w.dtype == jnp.float32
-          and available()):
-    return _einsum_matmul(x, w, transpose_w)
+          and out_dtype == jnp.float32 and available()):
+    return _einsum_matmul(x, w, transpose_w, out_dtype)
   return jax.lax.platform_dependent(
       x, w,
       cpu=lambda x, w: _sgemm_matmul(x, w, transpose_w),
-      default=lambda x, w: _einsum_matmul(x, w, transpose_w))
+      default=lambda x, w: _einsum_matmul(x, w, transpose_w, out_dtype))

@@ -355,4 +355,4 @@ def logits_from_hidden(params: PyTree, x: jax.Array, *, config: ModelConfig) -> 
   else:
     w, transpose_w = params["lm_head"], False
   return cpu_gemm.matmul(x.astype(dt), w.astype(dt), transpose_w=transpose_w,
-                         sgemm=config.cpu_sgemm).astype(jnp.float32)
+                         sgemm=config.cpu_sgemm, out_dtype=jnp.float32)
