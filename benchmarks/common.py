@@ -29,9 +29,10 @@ def median_time(fn, repeats: int) -> tuple[float, list[float]]:
 def peak_flops(n: int, dtype) -> float:
   """FLOP/s of an n x n x n matmul: the MFU denominator of every benchmark.
 
-  The faster of ``jnp.dot`` (XLA's kernel) and ``cpu_gemm.matmul`` (MKL's
-  sgemm on the CPU, the same as ``jnp.dot`` elsewhere), so a model that runs
-  its matmuls through the faster kernel is not flattered by the slower one.
+  ``jnp.dot`` (XLA's kernel) and, where it applies (float32 on the CPU, kernel
+  built), ``cpu_gemm.matmul`` (MKL's sgemm): the faster of the two, so a model
+  that runs its matmuls through the faster kernel is not flattered by the
+  slower one.
   """
   import jax
   import jax.numpy as jnp
@@ -39,9 +40,13 @@ def peak_flops(n: int, dtype) -> float:
   ka, kb = jax.random.split(jax.random.key(0))
   a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
   b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
-  reps = 5 if jax.default_backend() == "cpu" else 50
+  on_cpu = jax.default_backend() == "cpu"
+  fns = [jnp.dot]
+  if on_cpu and a.dtype == jnp.float32 and cpu_gemm.available():
+    fns.append(cpu_gemm.matmul)
+  reps = 5 if on_cpu else 50
   best = 0.0
-  for fn in (jnp.dot, cpu_gemm.matmul):
+  for fn in fns:
     mm = jax.jit(fn)
     seconds, _ = median_time(lambda: jax.block_until_ready(mm(a, b)), reps)
     best = max(best, 2.0 * n ** 3 / seconds)

@@ -16,9 +16,8 @@
 #include <algorithm>
 #include <atomic>
 #include <memory>
-#include <thread>
 #include <cstdint>
-#include <string>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"

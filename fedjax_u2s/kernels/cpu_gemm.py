@@ -63,18 +63,6 @@ _MKL_CBWR_AUTO = 2  # mkl.h: MKL_CBWR_AUTO
 _MKL_THREADING_SEQUENTIAL = 1  # mkl.h: MKL_THREADING_SEQUENTIAL
 
 
-class _Kernel:
-  """The loaded CBLAS library and FFI target, or why there is none."""
-
-  def __init__(self, cblas: ctypes.CDLL | None = None, reason: str = ""):
-    self.cblas = cblas
-    self.reason = reason
-
-  @property
-  def ok(self) -> bool:
-    return self.cblas is not None
-
-
 def _cache_dir() -> pathlib.Path:
   root = os.environ.get("FEDJAX_U2S_CACHE") or os.path.join(
       os.path.expanduser("~"), ".cache", "fedjax_u2s")
@@ -119,22 +107,23 @@ def _build(cxx: str) -> pathlib.Path:
 
 
 @functools.cache
-def _kernel() -> _Kernel:
+def _load() -> str:
+  """Builds and registers the kernel once; '' on success, else the reason not."""
   if os.environ.get("FEDJAX_U2S_CPU_GEMM", "1") == "0":
-    return _Kernel(reason="disabled by FEDJAX_U2S_CPU_GEMM=0")
+    return "disabled by FEDJAX_U2S_CPU_GEMM=0"
   cblas_path = _find_cblas()
   if cblas_path is None:
-    return _Kernel(reason="no CBLAS library: install the `mkl` wheel or set "
-                   "FEDJAX_U2S_CBLAS to a libcblas/libmkl_rt path")
+    return ("no CBLAS library: install the `mkl` wheel or set "
+            "FEDJAX_U2S_CBLAS to a libcblas/libmkl_rt path")
   cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
   if cxx is None:
-    return _Kernel(reason="no C++ compiler (g++/c++ or $CXX) to build cpu_gemm.cc")
+    return "no C++ compiler (g++/c++ or $CXX) to build cpu_gemm.cc"
   try:
     so = _build(cxx)
     cblas = ctypes.CDLL(cblas_path, mode=ctypes.RTLD_GLOBAL)
     sgemm = cblas.cblas_sgemm
   except (OSError, AttributeError, RuntimeError) as e:
-    return _Kernel(reason=f"{type(e).__name__}: {e}")
+    return f"{type(e).__name__}: {e}"
   if hasattr(cblas, "MKL_Set_Threading_Layer"):
     # Single-threaded sgemms: cpu_gemm.cc splits each product over XLA's own
     # intra-op threads, so no OpenMP pool competes with XLA's for the cores.
@@ -148,17 +137,17 @@ def _kernel() -> _Kernel:
   jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.FedjaxU2sCpuGemm),
                               platform="cpu")
   logging.info("fedjax_u2s: float32 CPU matmuls use %s", cblas_path)
-  return _Kernel(cblas)
+  return ""
 
 
 def available() -> bool:
   """Whether float32 CPU matmuls go through the sgemm kernel."""
-  return _kernel().ok
+  return not _load()
 
 
 def unavailable_reason() -> str:
   """Why :func:`available` is False ('' when it is True)."""
-  return _kernel().reason
+  return _load()
 
 
 def _gemm(a: jax.Array, b: jax.Array, transpose_a: bool = False,
