@@ -226,7 +226,7 @@ def sample_tokens(params: PyTree, prompt_tokens: jax.Array, prompt_mask: jax.Arr
                   eos_ids: tuple[int, ...], pad_id: int,
                   lora_config: lora_lib.LoraConfig | None = None,
                   unroll_layers: bool = True,
-                  cpu_sgemm: bool | None = None) -> SamplingState:
+                  cpu_sgemm: bool = True) -> SamplingState:
   """Generates up to ``max_new_tokens`` for a left-padded batch of prompts.
 
   Args:
@@ -239,38 +239,34 @@ def sample_tokens(params: PyTree, prompt_tokens: jax.Array, prompt_mask: jax.Arr
     stop_lengths: [N] byte length of each stop string (its "matched" state).
     lora: optional adapter applied during decoding.
     config, strategy, max_new_tokens, eos_ids, pad_id, lora_config: static.
-    unroll_layers: decode over unstacked, unrolled layers (static). Slower
-      compile (~9 s vs ~1.5 s for SmolLM2 on 2 CPU cores); on that CPU its
-      steps are 1.46x faster at batch 1, as fast at batches 4 and 8, and
-      0.69x as fast at batch 16 (each layer's cache slice is copied per
-      step; docs/benchmarks.md): worth it for small batches sampled often.
-    cpu_sgemm: run the decode steps' float32 products through MKL's sgemm
-      on the CPU (``ModelConfig.cpu_sgemm``; static); the prefill keeps XLA's
-      dots. None (default): only for a single row, as measured on 2 cores:
-      1.2-1.3x faster at batch 1, 0.9x at batch 8 with U2S's ~900-token
-      prompts (docs/benchmarks.md, "The sgemm kernel").
+    unroll_layers: decode over unstacked, unrolled layers, each with its own
+      KV-cache buffers (static). Slower compile (~7-9 s vs ~1.5 s for SmolLM2
+      on 2 CPU cores); with the sgemm kernel its decode steps were 1.1-1.5x
+      faster than the layer scan's at batches 1 to 16 there
+      (docs/benchmarks.md): worth it for batches sampled often.
+    cpu_sgemm: run the float32 products (projections, attention, LM head)
+      through the CPU matmul kernel (``ModelConfig.cpu_sgemm``; static; a
+      no-op off the CPU or where the kernel is unavailable). On 2 cores it
+      made decode steps 1.3x faster at batch 1 and 16 and 3.2x at batch 8
+      with 900-token prompts, and those prefills 1.3x faster
+      (docs/benchmarks.md, "Decoding kernels").
 
   Returns:
     The final :class:`SamplingState`.
   """
   b, p = prompt_tokens.shape
-  # The sgemm kernel only where products are skinny ([B, D] per step): the
-  # prefill's [B*P, D] ones are as large as training's, where it is no faster.
-  if cpu_sgemm is None:
-    cpu_sgemm = b == 1
-  step_config = config.replace(cpu_sgemm=cpu_sgemm)
-  config = config.replace(cpu_sgemm=False)
+  config = config.replace(cpu_sgemm=cpu_sgemm)
   if unroll_layers:
     # Unstacked once per call, outside the loop (see llama.unstack_layers).
     params = llama.unstack_layers(params)
-  cache = llama.init_cache(config, b, p + max_new_tokens)
+  cache = llama.init_cache(config, b, p + max_new_tokens, per_layer=unroll_layers)
   fwd = functools.partial(llama.forward, params, lora=lora,
                           lora_config=lora_config)
   # Prefill: only the last position's logits are needed, so skip the
   # [B, P, V] LM-head product (the largest matmul of a long prompt).
   hidden, cache = fwd(prompt_tokens, config=config, input_mask=prompt_mask,
                       cache=cache, return_hidden=True, prefill=True)
-  logits = llama.logits_from_hidden(params, hidden[:, -1:], config=step_config)
+  logits = llama.logits_from_hidden(params, hidden[:, -1:], config=config)
   eos = jnp.asarray(eos_ids, jnp.int32)
   n_stop = stop_tables.shape[0]
 
@@ -310,7 +306,7 @@ def sample_tokens(params: PyTree, prompt_tokens: jax.Array, prompt_mask: jax.Arr
 
   def body(state):
     last = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1)
-    logits, cache = fwd(last, config=step_config, input_mask=~state.done[:, None],
+    logits, cache = fwd(last, config=config, input_mask=~state.done[:, None],
                         cache=state.cache)
     return pick(state.replace(cache=cache), logits[:, -1])
 

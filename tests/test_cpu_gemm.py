@@ -1,5 +1,6 @@
 """The MKL sgemm custom call against jnp.einsum: values, grads, vmap, lowering."""
 
+import functools
 import platform
 import re
 import sys
@@ -57,6 +58,50 @@ def test_matches_einsum(transpose_w, x_shape):
   y = f(x, w)
   assert y.shape == (*x_shape[:-1], 4)
   np.testing.assert_allclose(y, _ref(x, w, transpose_w), rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("transpose_w", [False, True])
+@pytest.mark.parametrize("m,k,n", [
+    (1, 576, 1536),   # decoding, one row: the streaming loops
+    (16, 576, 192),   # 192 columns: thread blocks rounded to whole tiles
+    (13, 1100, 200),  # rows past a 6- and 4-row tile, K past one K block,
+                      # columns past a whole tile, K not a vector multiple
+    (32, 64, 64),     # the most rows streamed
+    (33, 96, 130),    # one more: MKL's sgemm
+])
+def test_matches_float64_at_kernel_edges(transpose_w, m, k, n):
+  """Both paths (few rows streamed, more rows through sgemm) at tile edges."""
+  rng = np.random.default_rng(m * k + n)
+  x = rng.standard_normal((m, k)).astype(np.float32)
+  w = rng.standard_normal((n, k) if transpose_w else (k, n)).astype(np.float32)
+  y = jax.jit(lambda x, w: cpu_gemm.matmul(x, w, transpose_w=transpose_w))(x, w)
+  want = x.astype(np.float64) @ (w.T if transpose_w else w).astype(np.float64)
+  # float32 sums of k terms of size ~1: error well under 1e-6 * k.
+  np.testing.assert_allclose(y, want, rtol=0, atol=1e-6 * k)
+
+
+@needs_kernel
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_batched_matmul_values_and_grads(transpose_b):
+  """Attention's products: one custom call over the batch; grads match."""
+  a = _rand(0, 2, 3, 5, 7)
+  b = _rand(1, 2, 3, 4, 7) if transpose_b else _rand(1, 2, 3, 7, 4)
+  spec = "...mk,...nk->...mn" if transpose_b else "...mk,...kn->...mn"
+  ours = lambda a, b: cpu_gemm.batched_matmul(a, b, transpose_b=transpose_b)
+  ref = lambda a, b: jnp.einsum(spec, a, b, precision=_HIGHEST)
+  assert len(_custom_calls(ours, a, b)) == 1
+  np.testing.assert_allclose(jax.jit(ours)(a, b), ref(a, b), rtol=1e-6, atol=1e-6)
+  loss = lambda mm: lambda a, b: jnp.sum(jnp.sin(mm(a, b)))
+  got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(a, b)
+  want = jax.grad(loss(ref), argnums=(0, 1))(a, b)
+  for u, v in zip(got, want):
+    np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5)
+  assert not _custom_calls(functools.partial(cpu_gemm.batched_matmul, sgemm=False,
+                                             transpose_b=transpose_b),
+                           a, b)
+  with pytest.raises(ValueError, match="equal leading dims"):
+    cpu_gemm.batched_matmul(a, b[:1], transpose_b=transpose_b)
 
 
 @needs_kernel
@@ -186,14 +231,19 @@ def test_sampler_decodes_the_same_tokens_through_sgemm():
 
 
 @needs_kernel
-@pytest.mark.parametrize("batch", [1, 3])
-def test_sampler_uses_sgemm_by_default_for_one_row_only(batch):
+@pytest.mark.parametrize("cpu_sgemm", [None, True, False])
+def test_sampler_uses_the_kernel_by_default(cpu_sgemm):
   params = llama.init_params(jax.random.PRNGKey(0), _TINY)
-  prompts = jnp.zeros((batch, 5), jnp.int32)
+  prompts = jnp.zeros((3, 5), jnp.int32)
   no_stops = (jnp.zeros((0, 1, 64), jnp.int32), jnp.zeros((0,), jnp.int32))
+  kw = {} if cpu_sgemm is None else {"cpu_sgemm": cpu_sgemm}
   text = sampler.sample_tokens.lower(
-      params, prompts, jnp.ones((batch, 5), bool),
-      jax.random.split(jax.random.PRNGKey(0), batch), *no_stops,
+      params, prompts, jnp.ones((3, 5), bool),
+      jax.random.split(jax.random.PRNGKey(0), 3), *no_stops,
       config=_TINY, strategy=sampler.Greedy(), max_new_tokens=2, eos_ids=(),
-      pad_id=0).as_text()
-  assert ("fedjax_u2s_cpu_gemm" in text) == (batch == 1)
+      pad_id=0, **kw).as_text()
+  calls = text.count("fedjax_u2s_cpu_gemm")
+  if cpu_sgemm is False:
+    assert calls == 0
+  else:  # 7 projections + 2 attention products per layer and step, + heads.
+    assert calls >= 2 * 9 * _TINY.num_layers

@@ -153,11 +153,19 @@ def test_live_save_hf_dir_is_read_by_transformers(tmp_path, name):
     assert err <= ATOL, f"{name}: max error {err:.3e} > {ATOL}"
 
 
+@pytest.mark.parametrize("per_layer", [False, True])
 @pytest.mark.parametrize("prefill", [False, True])
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
-def test_kv_cache_decoding_matches_full_recompute(tmp_path, name, prefill):
-  """Prefill, a 2-token chunk, then 1-token steps == one full forward pass."""
+def test_kv_cache_decoding_matches_full_recompute(tmp_path, name, prefill,
+                                                  per_layer):
+  """Prefill, a 2-token chunk, then 1-token steps == one full forward pass.
+
+  per_layer: unrolled layers over a cache of per-layer buffers (the
+  sampler's default) instead of the layer scan over a stacked cache.
+  """
   config, params = _load(tmp_path, name, 3)
+  if per_layer:
+    params = llama.unstack_layers(params)
   rng = np.random.default_rng(0)
   prompt_len, total = 7, 12
   tokens = rng.integers(3, config.vocab_size, (3, total))
@@ -169,7 +177,9 @@ def test_kv_cache_decoding_matches_full_recompute(tmp_path, name, prefill):
   full, _ = llama.forward(params, tokens, config=config, input_mask=mask)
 
   step = jax.jit(functools.partial(llama.forward, config=config))
-  cache = llama.init_cache(config, batch_size=3, max_length=16)  # spare slots
+  cache = llama.init_cache(config, batch_size=3, max_length=16,  # spare slots
+                           per_layer=per_layer)
+  assert cache.per_layer == per_layer and cache.max_length == 16
   logits, cache = jax.jit(functools.partial(llama.forward, config=config,
                                             prefill=prefill))(
       params, tokens[:, :prompt_len], input_mask=mask[:, :prompt_len], cache=cache)
@@ -249,3 +259,17 @@ def test_unstacked_layers_give_the_same_logits_and_cache():
   _, cb = llama.forward(unstacked, tokens, config=config, cache=cache)
   np.testing.assert_allclose(ca.k, cb.k, atol=1e-6, rtol=0)
   np.testing.assert_allclose(ca.v, cb.v, atol=1e-6, rtol=0)
+  # A per-layer cache holds the same keys and values, layer by layer, and
+  # the next token sees the same logits through it.
+  per_layer = llama.init_cache(config, 2, 9, per_layer=True)
+  _, cc = llama.forward(unstacked, tokens, config=config, cache=per_layer)
+  assert isinstance(cc.k, tuple) and len(cc.k) == config.num_layers
+  np.testing.assert_allclose(ca.k, jnp.stack(cc.k), atol=1e-6, rtol=0)
+  np.testing.assert_allclose(ca.v, jnp.stack(cc.v), atol=1e-6, rtol=0)
+  np.testing.assert_array_equal(ca.valid, cc.valid)
+  nxt = tokens[:, :1]
+  la, _ = llama.forward(params, nxt, config=config, cache=ca)
+  lc, _ = llama.forward(unstacked, nxt, config=config, cache=cc)
+  np.testing.assert_allclose(la, lc, atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match="per-layer KV cache needs unstacked"):
+    llama.forward(params, tokens, config=config, cache=per_layer)
