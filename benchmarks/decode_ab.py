@@ -1,13 +1,17 @@
-r"""Same-process A/B of decode step time: unrolled vs scanned layers.
+r"""Same-process A/B of decode step time: unrolled vs scanned layers, kernel on/off.
 
 Random weights with SmolLM2-135M's shapes (no model file needed), fp32 CPU,
 greedy. Decode time per step is (time for N new tokens - time for 1) / (N - 1),
-so prefill is excluded. Variants alternate within each repeat, so machine drift
-hits both alike.
+so prefill is excluded; the prefill is reported as the time for 1 token.
+Variants alternate within each repeat, so machine drift hits all alike.
+``kernel`` is ``sample_tokens(cpu_sgemm=...)``: the CPU matmul kernel
+(fedjax_u2s/kernels/cpu_gemm.py) in the prefill and the decode steps.
 
   python benchmarks/decode_ab.py --batch_sizes=1,16
+  python benchmarks/decode_ab.py --batch_sizes=8 --prompt_len=896 --new_tokens=64
 """
 
+import itertools
 import time
 
 from absl import app
@@ -24,6 +28,8 @@ _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "16"], "Batch sizes.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 40, "Prompt tokens per row.")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "New tokens per row.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Alternating repeats (median).")
+_UNROLL = flags.DEFINE_list("unroll", ["true", "false"], "unroll_layers values.")
+_KERNEL = flags.DEFINE_list("kernel", ["true", "false"], "cpu_sgemm values.")
 
 SMOLLM2_SHAPES = ModelConfig(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
@@ -31,38 +37,49 @@ SMOLLM2_SHAPES = ModelConfig(
     tie_word_embeddings=True, name="smollm2-135m-shapes")
 
 
-def compiled_call(params, cfg, batch, new_tokens, unroll):
+def _bools(values):
+  return [v.lower() in ("1", "true", "yes") for v in values]
+
+
+def compiled_call(params, cfg, batch, new_tokens, unroll, kernel):
   tokens = jnp.ones((batch, _PROMPT.value), jnp.int32)
   mask = jnp.ones((batch, _PROMPT.value), bool)
   rngs = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(0), jnp.arange(batch))
   tables = jnp.zeros((0, 1, cfg.vocab_size), jnp.int32)
   lengths = jnp.zeros((0,), jnp.int32)
   args = (params, tokens, mask, rngs, tables, lengths)
+  start = time.perf_counter()
   fn = sampler_lib.sample_tokens.lower(
       *args, config=cfg, strategy=sampler_lib.Greedy(), max_new_tokens=new_tokens,
-      eos_ids=(), pad_id=0, unroll_layers=unroll).compile()
-  return lambda: fn(*args).tokens.block_until_ready()
+      eos_ids=(), pad_id=0, unroll_layers=unroll, cpu_sgemm=kernel).compile()
+  compile_s = time.perf_counter() - start
+  return (lambda: fn(*args).tokens.block_until_ready()), compile_s
 
 
 def main(argv):
   del argv
   cfg = SMOLLM2_SHAPES
   params = llama.init_params(jax.random.key(0), cfg)
+  variants = list(itertools.product(_bools(_UNROLL.value), _bools(_KERNEL.value)))
   for b in map(int, _BATCHES.value):
-    calls = {(u, n): compiled_call(params, cfg, b, n, u)
-             for u in (True, False) for n in (1, _NEW.value)}
+    calls, compile_s = {}, {}
+    for v in variants:
+      for n in (1, _NEW.value):
+        calls[v + (n,)], compile_s[v + (n,)] = compiled_call(params, cfg, b, n, *v)
     times = {k: [] for k in calls}
     for _ in range(_REPEATS.value):
       for k, call in calls.items():
         start = time.perf_counter()
         call()
         times[k].append(time.perf_counter() - start)
-    for u in (True, False):
-      prefill = np.median(times[(u, 1)])
-      step = (np.median(times[(u, _NEW.value)]) - prefill) / (_NEW.value - 1)
-      print(f"batch {b:3d} {'unrolled' if u else 'scanned ':8s}: prefill "
-            f"{prefill * 1e3:6.0f} ms, decode {step * 1e3:6.1f} ms/step = "
-            f"{b / step:6.1f} tok/s", flush=True)
+    for unroll, kernel in variants:
+      prefill = np.median(times[(unroll, kernel, 1)])
+      whole = np.median(times[(unroll, kernel, _NEW.value)])
+      step = (whole - prefill) / (_NEW.value - 1)
+      print(f"batch {b:3d} {'unrolled' if unroll else 'scanned ':8s} "
+            f"kernel {'on ' if kernel else 'off'}: prefill {prefill * 1e3:6.0f} ms, "
+            f"decode {step * 1e3:6.1f} ms/step = {b / step:6.1f} tok/s "
+            f"(compile {compile_s[(unroll, kernel, _NEW.value)]:.1f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ in its own process (pin them to the same cores, e.g. ``taskset -c 2,3``):
 * ``peer``: transformers ``LlamaForCausalLM`` + PEFT, one AdamW step; with
   ``--trace`` torch.profiler's table of self CPU time.
 * ``matmul``: the step's and the sampler's matmul shapes alone, XLA's dot,
-  the sgemm kernel (``fedjax_u2s/kernels/cpu_gemm.py``) and (if importable)
-  torch, GFLOP/s per shape.
+  the kernel (``fedjax_u2s/kernels/cpu_gemm.py``) and (if importable) torch,
+  GFLOP/s per shape; the decode shapes also with cold weights.
 
   taskset -c 2,3 python benchmarks/train_step_profile.py --side=ours --trace
   OMP_NUM_THREADS=2 taskset -c 2,3 python benchmarks/train_step_profile.py --side=peer --trace
@@ -182,20 +182,33 @@ def run_peer() -> dict:
 
 
 def run_matmul() -> dict:
-  """GFLOP/s per shape: XLA's dot, the sgemm kernel (if built), torch (if importable)."""
+  """GFLOP/s per shape: XLA's dot, the kernel (if built), torch (if importable).
+
+  Each shape once with one weight (``jax``, ``kernel``: in cache after the
+  first call) and, for the decode shapes (M <= 32), once over ~600 MB of
+  distinct weights in one jitted call (``jax_cold``, ``kernel_cold``), as a
+  decode step reads every weight of the model once from memory.
+  """
   import jax
   import jax.numpy as jnp
   from fedjax_u2s.kernels import cpu_gemm
-  out = {"jax": {}, "sgemm": {}, "torch": {}}
-  fns = {"jax": jnp.matmul}
+  out = {"jax": {}, "kernel": {}, "jax_cold": {}, "kernel_cold": {}, "torch": {}}
+  fns = {"jax": lambda a, w: cpu_gemm.matmul(a, w, sgemm=False)}
   if cpu_gemm.available():
-    fns["sgemm"] = cpu_gemm.matmul
+    fns["kernel"] = cpu_gemm.matmul
   for name, fn in fns.items():
     f = jax.jit(fn)
     for m, k, n in MATMUL_SHAPES:
       a, w = jnp.ones((m, k)), jnp.ones((k, n))
       s, _ = median_time(lambda: jax.block_until_ready(f(a, w)), _REPS.value)
       out[name][f"{m}x{k}x{n}"] = 2.0 * m * k * n / s / 1e9
+      if m > 32:
+        continue
+      count = max(4, 600 * 2**20 // (4 * k * n))
+      ws = [jax.random.normal(jax.random.key(i), (k, n)) for i in range(count)]
+      many = jax.jit(lambda a, ws, fn=fn: [fn(a, w) for w in ws])
+      s, _ = median_time(lambda: jax.block_until_ready(many(a, ws)), _REPS.value)
+      out[name + "_cold"][f"{m}x{k}x{n}"] = 2.0 * m * k * n * count / s / 1e9
   try:
     import torch
   except ImportError:

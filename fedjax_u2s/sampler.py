@@ -256,17 +256,22 @@ def sample_tokens(params: PyTree, prompt_tokens: jax.Array, prompt_mask: jax.Arr
   """
   b, p = prompt_tokens.shape
   config = config.replace(cpu_sgemm=cpu_sgemm)
+  # Prefill with the params as given (stacked: the layer scan, which compiles
+  # once per layer stack and measured as fast or faster than unrolled), into
+  # a cache of exactly the prompt's slots; only the last position's logits
+  # are needed, so the [B, P, V] LM-head product is skipped.
+  hidden, cache = llama.forward(params, prompt_tokens, config=config,
+                                input_mask=prompt_mask,
+                                cache=llama.init_cache(config, b, p),
+                                lora=lora, lora_config=lora_config,
+                                return_hidden=True, prefill=True)
+  logits = llama.logits_from_hidden(params, hidden[:, -1:], config=config)
   if unroll_layers:
     # Unstacked once per call, outside the loop (see llama.unstack_layers).
     params = llama.unstack_layers(params)
-  cache = llama.init_cache(config, b, p + max_new_tokens, per_layer=unroll_layers)
+  cache = llama.grow_cache(cache, p + max_new_tokens, per_layer=unroll_layers)
   fwd = functools.partial(llama.forward, params, lora=lora,
                           lora_config=lora_config)
-  # Prefill: only the last position's logits are needed, so skip the
-  # [B, P, V] LM-head product (the largest matmul of a long prompt).
-  hidden, cache = fwd(prompt_tokens, config=config, input_mask=prompt_mask,
-                      cache=cache, return_hidden=True, prefill=True)
-  logits = llama.logits_from_hidden(params, hidden[:, -1:], config=config)
   eos = jnp.asarray(eos_ids, jnp.int32)
   n_stop = stop_tables.shape[0]
 

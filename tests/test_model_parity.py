@@ -273,3 +273,26 @@ def test_unstacked_layers_give_the_same_logits_and_cache():
   np.testing.assert_allclose(la, lc, atol=1e-5, rtol=0)
   with pytest.raises(ValueError, match="per-layer KV cache needs unstacked"):
     llama.forward(params, tokens, config=config, cache=per_layer)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_grow_cache_after_a_scanned_prefill(per_layer):
+  """The sampler's path: prefill over the prompt's slots with the layer scan,
+  grow the cache (and split it per layer), decode: == one full forward."""
+  config = testing.tiny_llama_config()
+  params = llama.init_params(jax.random.key(0), config, std=0.1)
+  tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, config.vocab_size)
+  mask = jnp.ones((2, 7), bool).at[0, :2].set(False)
+  full, _ = llama.forward(params, tokens, config=config, input_mask=mask)
+  _, cache = llama.forward(params, tokens[:, :5], config=config, input_mask=mask[:, :5],
+                           cache=llama.init_cache(config, 2, 5), prefill=True)
+  cache = llama.grow_cache(cache, 9, per_layer=per_layer)
+  assert cache.per_layer == per_layer and cache.max_length == 9
+  assert int(cache.index) == 5 and not cache.valid[:, 5:].any()
+  decode_params = llama.unstack_layers(params) if per_layer else params
+  for t in (5, 6):
+    logits, cache = llama.forward(decode_params, tokens[:, t:t + 1], config=config,
+                                  cache=cache)
+    np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match="grow_cache"):
+    llama.grow_cache(cache, 8, per_layer=per_layer)

@@ -1,14 +1,17 @@
-"""float32 matmuls on XLA:CPU through MKL's sgemm (an XLA FFI custom call).
+"""float32 matmuls on XLA:CPU through a custom kernel (an XLA FFI custom call).
 
-On the skinny products of decoding ([B, D] x [D, F] with B of 1 to 16) XLA:CPU's
-dot kernels reach well under half of what MKL's sgemm does on the same core
-(66 vs 178 GFLOP/s at [16, 576] x [576, 1536], 3 vs 12 at [1, 576] x [576,
-1536] on the 2-core dev machine). With this kernel the sampler decodes
-SmolLM2-135M at batch 1 1.2-1.3x faster (docs/benchmarks.md, "The sgemm
-kernel"). In LoRA training it is no faster (M = B*T is large; XLA's dots fuse
-their neighbours, the custom call cannot) and XLA needs +18% temp memory, and
-decoding 8 rows of long prompts it was 0.9x, so :class:`ModelConfig.cpu_sgemm`
-is off by default and the sampler turns it on for single-row decode steps.
+Decoding is made of skinny products ([B, D] x [D, F] with B of 1 to 16, and
+attention's few query rows against the cache), where XLA:CPU's dot kernels
+do poorly. ``cpu_gemm.cc`` runs products of up to 32 rows through its own
+loops, which stream each weight once from memory with the output tile in
+registers, and larger ones through MKL's ``sgemm``. On the 2-core dev VM that
+made SmolLM2-135M's decode steps 1.3x faster at batch 1 and 16, and 3.2x at
+batch 8 with 900-token prompts, where attention over the cache dominates;
+prefills were 1.3x faster (docs/benchmarks.md, "Decoding kernels"). So the
+sampler uses it (``sample_tokens(cpu_sgemm=True)``). LoRA training does not:
+there M = B*T is large, XLA's dots fuse their neighbours and the custom call
+cannot, and it was no faster at +18% XLA temp memory
+(:class:`ModelConfig.cpu_sgemm` is off by default).
 
 :func:`matmul` routes a product through ``cpu_gemm.cc`` when all of these
 hold, and through ``jnp.einsum`` otherwise:
@@ -24,8 +27,9 @@ hold, and through ``jnp.einsum`` otherwise:
   wheel (a dependency on x86-64 Linux);
 * ``$FEDJAX_U2S_CPU_GEMM`` is not ``0`` (the switch for A/B runs).
 
-The sgemms are single-threaded (MKL's sequential layer); the kernel splits
-each product into blocks run on XLA's own intra-op threads, so no second
+The kernel's loops and the sgemms are single-threaded (MKL's sequential
+layer); each product is split into blocks run on XLA's own intra-op threads
+(the C++ file is built with -march=native, per machine), so no second
 thread pool competes for the cores (MKL's OpenMP threads beside XLA's made
 the training step 10% slower). The custom call is differentiable (a
 ``custom_vjp`` whose backward is two more sgemms with a transposed operand,
@@ -33,9 +37,10 @@ so no transpose is materialised) and batches under ``jax.vmap`` without
 copying a shared operand: an unbatched weight arrives as a size-1 batch dim,
 and the kernel folds the batch into M.
 
-Numerics: sgemm sums in a different order than XLA's dot, so results differ
-in the last bits (~1e-6 relative); MKL's conditional-reproducibility mode
-makes them identical run to run.
+Numerics: the kernel sums in a different order than XLA's dot (with FMAs),
+so results differ in the last bits (~1e-6 relative); its loops have a fixed
+order and MKL's conditional-reproducibility mode is on, so they are
+identical run to run.
 """
 
 from __future__ import annotations

@@ -93,6 +93,28 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int,
                  index=jnp.zeros((), jnp.int32))
 
 
+def grow_cache(cache: KVCache, max_length: int, per_layer: bool) -> KVCache:
+  """``cache`` with empty slots appended up to ``max_length``, re-laid out.
+
+  For a prefill run over exactly the prompt's slots (e.g. with the layer
+  scan) before decoding with another layout (e.g. per-layer buffers).
+  """
+  extra = max_length - cache.max_length
+  if extra < 0:
+    raise ValueError(f"grow_cache: {max_length} < the cache's {cache.max_length} slots")
+  k, v = cache.k, cache.v
+  if per_layer and not cache.per_layer:
+    k, v = tuple(k), tuple(v)
+  elif not per_layer and cache.per_layer:
+    k, v = jnp.stack(k), jnp.stack(v)
+
+  def grow(x):  # Slots are the second-to-last axis in both layouts.
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, extra), (0, 0)])
+
+  return KVCache(k=jax.tree.map(grow, k), v=jax.tree.map(grow, v),
+                 valid=jnp.pad(cache.valid, ((0, 0), (0, extra))), index=cache.index)
+
+
 def init_params(rng: jax.Array, config: ModelConfig, std: float = 0.02) -> PyTree:
   """Random parameters (for tests and shape inference; real runs load weights)."""
   d, f, hd, n = (config.hidden_size, config.intermediate_size, config.head_dim,
