@@ -241,14 +241,14 @@ def sample_tokens(params: PyTree, prompt_tokens: jax.Array, prompt_mask: jax.Arr
     config, strategy, max_new_tokens, eos_ids, pad_id, lora_config: static.
     unroll_layers: decode over unstacked, unrolled layers, each with its own
       KV-cache buffers (static). Slower compile (~7-9 s vs ~1.5 s for SmolLM2
-      on 2 CPU cores); with the sgemm kernel its decode steps were 1.1-1.5x
-      faster than the layer scan's at batches 1 to 16 there
+      on 2 CPU cores); with the kernel its decode steps were 1.1-1.8x faster
+      than the layer scan's at batches 1 to 16 there
       (docs/benchmarks.md): worth it for batches sampled often.
     cpu_sgemm: run the float32 products (projections, attention, LM head)
       through the CPU matmul kernel (``ModelConfig.cpu_sgemm``; static; a
       no-op off the CPU or where the kernel is unavailable). On 2 cores it
-      made decode steps 1.3x faster at batch 1 and 16 and 3.2x at batch 8
-      with 900-token prompts, and those prefills 1.3x faster
+      made decode steps 1.3x faster at batch 1 and 16 and 1.7-3.2x at batch
+      8 with 900-token prompts, and prefills 1.3x faster
       (docs/benchmarks.md, "Decoding kernels").
 
   Returns:

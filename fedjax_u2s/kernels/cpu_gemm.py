@@ -5,8 +5,8 @@ attention's few query rows against the cache), where XLA:CPU's dot kernels
 do poorly. ``cpu_gemm.cc`` runs products of up to 32 rows through its own
 loops, which stream each weight once from memory with the output tile in
 registers, and larger ones through MKL's ``sgemm``. On the 2-core dev VM that
-made SmolLM2-135M's decode steps 1.3x faster at batch 1 and 16, and 3.2x at
-batch 8 with 900-token prompts, where attention over the cache dominates;
+made SmolLM2-135M's decode steps 1.3x faster at batch 1 and 16, and 1.7-3.2x
+at batch 8 with 900-token prompts, where attention over the cache weighs most;
 prefills were 1.3x faster (docs/benchmarks.md, "Decoding kernels"). So the
 sampler uses it (``sample_tokens(cpu_sgemm=True)``). LoRA training does not:
 there M = B*T is large, XLA's dots fuse their neighbours and the custom call

@@ -64,7 +64,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: bool = False         # Rematerialise each layer in the backward pass.
   # float32 products (projections, attention, LM head) on XLA:CPU through
-  # kernels/cpu_gemm.py. The sampler turns it on (decoding 1.3-3.2x faster on
+  # kernels/cpu_gemm.py. The sampler turns it on (decoding 1.3-3x faster on
   # 2 cores); training leaves it off (same speed, +18% XLA temp memory). Off
   # the CPU: a no-op.
   cpu_sgemm: bool = False
