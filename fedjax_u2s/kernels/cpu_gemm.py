@@ -32,7 +32,7 @@ layer); each product is split into blocks run on XLA's own intra-op threads
 (the C++ file is built with -march=native, per machine), so no second
 thread pool competes for the cores (MKL's OpenMP threads beside XLA's made
 the training step 10% slower). The custom call is differentiable (a
-``custom_vjp`` whose backward is two more sgemms with a transposed operand,
+``custom_vjp`` whose backward is two more calls with a transposed operand,
 so no transpose is materialised) and batches under ``jax.vmap`` without
 copying a shared operand: an unbatched weight arrives as a size-1 batch dim,
 and the kernel folds the batch into M.
@@ -184,56 +184,38 @@ def _flat(x: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _sgemm_matmul(x: jax.Array, w: jax.Array, transpose_w: bool) -> jax.Array:
-  """[..., K] x ([K, N] or [N, K] transposed) -> [..., N] through sgemm."""
-  y = _gemm(_flat(x), w, transpose_b=transpose_w)
-  return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-def _sgemm_fwd(x, w, transpose_w):
-  return _sgemm_matmul(x, w, transpose_w), (x, w)
-
-
-def _sgemm_bwd(transpose_w, res, g):
-  x, w = res
-  g2 = _flat(g)
-  # dx = g w^T; dw = x^T g (or g^T x for a transposed w). The frozen base's
-  # dw is never used, and XLA drops the unused (side-effect free) call.
-  dx = _gemm(g2, w, transpose_b=not transpose_w).reshape(x.shape)
-  if transpose_w:
-    dw = _gemm(g2, _flat(x), transpose_a=True)
-  else:
-    dw = _gemm(_flat(x), g2, transpose_a=True)
-  return dx, dw
-
-
-_sgemm_matmul.defvjp(_sgemm_fwd, _sgemm_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _sgemm_bmm(a: jax.Array, b: jax.Array, transpose_b: bool) -> jax.Array:
-  """[..., M, K] x ([..., K, N] or [..., N, K] transposed) through sgemm."""
+def _sgemm(a: jax.Array, b: jax.Array, transpose_b: bool) -> jax.Array:
+  """[..., M, K] x ([..., K, N] or [..., N, K] transposed), differentiable."""
   return _gemm(a, b, transpose_b=transpose_b)
 
 
-def _sgemm_bmm_fwd(a, b, transpose_b):
-  return _sgemm_bmm(a, b, transpose_b), (a, b)
+def _sgemm_fwd(a, b, transpose_b):
+  return _sgemm(a, b, transpose_b), (a, b)
 
 
-def _sgemm_bmm_bwd(transpose_b, res, g):
+def _sgemm_bwd(transpose_b, res, g):
   a, b = res
+  # da = g b^T; db = a^T g (or g^T a for a transposed b), with no transpose
+  # materialised. The frozen base's db is never used, and XLA drops the
+  # unused (side-effect free) call.
   da = _gemm(g, b, transpose_b=not transpose_b)
   db = _gemm(g, a, transpose_a=True) if transpose_b else _gemm(a, g, transpose_a=True)
   return da, db
 
 
-_sgemm_bmm.defvjp(_sgemm_bmm_fwd, _sgemm_bmm_bwd)
+_sgemm.defvjp(_sgemm_fwd, _sgemm_bwd)
 
 
-def _einsum_matmul(x: jax.Array, w: jax.Array, transpose_w: bool,
-                   out_dtype) -> jax.Array:
-  spec = "...k,nk->...n" if transpose_w else "...k,kn->...n"
-  return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+def _route(a: jax.Array, b: jax.Array, spec: str, kernel, *, sgemm: bool,
+           out_dtype) -> jax.Array:
+  """``kernel(a, b)`` where the custom call applies (see the module
+  docstring), else ``einsum(spec)`` accumulating in ``out_dtype``."""
+  out_dtype = jnp.dtype(out_dtype or jnp.result_type(a, b))
+  einsum = lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
+  if not (sgemm and a.dtype == jnp.float32 and b.dtype == jnp.float32
+          and out_dtype == jnp.float32 and available()):
+    return einsum(a, b)
+  return jax.lax.platform_dependent(a, b, cpu=kernel, default=einsum)
 
 
 def matmul(x: jax.Array, w: jax.Array, *, transpose_w: bool = False,
@@ -241,20 +223,17 @@ def matmul(x: jax.Array, w: jax.Array, *, transpose_w: bool = False,
   """``x @ w`` (or ``x @ w.T``) for x [..., K] and a 2-D w.
 
   With ``sgemm``, on the CPU, in float32, with the kernel available, this is
-  one sgemm over all of x's leading dims (and all vmapped clients); otherwise
-  an einsum accumulating in and returning ``out_dtype`` (default: the
-  operands' dtype), e.g. float32 logits from bfloat16 operands.
+  one custom call over all of x's leading dims (and all vmapped clients);
+  otherwise an einsum accumulating in and returning ``out_dtype`` (default:
+  the operands' dtype), e.g. float32 logits from bfloat16 operands.
   """
   if w.ndim != 2:
     raise ValueError(f"matmul takes a 2-D w, got shape {w.shape}")
-  out_dtype = jnp.dtype(out_dtype or jnp.result_type(x, w))
-  if not (sgemm and x.dtype == jnp.float32 and w.dtype == jnp.float32
-          and out_dtype == jnp.float32 and available()):
-    return _einsum_matmul(x, w, transpose_w, out_dtype)
-  return jax.lax.platform_dependent(
-      x, w,
-      cpu=lambda x, w: _sgemm_matmul(x, w, transpose_w),
-      default=lambda x, w: _einsum_matmul(x, w, transpose_w, out_dtype))
+  n = w.shape[0] if transpose_w else w.shape[1]
+  return _route(
+      x, w, "...k,nk->...n" if transpose_w else "...k,kn->...n",
+      lambda x, w: _sgemm(_flat(x), w, transpose_w).reshape(*x.shape[:-1], n),
+      sgemm=sgemm, out_dtype=out_dtype)
 
 
 def batched_matmul(a: jax.Array, b: jax.Array, *, transpose_b: bool = False,
@@ -269,11 +248,6 @@ def batched_matmul(a: jax.Array, b: jax.Array, *, transpose_b: bool = False,
   if a.ndim < 2 or a.ndim != b.ndim or a.shape[:-2] != b.shape[:-2]:
     raise ValueError(f"batched_matmul needs equal leading dims, got {a.shape} "
                      f"and {b.shape}")
-  out_dtype = jnp.dtype(out_dtype or jnp.result_type(a, b))
-  spec = "...mk,...nk->...mn" if transpose_b else "...mk,...kn->...mn"
-  einsum = lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
-  if not (sgemm and a.dtype == jnp.float32 and b.dtype == jnp.float32
-          and out_dtype == jnp.float32 and available()):
-    return einsum(a, b)
-  return jax.lax.platform_dependent(
-      a, b, cpu=lambda a, b: _sgemm_bmm(a, b, transpose_b), default=einsum)
+  return _route(a, b, "...mk,...nk->...mn" if transpose_b else "...mk,...kn->...mn",
+                lambda a, b: _sgemm(a, b, transpose_b), sgemm=sgemm,
+                out_dtype=out_dtype)
