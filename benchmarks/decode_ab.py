@@ -30,6 +30,8 @@ _NEW = flags.DEFINE_integer("new_tokens", 128, "New tokens per row.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Alternating repeats (median).")
 _UNROLL = flags.DEFINE_list("unroll", ["true", "false"], "unroll_layers values.")
 _KERNEL = flags.DEFINE_list("kernel", ["true", "false"], "cpu_sgemm values.")
+_PACK = flags.DEFINE_list("pack", ["true"], "pack_weights values (with the "
+                          "kernel and unrolled layers only).")
 
 SMOLLM2_SHAPES = ModelConfig(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
@@ -41,7 +43,7 @@ def _bools(values):
   return [v.lower() in ("1", "true", "yes") for v in values]
 
 
-def compiled_call(params, cfg, batch, new_tokens, unroll, kernel):
+def compiled_call(params, cfg, batch, new_tokens, unroll, kernel, pack):
   tokens = jnp.ones((batch, _PROMPT.value), jnp.int32)
   mask = jnp.ones((batch, _PROMPT.value), bool)
   rngs = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(0), jnp.arange(batch))
@@ -51,7 +53,8 @@ def compiled_call(params, cfg, batch, new_tokens, unroll, kernel):
   start = time.perf_counter()
   fn = sampler_lib.sample_tokens.lower(
       *args, config=cfg, strategy=sampler_lib.Greedy(), max_new_tokens=new_tokens,
-      eos_ids=(), pad_id=0, unroll_layers=unroll, cpu_sgemm=kernel).compile()
+      eos_ids=(), pad_id=0, unroll_layers=unroll, cpu_sgemm=kernel,
+      pack_weights=pack).compile()
   compile_s = time.perf_counter() - start
   return (lambda: fn(*args).tokens.block_until_ready()), compile_s
 
@@ -60,7 +63,9 @@ def main(argv):
   del argv
   cfg = SMOLLM2_SHAPES
   params = llama.init_params(jax.random.key(0), cfg)
-  variants = list(itertools.product(_bools(_UNROLL.value), _bools(_KERNEL.value)))
+  variants = [(u, k, p) for u, k, p in itertools.product(
+      _bools(_UNROLL.value), _bools(_KERNEL.value), _bools(_PACK.value))
+              if not p or (u and k)]
   for b in map(int, _BATCHES.value):
     calls, compile_s = {}, {}
     for v in variants:
@@ -72,14 +77,15 @@ def main(argv):
         start = time.perf_counter()
         call()
         times[k].append(time.perf_counter() - start)
-    for unroll, kernel in variants:
-      prefill = np.median(times[(unroll, kernel, 1)])
-      whole = np.median(times[(unroll, kernel, _NEW.value)])
+    for v in variants:
+      unroll, kernel, pack = v
+      prefill = np.median(times[v + (1,)])
+      whole = np.median(times[v + (_NEW.value,)])
       step = (whole - prefill) / (_NEW.value - 1)
       print(f"batch {b:3d} {'unrolled' if unroll else 'scanned ':8s} "
-            f"kernel {'on ' if kernel else 'off'}: prefill {prefill * 1e3:6.0f} ms, "
+            f"kernel {'on ' if kernel else 'off'}{' packed' if pack else '       '}: prefill {prefill * 1e3:6.0f} ms, "
             f"decode {step * 1e3:6.1f} ms/step = {b / step:6.1f} tok/s "
-            f"(compile {compile_s[(unroll, kernel, _NEW.value)]:.1f} s)", flush=True)
+            f"(compile {compile_s[v + (_NEW.value,)]:.1f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_u2s import lora as lora_lib
+from fedjax_u2s.kernels import cpu_gemm
 from fedjax_u2s.models import llama
 from fedjax_u2s.models.config import ModelConfig
 
@@ -218,7 +219,7 @@ class SamplingState:
 @functools.partial(
     jax.jit, static_argnames=("config", "strategy", "max_new_tokens", "eos_ids",
                               "pad_id", "lora_config", "unroll_layers",
-                              "cpu_sgemm"))
+                              "cpu_sgemm", "pack_weights"))
 def sample_tokens(params: PyTree, prompt_tokens: jax.Array, prompt_mask: jax.Array,
                   row_rngs: jax.Array, stop_tables: jax.Array,
                   stop_lengths: jax.Array, lora: PyTree | None = None, *,
@@ -226,7 +227,8 @@ def sample_tokens(params: PyTree, prompt_tokens: jax.Array, prompt_mask: jax.Arr
                   eos_ids: tuple[int, ...], pad_id: int,
                   lora_config: lora_lib.LoraConfig | None = None,
                   unroll_layers: bool = True,
-                  cpu_sgemm: bool = True) -> SamplingState:
+                  cpu_sgemm: bool = True,
+                  pack_weights: bool | None = None) -> SamplingState:
   """Generates up to ``max_new_tokens`` for a left-padded batch of prompts.
 
   Args:
@@ -250,6 +252,11 @@ def sample_tokens(params: PyTree, prompt_tokens: jax.Array, prompt_mask: jax.Arr
       made decode steps 1.3x faster at batch 1 and 16 and 1.7-3.2x at batch
       8 with 900-token prompts, and prefills 1.3x faster
       (docs/benchmarks.md, "Decoding kernels").
+    pack_weights: decode from a copy of the weights packed into column
+      panels (``llama.pack_weights``; made once per call, so the weights are
+      twice in memory while sampling); static. None: when the unrolled
+      decode runs through the kernel on the CPU, where it made batch-16
+      steps XXX faster on 2 cores (docs/benchmarks.md).
 
   Returns:
     The final :class:`SamplingState`.
@@ -269,6 +276,13 @@ def sample_tokens(params: PyTree, prompt_tokens: jax.Array, prompt_mask: jax.Arr
   if unroll_layers:
     # Unstacked once per call, outside the loop (see llama.unstack_layers).
     params = llama.unstack_layers(params)
+    if pack_weights is None:
+      pack_weights = (cpu_sgemm and cpu_gemm.available()
+                      and jax.default_backend() == "cpu")
+    if pack_weights:
+      params = llama.pack_weights(params, config)
+  elif pack_weights:
+    raise ValueError("pack_weights needs unroll_layers=True.")
   cache = llama.grow_cache(cache, p + max_new_tokens, per_layer=unroll_layers)
   fwd = functools.partial(llama.forward, params, lora=lora,
                           lora_config=lora_config)

@@ -105,6 +105,88 @@ def test_batched_matmul_values_and_grads(transpose_b):
 
 
 @needs_kernel
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("lead,k,n", [
+    ((1,), 576, 1536),   # one row
+    ((12,), 64, 96),     # one whole 12-row pass (AVX-512)
+    ((13,), 33, 70),     # a pass and one row; N not a panel multiple; odd K
+    ((2, 3, 11), 40, 32),  # leading dims flattened: 66 rows, one panel
+])
+def test_packed_matches_float64(transpose, lead, k, n):
+  """Packed panels: the kernel and the einsum fallback against float64."""
+  rng = np.random.default_rng(k * n)
+  x = rng.standard_normal((*lead, k)).astype(np.float32)
+  w = rng.standard_normal((n, k) if transpose else (k, n)).astype(np.float32)
+  packed = cpu_gemm.pack(w, transpose=transpose)
+  assert packed.shape == (k, n)
+  assert packed.panels.shape == (-(-n // cpu_gemm.PANEL), k, cpu_gemm.PANEL)
+  np.testing.assert_array_equal(packed.unpack(), w.T if transpose else w)
+  want = x.astype(np.float64) @ (w.T if transpose else w).astype(np.float64)
+  f = lambda x, p: cpu_gemm.matmul(x, p)
+  text = jax.jit(f).lower(x, packed).as_text()
+  assert text.count("@fedjax_u2s_cpu_packed_gemm(") == 1
+  for sgemm in (True, False):
+    y = jax.jit(functools.partial(cpu_gemm.matmul, sgemm=sgemm))(x, packed)
+    assert y.shape == (*lead, n)
+    np.testing.assert_allclose(y, want, rtol=0, atol=1e-6 * k)
+
+
+def test_packed_rejects_transpose_w():
+  packed = cpu_gemm.pack(jnp.ones((4, 3)))
+  with pytest.raises(ValueError, match="pack\\(w, transpose=True\\)"):
+    cpu_gemm.matmul(jnp.ones((2, 4)), packed, transpose_w=True)
+
+
+def _attention_ref(q, keys, values, mask):
+  """Grouped-query softmax attention in float64 numpy; masked-out rows see
+  every slot equally (a softmax over equal masked scores)."""
+  q, keys, values = (np.asarray(a, np.float64) for a in (q, keys, values))
+  b, t, h, hd = q.shape
+  kh = keys.shape[1]
+  g = h // kh
+  out = np.zeros((b, t, h, hd))
+  for bi, ti, hi in np.ndindex(b, t, h):
+    k, v = keys[bi, hi // g], values[bi, hi // g]
+    m = np.asarray(mask[bi, ti])
+    s = k @ q[bi, ti, hi] / np.sqrt(hd)
+    s = np.where(m, s, -np.inf) if m.any() else np.zeros_like(s)
+    p = np.exp(s - s.max())
+    out[bi, ti, hi] = p @ v / p.sum()
+  return out.reshape(b, t, h * hd)
+
+
+@needs_kernel
+@pytest.mark.parametrize("b,t,h,kh,hd,s", [
+    (2, 1, 9, 3, 64, 37),   # SmolLM2's heads, one new token
+    (3, 2, 4, 2, 32, 20),   # two new tokens per row
+    (1, 3, 2, 2, 128, 50),  # no grouping, wide heads
+    (2, 1, 6, 2, 24, 9),    # a head size that is no vector multiple
+    (1, 1, 2, 1, 16, 1),    # one slot
+])
+def test_fused_attention_matches_float64(b, t, h, kh, hd, s):
+  keys = jax.random.split(jax.random.PRNGKey(b * 1000 + t * 100 + hd + s), 4)
+  q = jax.random.normal(keys[0], (b, t, h, hd))
+  k = jax.random.normal(keys[1], (b, kh, s, hd))
+  v = jax.random.normal(keys[2], (b, kh, s, hd))
+  mask = jax.random.bernoulli(keys[3], 0.6, (b, t, s)).at[0, 0, 0].set(True)
+  if s > 1:
+    mask = mask.at[-1, -1].set(False)  # A row that sees no slot at all.
+  # Zeros where the kernel does not run (lowering traces both branches).
+  reference = lambda q, k, v, m: jnp.zeros((b, t, h * hd))
+  f = jax.jit(functools.partial(cpu_gemm.attention, reference=reference))
+  assert f.lower(q, k, v, mask).as_text().count("@fedjax_u2s_cpu_attention(") == 1
+  y = f(q, k, v, mask)
+  assert y.shape == (b, t, h * hd)
+  np.testing.assert_allclose(y, _attention_ref(q, k, v, mask), rtol=0, atol=2e-6)
+  # The model's own attention is the fallback, and agrees.
+  ours = functools.partial(llama._attention, config=_TINY.replace(
+      num_heads=h, num_kv_heads=kh, head_dim=hd))
+  np.testing.assert_allclose(ours(q, k, v, mask), y, rtol=0, atol=2e-6)
+  off = functools.partial(cpu_gemm.attention, reference=ours, enabled=False)
+  assert "fedjax_u2s_cpu_attention" not in jax.jit(off).lower(q, k, v, mask).as_text()
+
+
+@needs_kernel
 def test_zero_contraction_gives_zeros():
   y = jax.jit(cpu_gemm.matmul)(jnp.ones((3, 0)), jnp.ones((0, 5)))
   np.testing.assert_array_equal(y, np.zeros((3, 5)))
@@ -226,13 +308,16 @@ def test_sampler_decodes_the_same_tokens_through_sgemm():
   out = [sampler.sample_tokens(params, prompts, mask, rngs, *no_stops,
                                config=_TINY, strategy=sampler.Greedy(),
                                max_new_tokens=8, eos_ids=(), pad_id=0,
-                               cpu_sgemm=flag).tokens for flag in (True, False)]
-  np.testing.assert_array_equal(out[0], out[1])
+                               cpu_sgemm=flag, pack_weights=pack).tokens
+         for flag, pack in ((True, None), (True, False), (False, None))]
+  np.testing.assert_array_equal(out[0], out[2])
+  np.testing.assert_array_equal(out[1], out[2])
 
 
 @needs_kernel
-@pytest.mark.parametrize("cpu_sgemm", [None, True, False])
-def test_sampler_uses_the_kernel_by_default(cpu_sgemm):
+@pytest.mark.parametrize("cpu_sgemm,pack", [(None, None), (True, None), (True, False),
+                                            (False, None)])
+def test_sampler_uses_the_kernels_by_default(cpu_sgemm, pack):
   params = llama.init_params(jax.random.PRNGKey(0), _TINY)
   prompts = jnp.zeros((3, 5), jnp.int32)
   no_stops = (jnp.zeros((0, 1, 64), jnp.int32), jnp.zeros((0,), jnp.int32))
@@ -241,10 +326,35 @@ def test_sampler_uses_the_kernel_by_default(cpu_sgemm):
       params, prompts, jnp.ones((3, 5), bool),
       jax.random.split(jax.random.PRNGKey(0), 3), *no_stops,
       config=_TINY, strategy=sampler.Greedy(), max_new_tokens=2, eos_ids=(),
-      pad_id=0, **kw).as_text()
-  calls = text.count("fedjax_u2s_cpu_gemm")
+      pad_id=0, pack_weights=pack, **kw).as_text()
+  calls = {name: text.count(f"@fedjax_u2s_cpu_{name}(")
+           for name in ("gemm", "packed_gemm", "attention")}
+  layers = _TINY.num_layers
   if cpu_sgemm is False:
-    assert calls == 0
-  else:  # 7 projections + 2 attention products in the prefill's layer scan
-    # body and in each unrolled decode layer, and the LM heads.
-    assert calls == 9 + 9 * _TINY.num_layers + 2, calls
+    assert calls == dict(gemm=0, packed_gemm=0, attention=0)
+  elif pack is False:  # Row-major weights in the decode layers too.
+    assert calls == dict(gemm=9 + 1 + 7 * layers + 1, packed_gemm=0,
+                         attention=layers), calls
+  else:  # Prefill: 7 projections + 2 attention products in the layer scan's
+    # body, and the LM head; each decode layer: 7 packed projections and the
+    # fused attention; the packed LM head.
+    assert calls == dict(gemm=9 + 1, packed_gemm=7 * layers + 1,
+                         attention=layers), calls
+
+
+def test_packed_params_give_the_same_logits():
+  """llama.pack_weights: a decode step over packed weights (kernel or, where
+  it is unavailable, the einsum fallback) equals one over the originals."""
+  cfg = _TINY.replace(cpu_sgemm=True)
+  params = llama.init_params(jax.random.PRNGKey(0), cfg, std=0.5)
+  with pytest.raises(ValueError, match="unstack_layers"):
+    llama.pack_weights(params, cfg)
+  flat = llama.unstack_layers(params)
+  packed = llama.pack_weights(flat, cfg)
+  assert isinstance(packed["lm_head"], cpu_gemm.Packed)
+  assert isinstance(packed["layers"][0]["gate"]["w"], cpu_gemm.Packed)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 6), 0, cfg.vocab_size)
+  cache = llama.init_cache(cfg, 2, 8, per_layer=True)
+  outs = [jax.jit(functools.partial(llama.forward, config=cfg))(p, tokens, cache=cache)[0]
+          for p in (flat, packed)]
+  np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <cstdint>
 #include <thread>
@@ -222,6 +223,63 @@ void StreamNt(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) 
   }
 }
 
+// ---------------------------------------------------------------------------
+// Prepacked weights (decoding). A [K, N] weight laid out as kPanel-column
+// panels, [ceil(N / kPanel), K, kPanel] (the last one zero-padded), so each
+// panel is one contiguous stream: hardware prefetchers follow it and it
+// spans few pages, where a kNnBlock-wide tile of a row-major weight reads
+// one short piece per row, each a whole row (often a page) apart. On the
+// 2-core dev VM the layers' products of a batch-16 decode step took ~1.25x
+// less time this way (docs/benchmarks.md, "Decoding kernels"). The panel
+// width is fixed (not per ISA): the layout is made by the caller (JAX).
+
+constexpr int64_t kPanel = 32;
+constexpr int kPkVecs = kPanel / kVl;
+#if defined(__AVX512F__)
+constexpr int kPkRows = 12;  // 24 accumulators, 2 weight vectors, 1 broadcast
+#elif defined(__AVX__)
+constexpr int kPkRows = 3;   // 12 accumulators of 16 registers
+#else
+constexpr int kPkRows = 1;
+#endif
+
+// c[0:R, 0:width] = a[0:R, :] panel, panel [K, kPanel] contiguous.
+template <int R>
+void TilePacked(const float* a, int64_t lda, const float* panel, int64_t k,
+                float* c, int64_t ldc, int64_t width) {
+  Vec acc[R][kPkVecs] = {};
+  for (int64_t x = 0; x < k; ++x) {
+    const float* row = panel + x * kPanel;
+    for (int64_t j = 0; j < kPanel; j += 64 / sizeof(float)) {  // Lines.
+      __builtin_prefetch(row + kPrefetchRows * kPanel + j);
+    }
+    Vec bv[kPkVecs];
+    for (int j = 0; j < kPkVecs; ++j) bv[j] = Load(row + j * kVl);
+    for (int i = 0; i < R; ++i) {
+      const Vec ai = Vec{} + a[i * lda + x];
+      for (int j = 0; j < kPkVecs; ++j) acc[i][j] += ai * bv[j];
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    if (width == kPanel) {
+      for (int j = 0; j < kPkVecs; ++j) Store(c + i * ldc + j * kVl, acc[i][j]);
+    } else {  // The last panel of an N that is not a multiple of kPanel.
+      float tile[kPanel];
+      for (int j = 0; j < kPkVecs; ++j) Store(tile + j * kVl, acc[i][j]);
+      std::copy(tile, tile + width, c + i * ldc);
+    }
+  }
+}
+
+template <int R>
+void TilePackedRows(int64_t r, const float* a, int64_t lda, const float* panel,
+                    int64_t k, float* c, int64_t ldc, int64_t width) {
+  if constexpr (R > 1) {
+    if (r < R) return TilePackedRows<R - 1>(r, a, lda, panel, k, c, ldc, width);
+  }
+  TilePacked<R>(a, lda, panel, k, c, ldc, width);
+}
+
 void RunBlock(const Problem& p, int64_t lo, int64_t hi, bool split_m) {
   if (p.m <= kSmallM && !p.ta) {
     const int64_t m0 = split_m ? lo : 0, m1 = split_m ? hi : p.m;
@@ -247,26 +305,37 @@ void RunBlock(const Problem& p, int64_t lo, int64_t hi, bool split_m) {
           static_cast<int>(p.n));
 }
 
-// Work shared between the calling thread and tasks on XLA's pool: whoever
-// runs takes the next unclaimed block, so the caller never waits on a task
-// that has not started (no deadlock when every pool thread is in a call).
-struct Shared {
-  std::vector<Problem> problems;
-  int64_t blocks_per_problem = 1, block = 1, extent = 0;
-  bool split_m = true;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void Work() {
-    const int64_t total = static_cast<int64_t>(problems.size()) * blocks_per_problem;
-    for (int64_t i = next.fetch_add(1); i < total; i = next.fetch_add(1)) {
-      const Problem& p = problems[i / blocks_per_problem];
-      const int64_t lo = (i % blocks_per_problem) * block;
-      RunBlock(p, lo, std::min(lo + block, extent), split_m);
-      done.fetch_add(1, std::memory_order_release);
+// fn(0..n-1) on the calling thread and XLA's pool: whoever runs takes the
+// next unclaimed index, so the caller never waits on a task that has not
+// started (no deadlock when every pool thread is in a call), and a pool
+// thread that wakes late (tens of microseconds on the dev VM) just finds less
+// left to do. Tasks that start after the last index is claimed touch only
+// the shared counters, never fn.
+void ParallelFor(ffi::ThreadPool& pool, int64_t n,
+                 std::function<void(int64_t)> fn) {
+  struct State {
+    std::function<void(int64_t)> fn;
+    int64_t n;
+    std::atomic<int64_t> next{0}, done{0};
+    void Work() {
+      for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
+        fn(i);
+        done.fetch_add(1, std::memory_order_release);
+      }
     }
+  };
+  auto state = std::make_shared<State>();
+  state->fn = std::move(fn);
+  state->n = n;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  for (int64_t t = 1; t < std::min(threads, n); ++t) {
+    pool.Schedule([state] { state->Work(); });
   }
-};
+  state->Work();
+  while (state->done.load(std::memory_order_acquire) < n) {
+    std::this_thread::yield();
+  }
+}
 
 ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
                     ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> out,
@@ -308,11 +377,11 @@ ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
   const float* bp = b.typed_data();
   const int64_t lda = transpose_a ? m : k, ldb = transpose_b ? k : n;
 
-  auto shared = std::make_shared<Shared>();
+  std::vector<Problem> problems;
   if (b_shared && !transpose_a && a_batch == batch) {
     // b shared by the whole batch: fold the batch into M, one product.
-    shared->problems.push_back({ap, bp, op, batch * m, n, k, lda, ldb,
-                                transpose_a, transpose_b});
+    problems.push_back({ap, bp, op, batch * m, n, k, lda, ldb, transpose_a,
+                        transpose_b});
   } else {
     // Walk the output's batch index, mapping it into a and b (a broadcast
     // dim contributes stride 0).
@@ -325,9 +394,8 @@ ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
         as *= ad[d];
         bs *= bd[d];
       }
-      shared->problems.push_back({ap + ao * m * k, bp + bo * k * n,
-                                  op + bi * m * n, m, n, k, lda, ldb,
-                                  transpose_a, transpose_b});
+      problems.push_back({ap + ao * m * k, bp + bo * k * n, op + bi * m * n, m,
+                          n, k, lda, ldb, transpose_a, transpose_b});
       for (size_t d = rank - 2; d-- > 0;) {
         if (++idx[d] < od[d]) break;
         idx[d] = 0;
@@ -337,32 +405,236 @@ ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
   // Split each product along its longer output dim into about one block per
   // thread (at least kMinBlock rows/columns, so small products stay whole).
   constexpr int64_t kMinBlock = 64;
-  const Problem& p0 = shared->problems.front();
+  const Problem& p0 = problems.front();
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t products = static_cast<int64_t>(shared->problems.size());
-  shared->split_m = p0.m >= p0.n;
-  shared->extent = shared->split_m ? p0.m : p0.n;
+  const int64_t products = static_cast<int64_t>(problems.size());
+  const bool split_m = p0.m >= p0.n;
+  const int64_t extent = split_m ? p0.m : p0.n;
   const int64_t want = products >= threads ? 1 : (threads + products - 1) / products;
-  shared->blocks_per_problem =
-      std::max<int64_t>(1, std::min(want, shared->extent / kMinBlock));
-  shared->block = (shared->extent + shared->blocks_per_problem - 1) /
-                  shared->blocks_per_problem;
-  if (!shared->split_m) {  // Whole column tiles for the streaming loops.
-    shared->block = (shared->block + kNnBlock - 1) / kNnBlock * kNnBlock;
-  }
-  shared->blocks_per_problem =
-      (shared->extent + shared->block - 1) / shared->block;
-  const int64_t total = products * shared->blocks_per_problem;
-  for (int64_t t = 1; t < std::min(threads, total); ++t) {
-    pool.Schedule([shared] { shared->Work(); });
-  }
-  shared->Work();
-  while (shared->done.load(std::memory_order_acquire) < total) {
-    std::this_thread::yield();
-  }
+  int64_t blocks = std::max<int64_t>(1, std::min(want, extent / kMinBlock));
+  int64_t block = (extent + blocks - 1) / blocks;
+  if (!split_m) block = (block + kNnBlock - 1) / kNnBlock * kNnBlock;  // Tiles.
+  blocks = (extent + block - 1) / block;
+  ParallelFor(pool, products * blocks, [&](int64_t i) {
+    const int64_t lo = (i % blocks) * block;
+    RunBlock(problems[i / blocks], lo, std::min(lo + block, extent), split_m);
+  });
   return ffi::Error::Success();
 }
 
+
+// out[..., N] = a[..., K] w for w packed as panels [1.., P, K, kPanel]
+// (leading size-1 dims: jax.vmap's "expand_dims" of an unbatched weight).
+ffi::Error PackedGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
+                          ffi::Buffer<ffi::F32> panels,
+                          ffi::ResultBuffer<ffi::F32> out) {
+  auto ad = a.dimensions(), pd = panels.dimensions(), od = out->dimensions();
+  if (ad.size() < 1 || od.size() != ad.size() || pd.size() < 3) {
+    return ffi::Error::InvalidArgument(
+        "cpu_gemm packed: want a [..., K], panels [P, K, 32], out [..., N]");
+  }
+  for (size_t i = 0; i + 3 < pd.size(); ++i) {
+    if (pd[i] != 1) {
+      return ffi::Error::InvalidArgument(
+          "cpu_gemm packed: a batched (vmapped) packed weight is not supported");
+    }
+  }
+  const size_t r = pd.size();
+  const int64_t num_panels = pd[r - 3], k = pd[r - 2], n = od[od.size() - 1];
+  int64_t m = 1;
+  for (size_t i = 0; i + 1 < ad.size(); ++i) {
+    if (ad[i] != od[i]) {
+      return ffi::Error::InvalidArgument("cpu_gemm packed: a and out disagree");
+    }
+    m *= ad[i];
+  }
+  if (pd[r - 1] != kPanel || ad[ad.size() - 1] != k ||
+      num_panels != (n + kPanel - 1) / kPanel) {
+    return ffi::Error::InvalidArgument(
+        "cpu_gemm packed: panels are not [ceil(N/32), K, 32] for a [..., K]");
+  }
+  const float* ap = a.typed_data();
+  const float* pp = panels.typed_data();
+  float* op = out->typed_data();
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  // A few panels per task, several tasks per thread: a pool thread that
+  // starts late still takes a share.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t per = std::max<int64_t>(1, num_panels / (4 * threads));
+  const int64_t tasks = (num_panels + per - 1) / per;
+  ParallelFor(pool, tasks, [&](int64_t t) {
+    for (int64_t q = t * per; q < std::min(num_panels, (t + 1) * per); ++q) {
+      const int64_t width = std::min(kPanel, n - q * kPanel);
+      for (int64_t i = 0; i < m; i += kPkRows) {
+        TilePackedRows<kPkRows>(m - i, ap + i * k, k, pp + q * k * kPanel, k,
+                                op + i * n + q * kPanel, n, width);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------
+// Attention of a few query rows over a KV cache (decoding), fused: scores,
+// masked softmax and the weighted sum of values in one pass per (row, KV
+// head), touching only the cache slots the mask lets the query see. As
+// separate products and XLA fusions this was 2 calls and ~6 small fusions
+// per layer, reading every slot of the cache, valid or not.
+
+typedef int32_t IVec __attribute__((vector_size(kVl * sizeof(int32_t))));
+
+// exp(x) for x <= 0 (softmax after subtracting the max): Cody-Waite range
+// reduction to r in [-ln2/2, ln2/2] and a degree-6 polynomial (Cephes'
+// expf coefficients, ~1 ulp), scaled by 2^n through the exponent bits.
+inline Vec ExpNonPositive(Vec x) {
+  const Vec lo = Vec{} - 87.0f;  // exp(-87) ~ 1.6e-38: the normal range.
+  x = x < lo ? lo : x;
+  const Vec magic = Vec{} + 12582912.0f;  // 1.5 * 2^23: rounds to integer.
+  const Vec n = (x * 1.44269504088896341f + magic) - magic;
+  const Vec r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  Vec p = Vec{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const Vec y = p * r * r + r + 1.0f;
+  const IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;
+  Vec scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+// Softmax weights over the n listed slots for one query row, in probs (its
+// tail up to a whole vector zeroed); returns 1 / their sum. HV vectors per
+// head (0: any hd, unvectorised tails).
+template <int HV>
+float Scores(const float* q, const float* keys, const int32_t* slots, int64_t n,
+             bool none, int64_t hd, float scale, float* probs) {
+  const int64_t padded = (n + kVl - 1) / kVl * kVl;
+  float m = -3.0e38f;
+  if (none) {
+    std::fill(probs, probs + n, 0.0f);
+    m = 0.0f;
+  } else if constexpr (HV > 0) {
+    Vec qv[HV];
+    for (int v = 0; v < HV; ++v) qv[v] = Load(q + v * kVl) * scale;
+    for (int64_t i = 0; i < n; ++i) {
+      const float* k = keys + slots[i] * hd;
+      Vec acc = qv[0] * Load(k);
+      for (int v = 1; v < HV; ++v) acc += qv[v] * Load(k + v * kVl);
+      probs[i] = Sum(acc);
+      m = std::max(m, probs[i]);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const float* k = keys + slots[i] * hd;
+      float acc = 0.0f;
+      for (int64_t d = 0; d < hd; ++d) acc += q[d] * scale * k[d];
+      probs[i] = acc;
+      m = std::max(m, acc);
+    }
+  }
+  for (int64_t i = n; i < padded; ++i) probs[i] = -3.0e38f;  // exp -> 0
+  Vec total{};
+  for (int64_t i = 0; i < padded; i += kVl) {
+    const Vec e = ExpNonPositive(Load(probs + i) - m);
+    Store(probs + i, e);
+    total += e;
+  }
+  return 1.0f / Sum(total);
+}
+
+// out [hd] = sum_i probs[i] * inv * values[slots[i]], in registers.
+template <int HV>
+void Mix(const float* values, const int32_t* slots, const float* probs,
+         int64_t n, int64_t hd, float inv, float* out) {
+  if constexpr (HV > 0) {
+    Vec acc[HV] = {};
+    for (int64_t i = 0; i < n; ++i) {
+      const float* v = values + slots[i] * hd;
+      const Vec w = Vec{} + probs[i];
+      for (int j = 0; j < HV; ++j) acc[j] += w * Load(v + j * kVl);
+    }
+    for (int j = 0; j < HV; ++j) Store(out + j * kVl, acc[j] * inv);
+  } else {
+    std::fill(out, out + hd, 0.0f);
+    for (int64_t i = 0; i < n; ++i) {
+      const float* v = values + slots[i] * hd;
+      for (int64_t d = 0; d < hd; ++d) out[d] += probs[i] * v[d];
+    }
+    for (int64_t d = 0; d < hd; ++d) out[d] *= inv;
+  }
+}
+
+// One (batch row, KV head): q [R, hd] rows r = g * T + t (mask row t),
+// keys/values [S, hd], mask [T, S], out [R, hd]. A row that sees no slot
+// gets the mean of all values, as a softmax over equal -1e30 scores does.
+template <int HV>
+void AttendGroup(const float* q, const float* keys, const float* values,
+                 const bool* mask, float* out, int64_t rows, int64_t t_len,
+                 int64_t s_len, int64_t hd, float scale,
+                 std::vector<int32_t>& slots, std::vector<float>& probs) {
+  for (int64_t t = 0; t < t_len; ++t) {
+    slots.clear();
+    for (int64_t j = 0; j < s_len; ++j) {
+      if (mask[t * s_len + j]) slots.push_back(static_cast<int32_t>(j));
+    }
+    const bool none = slots.empty();
+    if (none) {
+      for (int64_t j = 0; j < s_len; ++j) slots.push_back(static_cast<int32_t>(j));
+    }
+    const int64_t n = static_cast<int64_t>(slots.size());
+    probs.resize((n + kVl - 1) / kVl * kVl);
+    for (int64_t r = t; r < rows; r += t_len) {
+      const float inv = Scores<HV>(q + r * hd, keys, slots.data(), n, none, hd,
+                                   scale, probs.data());
+      Mix<HV>(values, slots.data(), probs.data(), n, hd, inv, out + r * hd);
+    }
+  }
+}
+
+// q [B, K, R, hd], keys/values [B, K, S, hd], mask [B, T, S] -> out
+// [B, K, R, hd], R = G * T (query row g * T + t sees mask[b, t]).
+ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                         ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
+                         ffi::Buffer<ffi::PRED> mask,
+                         ffi::ResultBuffer<ffi::F32> out, float scale) {
+  auto qd = q.dimensions(), kd = keys.dimensions(), md = mask.dimensions();
+  auto same = [](auto x, auto y) { return std::equal(x.begin(), x.end(), y.begin(), y.end()); };
+  if (qd.size() != 4 || kd.size() != 4 || md.size() != 3 ||
+      !same(values.dimensions(), kd) || !same(out->dimensions(), qd) || kd[0] != qd[0] ||
+      kd[1] != qd[1] || kd[3] != qd[3] || md[0] != qd[0] || md[2] != kd[2] ||
+      md[1] == 0 || qd[2] % md[1] != 0) {
+    return ffi::Error::InvalidArgument(
+        "cpu attention: want q [B, K, G*T, hd], keys/values [B, K, S, hd], "
+        "mask [B, T, S]");
+  }
+  const int64_t b = qd[0], kh = qd[1], rows = qd[2], hd = qd[3];
+  const int64_t t_len = md[1], s_len = kd[2];
+  const float* qp = q.typed_data();
+  const float* kp = keys.typed_data();
+  const float* vp = values.typed_data();
+  const bool* mp = mask.typed_data();
+  float* op = out->typed_data();
+  if (s_len == 0) {
+    std::fill(op, op + b * kh * rows * hd, 0.0f);
+    return ffi::Error::Success();
+  }
+  // Vectorised for heads of 2, 4 or 8 vectors (hd 32, 64, 128 with AVX-512).
+  auto group = hd == 2 * kVl   ? AttendGroup<2>
+               : hd == 4 * kVl ? AttendGroup<4>
+               : hd == 8 * kVl ? AttendGroup<8>
+                               : AttendGroup<0>;
+  ParallelFor(pool, b * kh, [&](int64_t i) {
+    thread_local std::vector<int32_t> slots;
+    thread_local std::vector<float> probs;
+    group(qp + i * rows * hd, kp + i * s_len * hd, vp + i * s_len * hd,
+          mp + i / kh * t_len * s_len, op + i * rows * hd, rows, t_len, s_len, hd,
+          scale, slots, probs);
+  });
+  return ffi::Error::Success();
+}
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -374,6 +646,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<ffi::Buffer<ffi::F32>>()
         .Attr<bool>("transpose_a")
         .Attr<bool>("transpose_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FedjaxU2sCpuPackedGemm, PackedGemmImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FedjaxU2sCpuAttention, AttentionImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::PRED>>()
+        .Ret<ffi::Buffer<ffi::F32>>()
+        .Attr<float>("scale"));
 
 extern "C" void fedjax_u2s_set_sgemm(void* fn) {
   g_sgemm = reinterpret_cast<SgemmFn>(fn);

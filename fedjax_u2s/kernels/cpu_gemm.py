@@ -58,12 +58,16 @@ import shutil
 import subprocess
 import tempfile
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import jaxlib.version
 import numpy as np
 
 _TARGET = "fedjax_u2s_cpu_gemm"
+_PACKED_TARGET = "fedjax_u2s_cpu_packed_gemm"
+_ATTENTION_TARGET = "fedjax_u2s_cpu_attention"
+PANEL = 32  # Columns per panel of a packed weight (kPanel in cpu_gemm.cc).
 _SOURCE = pathlib.Path(__file__).with_name("cpu_gemm.cc")
 _MKL_CBWR_AUTO = 2  # mkl.h: MKL_CBWR_AUTO
 _MKL_THREADING_SEQUENTIAL = 1  # mkl.h: MKL_THREADING_SEQUENTIAL
@@ -154,6 +158,12 @@ def _load() -> str:
   lib.fedjax_u2s_set_sgemm(ctypes.cast(sgemm, ctypes.c_void_p))
   jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.FedjaxU2sCpuGemm),
                               platform="cpu")
+  jax.ffi.register_ffi_target(_ATTENTION_TARGET,
+                              jax.ffi.pycapsule(lib.FedjaxU2sCpuAttention),
+                              platform="cpu")
+  jax.ffi.register_ffi_target(_PACKED_TARGET,
+                              jax.ffi.pycapsule(lib.FedjaxU2sCpuPackedGemm),
+                              platform="cpu")
   logging.info("fedjax_u2s: float32 CPU matmuls use %s", cblas_path)
   return ""
 
@@ -218,15 +228,21 @@ def _route(a: jax.Array, b: jax.Array, spec: str, kernel, *, sgemm: bool,
   return jax.lax.platform_dependent(a, b, cpu=kernel, default=einsum)
 
 
-def matmul(x: jax.Array, w: jax.Array, *, transpose_w: bool = False,
+def matmul(x: jax.Array, w: "jax.Array | Packed", *, transpose_w: bool = False,
            sgemm: bool = True, out_dtype=None) -> jax.Array:
-  """``x @ w`` (or ``x @ w.T``) for x [..., K] and a 2-D w.
+  """``x @ w`` (or ``x @ w.T``) for x [..., K] and a 2-D or :class:`Packed` w.
 
   With ``sgemm``, on the CPU, in float32, with the kernel available, this is
   one custom call over all of x's leading dims (and all vmapped clients);
   otherwise an einsum accumulating in and returning ``out_dtype`` (default:
-  the operands' dtype), e.g. float32 logits from bfloat16 operands.
+  the operands' dtype), e.g. float32 logits from bfloat16 operands. A
+  :class:`Packed` w is for inference: its custom call has no gradient.
   """
+  if isinstance(w, Packed):
+    if transpose_w:
+      raise ValueError("matmul: a Packed w is already laid out as [K, N]; "
+                       "pack(w, transpose=True) instead of transpose_w")
+    return _packed_matmul(x, w, sgemm=sgemm, out_dtype=out_dtype)
   if w.ndim != 2:
     raise ValueError(f"matmul takes a 2-D w, got shape {w.shape}")
   n = w.shape[0] if transpose_w else w.shape[1]
@@ -251,3 +267,98 @@ def batched_matmul(a: jax.Array, b: jax.Array, *, transpose_b: bool = False,
   return _route(a, b, "...mk,...nk->...mn" if transpose_b else "...mk,...kn->...mn",
                 lambda a, b: _sgemm(a, b, transpose_b), sgemm=sgemm,
                 out_dtype=out_dtype)
+
+
+@flax.struct.dataclass
+class Packed:
+  """A [K, N] weight as column panels, the layout the decode kernel streams.
+
+  ``panels[p, k, c]`` is ``w[k, p * PANEL + c]`` (zero past N): each panel
+  is one contiguous run of memory, where a tile of a row-major weight is K
+  short pieces a row apart (see cpu_gemm.cc). Made by :func:`pack`, once per
+  sampling call; used by :func:`matmul` like the [K, N] array it holds.
+  """
+  panels: jax.Array  # [ceil(N / PANEL), K, PANEL]
+  n: int = flax.struct.field(pytree_node=False)
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (self.panels.shape[1], self.n)
+
+  @property
+  def dtype(self):
+    return self.panels.dtype
+
+  def astype(self, dtype) -> "Packed":
+    return self.replace(panels=self.panels.astype(dtype))
+
+  def unpack(self) -> jax.Array:
+    """The [K, N] weight."""
+    p, k, c = self.panels.shape
+    return self.panels.transpose(1, 0, 2).reshape(k, p * c)[:, :self.n]
+
+
+def pack(w: jax.Array, *, transpose: bool = False) -> Packed:
+  """Packs a 2-D w ([K, N], or [N, K] with ``transpose``) into panels."""
+  if w.ndim != 2:
+    raise ValueError(f"pack takes a 2-D weight, got shape {w.shape}")
+  if transpose:  # [N, K] -> panels of w.T without materialising w.T.
+    n, k = w.shape
+    w = jnp.pad(w, ((0, -n % PANEL), (0, 0)))
+    panels = w.reshape(-1, PANEL, k).transpose(0, 2, 1)
+  else:
+    k, n = w.shape
+    w = jnp.pad(w, ((0, 0), (0, -n % PANEL)))
+    panels = w.reshape(k, -1, PANEL).transpose(1, 0, 2)
+  return Packed(panels=panels, n=n)
+
+
+def _packed_matmul(x: jax.Array, w: Packed, *, sgemm: bool, out_dtype) -> jax.Array:
+  """x [..., K] @ w for a packed w: the custom call, or an einsum."""
+  out_dtype = jnp.dtype(out_dtype or jnp.result_type(x, w.panels))
+
+  def einsum(x, panels):
+    y = jnp.einsum("...k,pkc->...pc", x, panels, preferred_element_type=out_dtype)
+    return y.reshape(*x.shape[:-1], -1)[..., :w.n]
+
+  def kernel(x, panels):
+    out = jax.ShapeDtypeStruct((*x.shape[:-1], w.n), jnp.float32)
+    return jax.ffi.ffi_call(_PACKED_TARGET, out, vmap_method="expand_dims")(
+        x, panels)
+
+  if not (sgemm and x.dtype == jnp.float32 and w.dtype == jnp.float32
+          and out_dtype == jnp.float32 and available()):
+    return einsum(x, w.panels)
+  return jax.lax.platform_dependent(x, w.panels, cpu=kernel, default=einsum)
+
+
+def attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
+              *, reference, enabled: bool = True) -> jax.Array:
+  """Grouped-query softmax attention over a KV cache, fused (inference only).
+
+  q [B, T, H, hd]; keys, values [B, K, S, hd] (K divides H); mask [B, T, S]
+  bool, which slots each query sees. Returns [B, T, H * hd], as
+  ``reference(q, keys, values, mask)`` does. With ``enabled``, on the CPU,
+  in float32, with the kernel available, one custom call computes scores,
+  masked softmax and the weighted sum per (row, KV head), reading only the
+  slots the mask allows; otherwise ``reference`` runs. A row that sees no
+  slot gets the mean of all values (a softmax over equal masked scores).
+  The custom call has no gradient.
+  """
+  if not (enabled and q.dtype == keys.dtype == values.dtype == jnp.float32
+          and available()):
+    return reference(q, keys, values, mask)
+
+  def kernel(q, keys, values, mask):
+    b, t, h, hd = q.shape
+    kh = keys.shape[1]
+    g = h // kh
+    qk = q.reshape(b, t, kh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, hd)
+    out = jax.ffi.ffi_call(
+        _ATTENTION_TARGET, jax.ShapeDtypeStruct(qk.shape, jnp.float32),
+        vmap_method="sequential")(qk, keys, values, mask.astype(bool),
+                                  scale=np.float32(1.0 / math.sqrt(hd)))
+    return out.reshape(b, kh, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
+
+  return jax.lax.platform_dependent(q, keys, values, mask, cpu=kernel,
+                                    default=reference)

@@ -31,6 +31,7 @@ with a single ``dynamic_update_slice`` (per layer, for a per-layer cache);
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -165,6 +166,28 @@ def unstack_layers(params: PyTree) -> PyTree:
   n = jax.tree.leaves(layers)[0].shape[0]
   return {**params,
           "layers": tuple(jax.tree.map(lambda w, i=i: w[i], layers) for i in range(n))}
+
+
+def pack_weights(params: PyTree, config: ModelConfig) -> PyTree:
+  """Unstacked params with every projection and the LM head as
+  :class:`cpu_gemm.Packed` panels, the layout the CPU decode kernel streams
+  fastest (see cpu_gemm.cc). A copy of the weights, for inference only:
+  :func:`forward` and :func:`logits_from_hidden` take it like the original
+  (the tied embedding stays for the lookup; the packed head is ``lm_head``).
+  """
+  layers = params["layers"]
+  if not isinstance(layers, (list, tuple)):
+    raise ValueError("pack_weights takes unstacked layers: pass "
+                     "unstack_layers(params) first.")
+
+  def pack_layer(lp):
+    return {name: ({**p, "w": cpu_gemm.pack(p["w"])} if isinstance(p, dict) else p)
+            for name, p in lp.items()}
+
+  head = (cpu_gemm.pack(params["embed"], transpose=True)
+          if config.tie_word_embeddings else cpu_gemm.pack(params["lm_head"]))
+  return {**params, "layers": tuple(pack_layer(lp) for lp in layers),
+          "lm_head": head}
 
 
 def param_shapes(config: ModelConfig) -> PyTree:
@@ -360,8 +383,10 @@ def forward(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
       at = (0, 0, cache.index, 0)
       k_buf = jax.lax.dynamic_update_slice(k_buf, k.astype(k_buf.dtype), at)
       v_buf = jax.lax.dynamic_update_slice(v_buf, v.astype(v_buf.dtype), at)
-    if k_buf is not None and attend_cache:
-      attn = _attention(q, k_buf.astype(dt), v_buf.astype(dt), mask_all, cfg)
+    if k_buf is not None and attend_cache:  # Decoding: the fused kernel.
+      attn = cpu_gemm.attention(q, k_buf.astype(dt), v_buf.astype(dt), mask_all,
+                                reference=functools.partial(_attention, config=cfg),
+                                enabled=cfg.cpu_sgemm)
     elif k_old is not None:
       attn = _attention(q, k, v, mask, cfg, k_old.astype(dt), v_old.astype(dt),
                         mask_old)
@@ -431,7 +456,8 @@ def forward(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
 def logits_from_hidden(params: PyTree, x: jax.Array, *, config: ModelConfig) -> jax.Array:
   """[..., D] final hidden states -> [..., V] float32 logits."""
   dt = config.compute_dtype
-  if config.tie_word_embeddings:
+  if config.tie_word_embeddings and not isinstance(params.get("lm_head"),
+                                                   cpu_gemm.Packed):
     w, transpose_w = params["embed"], True
   else:
     w, transpose_w = params["lm_head"], False
