@@ -13,6 +13,13 @@ there M = B*T is large, XLA's dots fuse their neighbours and the custom call
 cannot, and it was no faster at +18% XLA temp memory
 (:class:`ModelConfig.cpu_sgemm` is off by default).
 
+Two more calls serve decoding only (no gradient): :func:`matmul` on a
+:class:`Packed` weight (made by :func:`pack`: the weight as contiguous
+32-column panels, which the kernel streams faster than a row-major weight's
+strided rows), and :func:`attention`, the scores, masked softmax and weighted
+sum of values over a KV cache in one call that reads only the slots the
+mask allows.
+
 :func:`matmul` routes a product through ``cpu_gemm.cc`` when all of these
 hold, and through ``jnp.einsum`` otherwise:
 
