@@ -35,6 +35,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported)."
 _PEER = flags.DEFINE_bool("peer", True, "Also time transformers + PyTorch.")
 _THREADS = flags.DEFINE_integer("torch_threads", 0, "torch threads (0: all cores).")
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
+_PAD = flags.DEFINE_integer(
+    "pad_multiple", 0, "Left-pad our prompts to a multiple of this (0: the "
+    "Sampler's default); the peer pads to the longest prompt.")
 
 TOPICS = ["photosynthesis", "the French Revolution", "prime numbers", "insulin",
           "plate tectonics", "the immune system", "compound interest", "volcanoes",
@@ -50,7 +53,8 @@ def prompts(tokenizer, n):
 
 def bench_ours(model, batch, new_tokens, repeats, unroll):
   tok = model.tokenizer
-  smp = sampler_lib.Sampler(model.config, tok)
+  smp = sampler_lib.Sampler(model.config, tok, **(
+      {"pad_multiple": _PAD.value} if _PAD.value else {}))
   ids = [tok.encode(p) for p in prompts(tok, batch)]
   tokens, mask = sampler_lib.left_pad(ids, tok.pad_id, smp.pad_multiple)
   rngs = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(0), jnp.arange(batch))

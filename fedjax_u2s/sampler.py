@@ -275,11 +275,22 @@ def sample_tokens(params: PyTree, prompt_tokens: jax.Array, prompt_mask: jax.Arr
                                 return_hidden=True, prefill=True)
   logits = llama.logits_from_hidden(params, hidden[:, -1:], config=config)
   if unroll_layers:
-    # Unstacked once per call, outside the loop (see llama.unstack_layers).
-    params = llama.unstack_layers(params)
+    stacked = not isinstance(params["layers"], (list, tuple))
     if pack_weights is None:
       pack_weights = (cpu_sgemm and cpu_gemm.available()
-                      and jax.default_backend() == "cpu")
+                      and jax.default_backend() == "cpu"
+                      and (lora is None or stacked))
+    if pack_weights and lora is not None:
+      # The packed layers fuse q/k/v and gate/up, so the adapter is merged
+      # into the decode steps' copy of the weights (the prefill applied it
+      # unmerged; the two agree to float32 rounding).
+      if not stacked:
+        raise ValueError("pack_weights with a LoRA adapter needs stacked "
+                         "params (the adapter is merged into them).")
+      params = lora_lib.merge(params, lora, lora_config)
+      lora = None
+    # Unstacked once per call, outside the loop (see llama.unstack_layers).
+    params = llama.unstack_layers(params)
     if pack_weights:
       params = llama.pack_weights(params, config)
   elif pack_weights:

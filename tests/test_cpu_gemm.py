@@ -131,6 +131,29 @@ def test_packed_matches_float64(transpose, lead, k, n):
     np.testing.assert_allclose(y, want, rtol=0, atol=1e-6 * k)
 
 
+@needs_kernel
+@pytest.mark.parametrize("lead,k,f", [((16,), 576, 1536), ((3,), 40, 70)])
+def test_swiglu_matches_float64(lead, k, f):
+  """Both products and SiLU in one call (and the einsum fallback)."""
+  rng = np.random.default_rng(k + f)
+  x = rng.standard_normal((*lead, k)).astype(np.float32) / np.sqrt(k) * 4
+  gate, up = (rng.standard_normal((k, f)).astype(np.float32) for _ in range(2))
+  packed = cpu_gemm.pack_swiglu(gate, up)
+  np.testing.assert_array_equal(packed.unpack(), np.concatenate([gate, up], 1))
+  g = x.astype(np.float64) @ gate.astype(np.float64)
+  want = g / (1 + np.exp(-g)) * (x.astype(np.float64) @ up.astype(np.float64))
+  f_ = jax.jit(cpu_gemm.swiglu)
+  assert f_.lower(x, packed).as_text().count("@fedjax_u2s_cpu_packed_gemm(") == 1
+  for sgemm in (True, False):
+    y = jax.jit(functools.partial(cpu_gemm.swiglu, sgemm=sgemm))(x, packed)
+    # Products of float32 sums of k terms (gate and up ~4 in size).
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=2e-7 * k)
+  with pytest.raises(ValueError, match="swiglu"):
+    cpu_gemm.matmul(x, packed)
+  with pytest.raises(ValueError, match="pack_swiglu"):
+    cpu_gemm.swiglu(x, cpu_gemm.pack(gate))
+
+
 def test_packed_rejects_transpose_w():
   packed = cpu_gemm.pack(jnp.ones((4, 3)))
   with pytest.raises(ValueError, match="pack\\(w, transpose=True\\)"):
@@ -336,9 +359,9 @@ def test_sampler_uses_the_kernels_by_default(cpu_sgemm, pack):
     assert calls == dict(gemm=9 + 1 + 7 * layers + 1, packed_gemm=0,
                          attention=layers), calls
   else:  # Prefill: 7 projections + 2 attention products in the layer scan's
-    # body, and the LM head; each decode layer: 7 packed projections and the
-    # fused attention; the packed LM head.
-    assert calls == dict(gemm=9 + 1, packed_gemm=7 * layers + 1,
+    # body, and the LM head; each decode layer: packed q/k/v, o, gate/up
+    # (with SiLU) and down, and the fused attention; the packed LM head.
+    assert calls == dict(gemm=9 + 1, packed_gemm=4 * layers + 1,
                          attention=layers), calls
 
 
@@ -352,7 +375,9 @@ def test_packed_params_give_the_same_logits():
   flat = llama.unstack_layers(params)
   packed = llama.pack_weights(flat, cfg)
   assert isinstance(packed["lm_head"], cpu_gemm.Packed)
-  assert isinstance(packed["layers"][0]["gate"]["w"], cpu_gemm.Packed)
+  assert set(packed["layers"][0]) == {"attn_norm", "mlp_norm", "qkv", "o",
+                                      "gate_up", "down"}
+  assert packed["layers"][0]["gate_up"]["w"].glu
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 6), 0, cfg.vocab_size)
   cache = llama.init_cache(cfg, 2, 8, per_layer=True)
   outs = [jax.jit(functools.partial(llama.forward, config=cfg))(p, tokens, cache=cache)[0]

@@ -223,6 +223,31 @@ void StreamNt(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) 
   }
 }
 
+typedef int32_t IVec __attribute__((vector_size(kVl * sizeof(int32_t))));
+
+// exp(x), x clamped to [-87, 88] (the normal float range): Cody-Waite range
+// reduction to r in [-ln2/2, ln2/2] and a degree-6 polynomial (Cephes'
+// expf coefficients, ~1 ulp), scaled by 2^n through the exponent bits.
+inline Vec Exp(Vec x) {
+  const Vec lo = Vec{} - 87.0f, hi = Vec{} + 88.0f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const Vec magic = Vec{} + 12582912.0f;  // 1.5 * 2^23: rounds to integer.
+  const Vec n = (x * 1.44269504088896341f + magic) - magic;
+  const Vec r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  Vec p = Vec{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const Vec y = p * r * r + r + 1.0f;
+  const IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;
+  Vec scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
 // ---------------------------------------------------------------------------
 // Prepacked weights (decoding). A [K, N] weight laid out as kPanel-column
 // panels, [ceil(N / kPanel), K, kPanel] (the last one zero-padded), so each
@@ -425,9 +450,12 @@ ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
 
 // out[..., N] = a[..., K] w for w packed as panels [1.., P, K, kPanel]
 // (leading size-1 dims: jax.vmap's "expand_dims" of an unbatched weight).
+// With glu, panels hold w_gate's panels and then w_up's (2 ceil(N/32) in
+// all) and out = silu(a w_gate) * (a w_up): SwiGLU's two products and its
+// product of activations in one call.
 ffi::Error PackedGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
                           ffi::Buffer<ffi::F32> panels,
-                          ffi::ResultBuffer<ffi::F32> out) {
+                          ffi::ResultBuffer<ffi::F32> out, bool glu) {
   auto ad = a.dimensions(), pd = panels.dimensions(), od = out->dimensions();
   if (ad.size() < 1 || od.size() != ad.size() || pd.size() < 3) {
     return ffi::Error::InvalidArgument(
@@ -448,10 +476,12 @@ ffi::Error PackedGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
     }
     m *= ad[i];
   }
+  const int64_t out_panels = (n + kPanel - 1) / kPanel;
   if (pd[r - 1] != kPanel || ad[ad.size() - 1] != k ||
-      num_panels != (n + kPanel - 1) / kPanel) {
+      num_panels != (glu ? 2 : 1) * out_panels) {
     return ffi::Error::InvalidArgument(
-        "cpu_gemm packed: panels are not [ceil(N/32), K, 32] for a [..., K]");
+        "cpu_gemm packed: panels are not [ceil(N/32), K, 32] (twice that for "
+        "glu) for a [..., K]");
   }
   const float* ap = a.typed_data();
   const float* pp = panels.typed_data();
@@ -460,14 +490,36 @@ ffi::Error PackedGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
   // A few panels per task, several tasks per thread: a pool thread that
   // starts late still takes a share.
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t per = std::max<int64_t>(1, num_panels / (4 * threads));
-  const int64_t tasks = (num_panels + per - 1) / per;
+  const int64_t per = std::max<int64_t>(1, out_panels / (4 * threads));
+  const int64_t tasks = (out_panels + per - 1) / per;
   ParallelFor(pool, tasks, [&](int64_t t) {
-    for (int64_t q = t * per; q < std::min(num_panels, (t + 1) * per); ++q) {
+    thread_local std::vector<float> gate, up;
+    for (int64_t q = t * per; q < std::min(out_panels, (t + 1) * per); ++q) {
       const int64_t width = std::min(kPanel, n - q * kPanel);
+      if (!glu) {
+        for (int64_t i = 0; i < m; i += kPkRows) {
+          TilePackedRows<kPkRows>(m - i, ap + i * k, k, pp + q * k * kPanel, k,
+                                  op + i * n + q * kPanel, n, width);
+        }
+        continue;
+      }
+      gate.resize(m * kPanel);
+      up.resize(m * kPanel);
+      const float* up_panel = pp + (out_panels + q) * k * kPanel;
       for (int64_t i = 0; i < m; i += kPkRows) {
         TilePackedRows<kPkRows>(m - i, ap + i * k, k, pp + q * k * kPanel, k,
-                                op + i * n + q * kPanel, n, width);
+                                gate.data() + i * kPanel, kPanel, kPanel);
+        TilePackedRows<kPkRows>(m - i, ap + i * k, k, up_panel, k,
+                                up.data() + i * kPanel, kPanel, kPanel);
+      }
+      for (int64_t i = 0; i < m; ++i) {
+        float act[kPanel];
+        for (int j = 0; j < kPkVecs; ++j) {
+          const Vec g = Load(gate.data() + i * kPanel + j * kVl);
+          const Vec u = Load(up.data() + i * kPanel + j * kVl);
+          Store(act + j * kVl, g / (1.0f + Exp(Vec{} - g)) * u);
+        }
+        std::copy(act, act + width, op + i * n + q * kPanel);
       }
     }
   });
@@ -481,29 +533,6 @@ ffi::Error PackedGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
 // separate products and XLA fusions this was 2 calls and ~6 small fusions
 // per layer, reading every slot of the cache, valid or not.
 
-typedef int32_t IVec __attribute__((vector_size(kVl * sizeof(int32_t))));
-
-// exp(x) for x <= 0 (softmax after subtracting the max): Cody-Waite range
-// reduction to r in [-ln2/2, ln2/2] and a degree-6 polynomial (Cephes'
-// expf coefficients, ~1 ulp), scaled by 2^n through the exponent bits.
-inline Vec ExpNonPositive(Vec x) {
-  const Vec lo = Vec{} - 87.0f;  // exp(-87) ~ 1.6e-38: the normal range.
-  x = x < lo ? lo : x;
-  const Vec magic = Vec{} + 12582912.0f;  // 1.5 * 2^23: rounds to integer.
-  const Vec n = (x * 1.44269504088896341f + magic) - magic;
-  const Vec r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  Vec p = Vec{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const Vec y = p * r * r + r + 1.0f;
-  const IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;
-  Vec scale;
-  __builtin_memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
-}
 
 // Softmax weights over the n listed slots for one query row, in probs (its
 // tail up to a whole vector zeroed); returns 1 / their sum. HV vectors per
@@ -538,7 +567,7 @@ float Scores(const float* q, const float* keys, const int32_t* slots, int64_t n,
   for (int64_t i = n; i < padded; ++i) probs[i] = -3.0e38f;  // exp -> 0
   Vec total{};
   for (int64_t i = 0; i < padded; i += kVl) {
-    const Vec e = ExpNonPositive(Load(probs + i) - m);
+    const Vec e = Exp(Load(probs + i) - m);
     Store(probs + i, e);
     total += e;
   }
@@ -653,7 +682,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ctx<ffi::ThreadPool>()
         .Arg<ffi::Buffer<ffi::F32>>()
         .Arg<ffi::Buffer<ffi::F32>>()
-        .Ret<ffi::Buffer<ffi::F32>>());
+        .Ret<ffi::Buffer<ffi::F32>>()
+        .Attr<bool>("glu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     FedjaxU2sCpuAttention, AttentionImpl,

@@ -283,10 +283,13 @@ class Packed:
   ``panels[p, k, c]`` is ``w[k, p * PANEL + c]`` (zero past N): each panel
   is one contiguous run of memory, where a tile of a row-major weight is K
   short pieces a row apart (see cpu_gemm.cc). Made by :func:`pack`, once per
-  sampling call; used by :func:`matmul` like the [K, N] array it holds.
+  sampling call; used by :func:`matmul` like the [K, N] array it holds. With
+  ``glu`` (made by :func:`pack_swiglu`), the panels of a gate weight and then
+  of an up weight, both [K, N], for :func:`swiglu`.
   """
-  panels: jax.Array  # [ceil(N / PANEL), K, PANEL]
+  panels: jax.Array  # [ceil(N / PANEL), K, PANEL], twice as many with glu
   n: int = flax.struct.field(pytree_node=False)
+  glu: bool = flax.struct.field(pytree_node=False, default=False)
 
   @property
   def shape(self) -> tuple[int, int]:
@@ -300,9 +303,14 @@ class Packed:
     return self.replace(panels=self.panels.astype(dtype))
 
   def unpack(self) -> jax.Array:
-    """The [K, N] weight."""
-    p, k, c = self.panels.shape
-    return self.panels.transpose(1, 0, 2).reshape(k, p * c)[:, :self.n]
+    """The [K, N] weight ([K, 2N]: gate then up, with ``glu``)."""
+    parts = jnp.split(self.panels, 2) if self.glu else [self.panels]
+    return jnp.concatenate([_unpanel(p, self.n) for p in parts], axis=1)
+
+
+def _unpanel(panels: jax.Array, n: int) -> jax.Array:
+  p, k, c = panels.shape
+  return panels.transpose(1, 0, 2).reshape(k, p * c)[:, :n]
 
 
 def pack(w: jax.Array, *, transpose: bool = False) -> Packed:
@@ -320,23 +328,57 @@ def pack(w: jax.Array, *, transpose: bool = False) -> Packed:
   return Packed(panels=panels, n=n)
 
 
-def _packed_matmul(x: jax.Array, w: Packed, *, sgemm: bool, out_dtype) -> jax.Array:
-  """x [..., K] @ w for a packed w: the custom call, or an einsum."""
-  out_dtype = jnp.dtype(out_dtype or jnp.result_type(x, w.panels))
+def pack_swiglu(gate: jax.Array, up: jax.Array) -> Packed:
+  """Packs SwiGLU's [K, F] gate and up weights for :func:`swiglu`."""
+  if gate.shape != up.shape:
+    raise ValueError(f"pack_swiglu: gate {gate.shape} and up {up.shape} differ")
+  g, u = pack(gate), pack(up)
+  return Packed(panels=jnp.concatenate([g.panels, u.panels]), n=g.n, glu=True)
 
-  def einsum(x, panels):
-    y = jnp.einsum("...k,pkc->...pc", x, panels, preferred_element_type=out_dtype)
-    return y.reshape(*x.shape[:-1], -1)[..., :w.n]
+
+def _packed_call(x: jax.Array, w: Packed, *, sgemm: bool, out_dtype, reference):
+  """The packed custom call on x [..., K] where it applies, else reference."""
+  out_dtype = jnp.dtype(out_dtype or jnp.result_type(x, w.panels))
 
   def kernel(x, panels):
     out = jax.ShapeDtypeStruct((*x.shape[:-1], w.n), jnp.float32)
     return jax.ffi.ffi_call(_PACKED_TARGET, out, vmap_method="expand_dims")(
-        x, panels)
+        x, panels, glu=w.glu)
 
+  fallback = lambda x, panels: reference(x, panels, out_dtype)
   if not (sgemm and x.dtype == jnp.float32 and w.dtype == jnp.float32
           and out_dtype == jnp.float32 and available()):
-    return einsum(x, w.panels)
-  return jax.lax.platform_dependent(x, w.panels, cpu=kernel, default=einsum)
+    return fallback(x, w.panels)
+  return jax.lax.platform_dependent(x, w.panels, cpu=kernel, default=fallback)
+
+
+def _panel_einsum(x, panels, n, out_dtype):
+  y = jnp.einsum("...k,pkc->...pc", x, panels, preferred_element_type=out_dtype)
+  return y.reshape(*x.shape[:-1], -1)[..., :n]
+
+
+def _packed_matmul(x: jax.Array, w: Packed, *, sgemm: bool, out_dtype) -> jax.Array:
+  """x [..., K] @ w for a packed w: the custom call, or an einsum."""
+  if w.glu:
+    raise ValueError("matmul: a pack_swiglu weight goes to swiglu, not matmul")
+  return _packed_call(x, w, sgemm=sgemm, out_dtype=out_dtype,
+                      reference=lambda x, p, dt: _panel_einsum(x, p, w.n, dt))
+
+
+def swiglu(x: jax.Array, w: Packed, *, sgemm: bool = True) -> jax.Array:
+  """``silu(x @ gate) * (x @ up)`` for w from :func:`pack_swiglu` (inference).
+
+  One custom call (both products and the activation) where :func:`matmul`
+  would use the kernel, else einsums and ``jax.nn.silu``.
+  """
+  if not w.glu:
+    raise ValueError("swiglu takes a weight made by pack_swiglu")
+
+  def reference(x, panels, out_dtype):
+    gate, up = (_panel_einsum(x, p, w.n, out_dtype) for p in jnp.split(panels, 2))
+    return jax.nn.silu(gate) * up
+
+  return _packed_call(x, w, sgemm=sgemm, out_dtype=None, reference=reference)
 
 
 def attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,

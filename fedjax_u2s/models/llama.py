@@ -169,11 +169,17 @@ def unstack_layers(params: PyTree) -> PyTree:
 
 
 def pack_weights(params: PyTree, config: ModelConfig) -> PyTree:
-  """Unstacked params with every projection and the LM head as
-  :class:`cpu_gemm.Packed` panels, the layout the CPU decode kernel streams
-  fastest (see cpu_gemm.cc). A copy of the weights, for inference only:
-  :func:`forward` and :func:`logits_from_hidden` take it like the original
-  (the tied embedding stays for the lookup; the packed head is ``lm_head``).
+  """Unstacked params laid out for the CPU decode kernel (inference only).
+
+  Each layer's q/k/v weights become one :class:`cpu_gemm.Packed` ``qkv``
+  (biases concatenated too), gate/up one ``gate_up`` for
+  :func:`cpu_gemm.swiglu` (where neither has a bias), o and down packed
+  alone, and the LM head a packed ``lm_head`` (the tied embedding stays
+  for the lookup): fewer, larger calls over contiguous panels (see
+  cpu_gemm.cc). A copy of the weights; :func:`forward` and
+  :func:`logits_from_hidden` take it like the original, but a LoRA
+  adapter must be merged in first (``lora.merge``): the fused products
+  leave no place to add its q/k/v, gate and up terms.
   """
   layers = params["layers"]
   if not isinstance(layers, (list, tuple)):
@@ -181,7 +187,18 @@ def pack_weights(params: PyTree, config: ModelConfig) -> PyTree:
                      "unstack_layers(params) first.")
 
   def pack_layer(lp):
-    return {name: ({**p, "w": cpu_gemm.pack(p["w"])} if isinstance(p, dict) else p)
+    lp = dict(lp)
+    q, k, v = (lp.pop(name) for name in ("q", "k", "v"))
+    qkv = {"w": cpu_gemm.pack(jnp.concatenate([q["w"], k["w"], v["w"]], axis=1))}
+    if "b" in q:
+      qkv["b"] = jnp.concatenate([q["b"], k["b"], v["b"]])
+    lp["qkv"] = qkv
+    if "b" not in lp["gate"] and "b" not in lp["up"]:
+      gate, up = lp.pop("gate"), lp.pop("up")
+      lp["gate_up"] = {"w": cpu_gemm.pack_swiglu(gate["w"], up["w"])}
+    return {name: ({**p, "w": cpu_gemm.pack(p["w"])}
+                   if isinstance(p, dict) and not isinstance(p["w"], cpu_gemm.Packed)
+                   else p)
             for name, p in lp.items()}
 
   head = (cpu_gemm.pack(params["embed"], transpose=True)
@@ -373,9 +390,16 @@ def forward(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
       return y
 
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    q = proj("q", h, 0).reshape(b, t, nh, hd)
-    k = proj("k", h, 1).reshape(b, t, nkv, hd)
-    v = proj("v", h, 2).reshape(b, t, nkv, hd)
+    if "qkv" in lp:  # pack_weights: one product for q, k and v.
+      if ll is not None and any(n in ll for n in ("q", "k", "v", "gate", "up")):
+        raise ValueError("pack_weights fused q/k/v and gate/up: merge the LoRA "
+                         "adapter into the params (lora.merge) before packing.")
+      q, k, v = jnp.split(proj("qkv", h, 0), [nh * hd, (nh + nkv) * hd], axis=-1)
+    else:
+      q, k, v = proj("q", h, 0), proj("k", h, 1), proj("v", h, 2)
+    q = q.reshape(b, t, nh, hd)
+    k = k.reshape(b, t, nkv, hd)
+    v = v.reshape(b, t, nkv, hd)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq).transpose(0, 2, 1, 3)  # [B, K, T, hd]
     v = v.transpose(0, 2, 1, 3)
@@ -396,7 +420,10 @@ def forward(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
       k, v = k_buf, v_buf  # Returned: the updated buffers.
     x = x + proj("o", attn, 3)
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    mlp = jax.nn.silu(proj("gate", h, 4)) * proj("up", h, 5)
+    if "gate_up" in lp:  # pack_weights: both products and SiLU in one call.
+      mlp = cpu_gemm.swiglu(h, lp["gate_up"]["w"].astype(dt), sgemm=cfg.cpu_sgemm)
+    else:
+      mlp = jax.nn.silu(proj("gate", h, 4)) * proj("up", h, 5)
     x = x + proj("down", mlp, 6)
     return x, (k, v)
 
