@@ -1,4 +1,8 @@
-// XLA:CPU custom call: float32 (batched) matrix products for decoding.
+// XLA:CPU custom calls for float32 decoding: FedjaxU2sCpuGemm, (batched)
+// matrix products; FedjaxU2sCpuPackedGemm, products with a weight packed
+// into column panels (and SwiGLU's pair); FedjaxU2sCpuAttention, attention
+// of a few query rows over a KV cache. The first is described here, the
+// others at their sections below.
 //
 // Products of up to kSmallM rows (decoding: M is the batch size, or a few
 // query rows in attention) run through the streaming loops below, which read
