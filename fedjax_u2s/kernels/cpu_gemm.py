@@ -223,16 +223,27 @@ def _sgemm_bwd(transpose_b, res, g):
 _sgemm.defvjp(_sgemm_fwd, _sgemm_bwd)
 
 
+def _dispatch(kernel, fallback, *operands, use: bool):
+  """``kernel(*operands)`` where a custom call applies, else ``fallback``.
+
+  It applies when the caller asks for it and its float32 conditions hold
+  (``use``), the kernel is available, and the computation is lowered for
+  the CPU (``lax.platform_dependent``: compiled for a GPU or TPU, the same
+  function runs ``fallback``).
+  """
+  if not (use and available()):
+    return fallback(*operands)
+  return jax.lax.platform_dependent(*operands, cpu=kernel, default=fallback)
+
+
 def _route(a: jax.Array, b: jax.Array, spec: str, kernel, *, sgemm: bool,
            out_dtype) -> jax.Array:
   """``kernel(a, b)`` where the custom call applies (see the module
   docstring), else ``einsum(spec)`` accumulating in ``out_dtype``."""
   out_dtype = jnp.dtype(out_dtype or jnp.result_type(a, b))
   einsum = lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
-  if not (sgemm and a.dtype == jnp.float32 and b.dtype == jnp.float32
-          and out_dtype == jnp.float32 and available()):
-    return einsum(a, b)
-  return jax.lax.platform_dependent(a, b, cpu=kernel, default=einsum)
+  return _dispatch(kernel, einsum, a, b, use=sgemm and a.dtype == b.dtype
+                   == out_dtype == jnp.float32)
 
 
 def matmul(x: jax.Array, w: "jax.Array | Packed", *, transpose_w: bool = False,
@@ -346,10 +357,8 @@ def _packed_call(x: jax.Array, w: Packed, *, sgemm: bool, out_dtype, reference):
         x, panels, glu=w.glu)
 
   fallback = lambda x, panels: reference(x, panels, out_dtype)
-  if not (sgemm and x.dtype == jnp.float32 and w.dtype == jnp.float32
-          and out_dtype == jnp.float32 and available()):
-    return fallback(x, w.panels)
-  return jax.lax.platform_dependent(x, w.panels, cpu=kernel, default=fallback)
+  return _dispatch(kernel, fallback, x, w.panels, use=sgemm and x.dtype == w.dtype
+                   == out_dtype == jnp.float32)
 
 
 def _panel_einsum(x, panels, n, out_dtype):
@@ -394,10 +403,6 @@ def attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
   slot gets the mean of all values (a softmax over equal masked scores).
   The custom call has no gradient.
   """
-  if not (enabled and q.dtype == keys.dtype == values.dtype == jnp.float32
-          and available()):
-    return reference(q, keys, values, mask)
-
   def kernel(q, keys, values, mask):
     b, t, h, hd = q.shape
     kh = keys.shape[1]
@@ -409,5 +414,5 @@ def attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
                                   scale=np.float32(1.0 / math.sqrt(hd)))
     return out.reshape(b, kh, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
 
-  return jax.lax.platform_dependent(q, keys, values, mask, cpu=kernel,
-                                    default=reference)
+  return _dispatch(kernel, reference, q, keys, values, mask, use=enabled and
+                   q.dtype == keys.dtype == values.dtype == jnp.float32)
