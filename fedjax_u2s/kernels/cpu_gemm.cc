@@ -106,39 +106,41 @@ inline Vec Load(const float* p) {
 }
 inline void Store(float* p, Vec v) { __builtin_memcpy(p, &v, sizeof(v)); }
 
-// c[0:R, 0:kNnBlock] (+)= a[0:R, k0:k1] b[k0:k1, 0:kNnBlock]; b row-major.
-template <int R>
+// c[0:R, 0:V*kVl] (+)= a[0:R, k0:k1] b[k0:k1, 0:V*kVl]; b row-major with
+// ldb floats per row (a packed panel: ldb = kPanel, rows contiguous).
+template <int R, int V = kNnVecs>
 void TileNn(const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
             int64_t ldc, int64_t k0, int64_t k1) {
-  Vec acc[R][kNnVecs];
+  Vec acc[R][V];
   for (int i = 0; i < R; ++i) {
-    for (int j = 0; j < kNnVecs; ++j) {
+    for (int j = 0; j < V; ++j) {
       acc[i][j] = k0 == 0 ? Vec{} : Load(c + i * ldc + j * kVl);
     }
   }
   for (int64_t k = k0; k < k1; ++k) {
-    for (int64_t j = 0; j < kNnBlock; j += 64 / sizeof(float)) {  // Lines.
+    for (int64_t j = 0; j < V * kVl; j += 64 / sizeof(float)) {  // Lines.
       __builtin_prefetch(b + (k + kPrefetchRows) * ldb + j);
     }
-    Vec bv[kNnVecs];
-    for (int j = 0; j < kNnVecs; ++j) bv[j] = Load(b + k * ldb + j * kVl);
+    Vec bv[V];
+    for (int j = 0; j < V; ++j) bv[j] = Load(b + k * ldb + j * kVl);
     for (int i = 0; i < R; ++i) {
       const Vec ai = Vec{} + a[i * lda + k];
-      for (int j = 0; j < kNnVecs; ++j) acc[i][j] += ai * bv[j];
+      for (int j = 0; j < V; ++j) acc[i][j] += ai * bv[j];
     }
   }
   for (int i = 0; i < R; ++i) {
-    for (int j = 0; j < kNnVecs; ++j) Store(c + i * ldc + j * kVl, acc[i][j]);
+    for (int j = 0; j < V; ++j) Store(c + i * ldc + j * kVl, acc[i][j]);
   }
 }
 
-template <int R>
+// TileNn over the first r (r <= R) rows.
+template <int R, int V = kNnVecs>
 void TileNnRows(int64_t r, const float* a, int64_t lda, const float* b,
                 int64_t ldb, float* c, int64_t ldc, int64_t k0, int64_t k1) {
   if constexpr (R > 1) {
-    if (r < R) return TileNnRows<R - 1>(r, a, lda, b, ldb, c, ldc, k0, k1);
+    if (r < R) return TileNnRows<R - 1, V>(r, a, lda, b, ldb, c, ldc, k0, k1);
   }
-  TileNn<R>(a, lda, b, ldb, c, ldc, k0, k1);
+  TileNn<R, V>(a, lda, b, ldb, c, ldc, k0, k1);
 }
 
 // c[m0:m1, n0:n1] = a[m0:m1, :] b[:, n0:n1] with b [K, N] row-major.
@@ -271,43 +273,6 @@ constexpr int kPkRows = 3;   // 12 accumulators of 16 registers
 #else
 constexpr int kPkRows = 1;
 #endif
-
-// c[0:R, 0:width] = a[0:R, :] panel, panel [K, kPanel] contiguous.
-template <int R>
-void TilePacked(const float* a, int64_t lda, const float* panel, int64_t k,
-                float* c, int64_t ldc, int64_t width) {
-  Vec acc[R][kPkVecs] = {};
-  for (int64_t x = 0; x < k; ++x) {
-    const float* row = panel + x * kPanel;
-    for (int64_t j = 0; j < kPanel; j += 64 / sizeof(float)) {  // Lines.
-      __builtin_prefetch(row + kPrefetchRows * kPanel + j);
-    }
-    Vec bv[kPkVecs];
-    for (int j = 0; j < kPkVecs; ++j) bv[j] = Load(row + j * kVl);
-    for (int i = 0; i < R; ++i) {
-      const Vec ai = Vec{} + a[i * lda + x];
-      for (int j = 0; j < kPkVecs; ++j) acc[i][j] += ai * bv[j];
-    }
-  }
-  for (int i = 0; i < R; ++i) {
-    if (width == kPanel) {
-      for (int j = 0; j < kPkVecs; ++j) Store(c + i * ldc + j * kVl, acc[i][j]);
-    } else {  // The last panel of an N that is not a multiple of kPanel.
-      float tile[kPanel];
-      for (int j = 0; j < kPkVecs; ++j) Store(tile + j * kVl, acc[i][j]);
-      std::copy(tile, tile + width, c + i * ldc);
-    }
-  }
-}
-
-template <int R>
-void TilePackedRows(int64_t r, const float* a, int64_t lda, const float* panel,
-                    int64_t k, float* c, int64_t ldc, int64_t width) {
-  if constexpr (R > 1) {
-    if (r < R) return TilePackedRows<R - 1>(r, a, lda, panel, k, c, ldc, width);
-  }
-  TilePacked<R>(a, lda, panel, k, c, ldc, width);
-}
 
 void RunBlock(const Problem& p, int64_t lo, int64_t hi, bool split_m) {
   if (p.m <= kSmallM && !p.ta) {
@@ -497,33 +462,35 @@ ffi::Error PackedGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
   const int64_t per = std::max<int64_t>(1, out_panels / (4 * threads));
   const int64_t tasks = (out_panels + per - 1) / per;
   ParallelFor(pool, tasks, [&](int64_t t) {
-    thread_local std::vector<float> gate, up;
+    // a [m, K] x panel -> dst [m, kPanel] (row stride ldd).
+    auto product = [&](int64_t panel, float* dst, int64_t ldd) {
+      for (int64_t i = 0; i < m; i += kPkRows) {
+        TileNnRows<kPkRows, kPkVecs>(m - i, ap + i * k, k, pp + panel * k * kPanel,
+                                     kPanel, dst + i * ldd, ldd, 0, k);
+      }
+    };
+    thread_local std::vector<float> tile, up;
     for (int64_t q = t * per; q < std::min(out_panels, (t + 1) * per); ++q) {
       const int64_t width = std::min(kPanel, n - q * kPanel);
-      if (!glu) {
-        for (int64_t i = 0; i < m; i += kPkRows) {
-          TilePackedRows<kPkRows>(m - i, ap + i * k, k, pp + q * k * kPanel, k,
-                                  op + i * n + q * kPanel, n, width);
-        }
+      if (!glu && width == kPanel) {
+        product(q, op + q * kPanel, n);
         continue;
       }
-      gate.resize(m * kPanel);
-      up.resize(m * kPanel);
-      const float* up_panel = pp + (out_panels + q) * k * kPanel;
-      for (int64_t i = 0; i < m; i += kPkRows) {
-        TilePackedRows<kPkRows>(m - i, ap + i * k, k, pp + q * k * kPanel, k,
-                                gate.data() + i * kPanel, kPanel, kPanel);
-        TilePackedRows<kPkRows>(m - i, ap + i * k, k, up_panel, k,
-                                up.data() + i * kPanel, kPanel, kPanel);
+      // Into a whole-panel tile: the last panel of an N that is not a
+      // multiple of kPanel, or the gate half of SwiGLU.
+      tile.resize(m * kPanel);
+      product(q, tile.data(), kPanel);
+      if (glu) {
+        up.resize(m * kPanel);
+        product(out_panels + q, up.data(), kPanel);
+        for (int64_t x = 0; x < m * kPanel; x += kVl) {
+          const Vec g = Load(tile.data() + x);
+          Store(tile.data() + x, g / (1.0f + Exp(Vec{} - g)) * Load(up.data() + x));
+        }
       }
       for (int64_t i = 0; i < m; ++i) {
-        float act[kPanel];
-        for (int j = 0; j < kPkVecs; ++j) {
-          const Vec g = Load(gate.data() + i * kPanel + j * kVl);
-          const Vec u = Load(up.data() + i * kPanel + j * kVl);
-          Store(act + j * kVl, g / (1.0f + Exp(Vec{} - g)) * u);
-        }
-        std::copy(act, act + width, op + i * n + q * kPanel);
+        std::copy(tile.data() + i * kPanel, tile.data() + i * kPanel + width,
+                  op + i * n + q * kPanel);
       }
     }
   });
