@@ -5,6 +5,13 @@ exactly ``--new_tokens`` new tokens per row (EOS ignored), for the same chat
 prompts, in the same process; we report new tokens per second (median of
 ``--repeats``), and our load and compile times separately.
 
+Ours runs three ways: ``ours``, as ``Sampler`` decodes by default, from
+``llama.decode_weights`` (made once per model, timed as ``decode_weights_s``:
+the GGUF's Q4_1/Q8_0 blocks kept where they hold the float32 weights
+exactly, so the same float32 products read fewer bytes); ``ours_f32``, from
+float32 panels packed in each call (the default before); ``ours_scan``, the
+layer scan (fast compile).
+
   pip install torch==2.13.0          # optional peer (CPU build)
   python benchmarks/generate.py --batch_sizes=1,16 --new_tokens=128
 
@@ -26,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_u2s import sampler as sampler_lib
+from fedjax_u2s.models import llama
 from fedjax_u2s.models import registry
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "Model name or path.")
@@ -51,7 +59,7 @@ def prompts(tokenizer, n):
       add_generation_prompt=True) for i in range(n)]
 
 
-def bench_ours(model, batch, new_tokens, repeats, unroll):
+def bench_ours(model, batch, new_tokens, repeats, variant, decode_params):
   tok = model.tokenizer
   smp = sampler_lib.Sampler(model.config, tok, **(
       {"pad_multiple": _PAD.value} if _PAD.value else {}))
@@ -59,10 +67,11 @@ def bench_ours(model, batch, new_tokens, repeats, unroll):
   tokens, mask = sampler_lib.left_pad(ids, tok.pad_id, smp.pad_multiple)
   rngs = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(0), jnp.arange(batch))
   tables, lengths = smp.stop_tables(())
-  args = (model.params, jnp.asarray(tokens), jnp.asarray(mask), rngs, tables, lengths)
+  args = (model.params, jnp.asarray(tokens), jnp.asarray(mask), rngs, tables,
+          lengths, None, decode_params if variant == "blocks" else None)
   static = dict(config=model.config, strategy=sampler_lib.Greedy(),
                 max_new_tokens=new_tokens, eos_ids=(), pad_id=int(tok.pad_id),
-                unroll_layers=unroll)
+                unroll_layers=variant != "scan")
   start = time.perf_counter()
   compiled = sampler_lib.sample_tokens.lower(*args, **static).compile()
   compile_s = time.perf_counter() - start
@@ -125,6 +134,15 @@ def main(argv):
   jax.block_until_ready(model.params)
   results["load_s"] = time.perf_counter() - start
   print(f"ours: loaded {model.source} in {results['load_s']:.1f}s")
+  start = time.perf_counter()
+  decode_params = llama.decode_weights(model.params, model.config)
+  jax.block_until_ready(decode_params)
+  results["decode_weights_s"] = time.perf_counter() - start
+  formats = sorted({w.fmt for w in jax.tree.leaves(
+      decode_params, is_leaf=lambda x: hasattr(x, "fmt")) if hasattr(w, "fmt")})
+  results["decode_formats"] = formats
+  print(f"ours: decode weights ({', '.join(formats)}) made in "
+        f"{results['decode_weights_s']:.1f}s")
   peer = None
   if _PEER.value:
     try:
@@ -136,14 +154,17 @@ def main(argv):
     except ImportError:
       print("peer: torch not installed, skipped (pip install torch==2.13.0)")
   for b in map(int, _BATCHES.value):
-    row = dict(batch=b, ours=bench_ours(model, b, _NEW.value, _REPEATS.value, True),
-               ours_scan=bench_ours(model, b, _NEW.value, _REPEATS.value, False))
+    row = dict(batch=b, **{
+        name: bench_ours(model, b, _NEW.value, _REPEATS.value, variant, decode_params)
+        for name, variant in (("ours", "blocks"), ("ours_f32", "f32"),
+                              ("ours_scan", "scan"))})
     if peer is not None:
       row["peer"] = bench_peer(peer, model.tokenizer, b, _NEW.value, _REPEATS.value)
       row["ratio"] = row["ours"]["tokens_per_s"] / row["peer"]["tokens_per_s"]
     results["runs"].append(row)
     line = (f"batch {b:3d}: ours {row['ours']['tokens_per_s']:7.1f} tok/s "
-            f"(compile {row['ours']['compile_s']:.1f}s; scanned layers "
+            f"(compile {row['ours']['compile_s']:.1f}s; float32 panels "
+            f"{row['ours_f32']['tokens_per_s']:.1f} tok/s; scanned layers "
             f"{row['ours_scan']['tokens_per_s']:.1f} tok/s, compile "
             f"{row['ours_scan']['compile_s']:.1f}s)")
     if peer is not None:

@@ -222,7 +222,8 @@ class SamplingState:
                               "cpu_sgemm", "pack_weights"))
 def sample_tokens(params: PyTree, prompt_tokens: jax.Array, prompt_mask: jax.Array,
                   row_rngs: jax.Array, stop_tables: jax.Array,
-                  stop_lengths: jax.Array, lora: PyTree | None = None, *,
+                  stop_lengths: jax.Array, lora: PyTree | None = None,
+                  decode_params: PyTree | None = None, *,
                   config: ModelConfig, strategy: Strategy, max_new_tokens: int,
                   eos_ids: tuple[int, ...], pad_id: int,
                   lora_config: lora_lib.LoraConfig | None = None,
@@ -240,6 +241,12 @@ def sample_tokens(params: PyTree, prompt_tokens: jax.Array, prompt_mask: jax.Arr
     stop_tables: [N, M+1, V] from :func:`stop_string_tables` (N may be 0).
     stop_lengths: [N] byte length of each stop string (its "matched" state).
     lora: optional adapter applied during decoding.
+    decode_params: the decode steps' weights made ahead of the call, by
+      ``llama.decode_weights(params, config)`` (a ``pack_weights`` layout,
+      in GGUF block formats where lossless); needs ``unroll_layers`` and no
+      ``lora`` (merge it into the params first). :class:`Sampler` makes them
+      once per params. None: the decode uses ``params`` (packed per call
+      as ``pack_weights`` says).
     config, strategy, max_new_tokens, eos_ids, pad_id, lora_config: static.
     unroll_layers: decode over unstacked, unrolled layers, each with its own
       KV-cache buffers (static). Slower compile (~7-9 s vs ~1.5 s for SmolLM2
@@ -262,6 +269,9 @@ def sample_tokens(params: PyTree, prompt_tokens: jax.Array, prompt_mask: jax.Arr
   Returns:
     The final :class:`SamplingState`.
   """
+  if decode_params is not None and (not unroll_layers or lora is not None):
+    raise ValueError("decode_params need unroll_layers=True and no lora "
+                     "(merge the adapter into the params they are made from).")
   b, p = prompt_tokens.shape
   config = config.replace(cpu_sgemm=cpu_sgemm)
   # Prefill with the params as given (stacked: the layer scan, which compiles
@@ -274,7 +284,9 @@ def sample_tokens(params: PyTree, prompt_tokens: jax.Array, prompt_mask: jax.Arr
                                 lora=lora, lora_config=lora_config,
                                 return_hidden=True, prefill=True)
   logits = llama.logits_from_hidden(params, hidden[:, -1:], config=config)
-  if unroll_layers:
+  if decode_params is not None:
+    params = decode_params
+  elif unroll_layers:
     stacked = not isinstance(params["layers"], (list, tuple))
     if pack_weights is None:
       pack_weights = (cpu_sgemm and cpu_gemm.available()
@@ -391,15 +403,38 @@ class Sampler:
       ``encode``, ``decode``, ``token_bytes``, ``eos_ids`` and ``pad_id``).
     pad_multiple: prompt lengths are rounded up to this, to bound recompiles.
     unroll_layers: see :func:`sample_tokens`; False compiles ~8x faster.
+    decode_weights: without an adapter, decode from weights made once per
+      params by ``llama.decode_weights`` (packed panels, in the GGUF block
+      format the weights exactly came from where they did) and kept while
+      the same params are passed. None: where ``sample_tokens`` would pack
+      (the unrolled decode through the CPU kernel). The copy is kept between
+      calls: a sixth of the float32 weights for a Q4_1 GGUF, a whole second
+      copy for float32 ones (pass False where that does not fit).
   """
 
   def __init__(self, config: ModelConfig, tokenizer, pad_multiple: int = 32,
-               unroll_layers: bool = True):
+               unroll_layers: bool = True, decode_weights: bool | None = None):
     self.config = config
     self.tokenizer = tokenizer
     self.pad_multiple = pad_multiple
     self.unroll_layers = unroll_layers
+    if decode_weights is None:
+      decode_weights = (unroll_layers and cpu_gemm.available()
+                        and jax.default_backend() == "cpu")
+    elif decode_weights and not unroll_layers:
+      raise ValueError("decode_weights needs unroll_layers=True.")
+    self.decode_weights = decode_weights
     self._tables: dict[tuple[str, ...], tuple[jax.Array, jax.Array]] = {}
+    self._decode: tuple[list, PyTree] | None = None  # (params' leaves, weights)
+
+  def decode_params(self, params: PyTree) -> PyTree:
+    """``llama.decode_weights(params)``, remade only for other params."""
+    leaves = jax.tree.leaves(params)
+    if self._decode is None or len(self._decode[0]) != len(leaves) or any(
+        a is not b for a, b in zip(self._decode[0], leaves)):
+      self._decode = None  # Free the old copy first.
+      self._decode = (leaves, llama.decode_weights(params, self.config))
+    return self._decode[1]
 
   def stop_tables(self, stop_strings: Sequence[str]) -> tuple[jax.Array, jax.Array]:
     key = tuple(stop_strings)
@@ -449,8 +484,10 @@ class Sampler:
     rngs = jax.vmap(jax.random.fold_in, (None, 0))(base, jnp.asarray(row_seeds, jnp.uint32))
     tables, lengths = self.stop_tables(stop_strings)
     eos = tuple(int(e) for e in (tok.eos_ids if eos_ids is None else eos_ids))
+    decode = (self.decode_params(params) if self.decode_weights and lora is None
+              else None)
     state = sample_tokens(params, jnp.asarray(tokens), jnp.asarray(mask), rngs,
-                          tables, lengths, lora, config=self.config,
+                          tables, lengths, lora, decode, config=self.config,
                           strategy=strategy, max_new_tokens=max_new_tokens,
                           eos_ids=eos, pad_id=int(tok.pad_id),
                           lora_config=lora_config, unroll_layers=self.unroll_layers)

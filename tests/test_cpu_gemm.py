@@ -154,6 +154,93 @@ def test_swiglu_matches_float64(lead, k, f):
     cpu_gemm.swiglu(x, cpu_gemm.pack(gate))
 
 
+def _gguf_weight(rng, k, n, fmt):
+  """A float32 [K, N] weight as a GGUF in ``fmt`` holds it (blocks along K),
+  quantized and dequantized by the gguf package."""
+  import gguf
+  from gguf import quants
+  kind = {"q4_1": gguf.GGMLQuantizationType.Q4_1,
+          "q8_0": gguf.GGMLQuantizationType.Q8_0}[fmt]
+  w = rng.standard_normal((n, k)).astype(np.float32)
+  return np.ascontiguousarray(quants.dequantize(quants.quantize(w, kind), kind).T)
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("lead,k,n", [
+    ((1,), 64, 96),      # one row, two blocks
+    ((12,), 160, 40),    # a 128-row chunk and a partial one; N not a panel multiple
+    ((17,), 256, 70),    # a 12-row pass and 5 rows; two whole chunks
+    ((2, 3), 32, 32),    # one block, one panel
+])
+def test_block_formats_hold_gguf_weights_exactly(fmt, transpose, lead, k, n):
+  """A weight dequantized from a GGUF block format is stored in it: unpacked
+  bit for bit, and its products are the float32 panels' products, bit for
+  bit (same sums in the same order), and within float32 of float64."""
+  rng = np.random.default_rng(k + n)
+  w = _gguf_weight(rng, k, n, fmt)
+  packed = cpu_gemm.pack(np.ascontiguousarray(w.T) if transpose else w,
+                         transpose=transpose, formats=("q4_1", "q8_0"))
+  assert packed.fmt == fmt and packed.shape == (k, n) and packed.dtype == jnp.float32
+  assert packed.panels.dtype == jnp.uint8
+  assert packed.panels.shape == (-(-n // cpu_gemm.PANEL), k // cpu_gemm.QROWS,
+                                 cpu_gemm.FORMATS[fmt][1])
+  np.testing.assert_array_equal(packed.unpack(), w)
+  x = rng.standard_normal((*lead, k)).astype(np.float32)
+  text = jax.jit(cpu_gemm.matmul).lower(x, packed).as_text()
+  assert text.count("@fedjax_u2s_cpu_quant_gemm(") == 1
+  y = jax.jit(cpu_gemm.matmul)(x, packed)
+  np.testing.assert_array_equal(y, jax.jit(cpu_gemm.matmul)(x, cpu_gemm.pack(w)))
+  want = x.astype(np.float64) @ w.astype(np.float64)
+  np.testing.assert_allclose(y, want, rtol=0, atol=1e-6 * k)
+  fallback = jax.jit(functools.partial(cpu_gemm.matmul, sgemm=False))(x, packed)
+  np.testing.assert_allclose(fallback, want, rtol=0, atol=1e-6 * k)
+
+
+@needs_kernel
+def test_block_formats_refuse_weights_they_do_not_hold():
+  rng = np.random.default_rng(0)
+  w = _gguf_weight(rng, 64, 48, "q4_1")
+  assert cpu_gemm.pack(w, formats=("q4_1",)).fmt == "q4_1"
+  plain = rng.standard_normal((64, 48)).astype(np.float32)
+  assert cpu_gemm.pack(plain, formats=("q4_1", "q8_0")).fmt == "f32"
+  bumped = w.copy()
+  bumped[40, 7] = np.nextafter(bumped[40, 7], np.float32(np.inf))  # 2nd block
+  assert cpu_gemm.pack(bumped, formats=("q4_1",)).fmt == "f32"
+  packed = cpu_gemm.pack(w[:48], formats=("q4_1",))  # K not a block multiple
+  assert packed.fmt == "f32"
+  np.testing.assert_array_equal(packed.unpack(), w[:48])
+  assert cpu_gemm.pack(w.astype(jnp.bfloat16), formats=("q4_1",)).fmt == "f32"
+  with pytest.raises(ValueError, match="outside jit"):
+    jax.jit(lambda w: cpu_gemm.pack(w, formats=("q4_1",)).panels)(w)
+  # Another dtype unpacks to float panels first.
+  as_bf16 = cpu_gemm.pack(w, formats=("q4_1",)).astype(jnp.bfloat16)
+  assert as_bf16.fmt == "f32" and as_bf16.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(as_bf16.unpack(), w.astype(jnp.bfloat16))
+
+
+@needs_kernel
+def test_swiglu_with_block_formats():
+  rng = np.random.default_rng(1)
+  gate, up = (_gguf_weight(rng, 96, 70, "q4_1") for _ in range(2))
+  packed = cpu_gemm.pack_swiglu(gate, up, formats=("q4_1",))
+  assert packed.glu and packed.fmt == "q4_1"
+  np.testing.assert_array_equal(packed.unpack(), np.concatenate([gate, up], 1))
+  x = rng.standard_normal((16, 96)).astype(np.float32) / 4
+  y = jax.jit(cpu_gemm.swiglu)(x, packed)
+  np.testing.assert_array_equal(y, jax.jit(cpu_gemm.swiglu)(x, cpu_gemm.pack_swiglu(gate, up)))
+  g = x.astype(np.float64) @ gate.astype(np.float64)
+  want = g / (1 + np.exp(-g)) * (x.astype(np.float64) @ up.astype(np.float64))
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=2e-5)
+  fallback = jax.jit(functools.partial(cpu_gemm.swiglu, sgemm=False))(x, packed)
+  np.testing.assert_allclose(fallback, want, rtol=1e-5, atol=2e-5)
+  # Halves in different formats: both float32.
+  mixed = cpu_gemm.pack_swiglu(gate, rng.standard_normal((96, 70)).astype(np.float32),
+                               formats=("q4_1",))
+  assert mixed.fmt == "f32" and mixed.panels.dtype == jnp.float32
+
+
 def test_packed_rejects_transpose_w():
   packed = cpu_gemm.pack(jnp.ones((4, 3)))
   with pytest.raises(ValueError, match="pack\\(w, transpose=True\\)"):
@@ -383,3 +470,70 @@ def test_packed_params_give_the_same_logits():
   outs = [jax.jit(functools.partial(llama.forward, config=cfg))(p, tokens, cache=cache)[0]
           for p in (flat, packed)]
   np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def _as_gguf(params, cfg):
+  """Tiny params as if loaded from a GGUF: layers Q4_1, the embedding Q8_0
+  (blocks along the input dim, as llama.cpp stores them)."""
+  rng = np.random.default_rng(0)
+  layers = dict(params["layers"])
+  for name in ("q", "k", "v", "o", "gate", "up", "down"):
+    l, k, n = layers[name]["w"].shape
+    layers[name] = {"w": jnp.asarray(np.stack(
+        [_gguf_weight(rng, k, n, "q4_1") / 4 for _ in range(l)]))}
+  embed = _gguf_weight(rng, cfg.hidden_size, cfg.vocab_size, "q8_0").T
+  return {**params, "layers": layers, "embed": jnp.asarray(np.ascontiguousarray(embed))}
+
+
+@needs_kernel
+def test_decode_weights_keep_gguf_blocks_and_decode_the_same_tokens():
+  cfg = _TINY.replace(hidden_size=64, intermediate_size=96, num_heads=4,
+                      num_kv_heads=2, head_dim=16)
+  params = _as_gguf(llama.init_params(jax.random.PRNGKey(0), cfg), cfg)
+  dec = llama.decode_weights(params, cfg)
+  for lp in dec["layers"]:
+    assert {lp[n]["w"].fmt for n in ("qkv", "o", "gate_up", "down")} == {"q4_1"}
+  assert dec["lm_head"].fmt == "q8_0"
+  np.testing.assert_array_equal(dec["lm_head"].unpack(), params["embed"].T)
+  np.testing.assert_array_equal(dec["layers"][1]["down"]["w"].unpack(),
+                                params["layers"]["down"]["w"][1])
+  prompts = jax.random.randint(jax.random.PRNGKey(1), (3, 5), 0, cfg.vocab_size)
+  mask = jnp.ones((3, 5), bool).at[0, :2].set(False)
+  rngs = jax.random.split(jax.random.PRNGKey(2), 3)
+  no_stops = (jnp.zeros((0, 1, cfg.vocab_size), jnp.int32), jnp.zeros((0,), jnp.int32))
+  run = functools.partial(sampler.sample_tokens, config=cfg,
+                          strategy=sampler.Greedy(), max_new_tokens=8,
+                          eos_ids=(), pad_id=0)
+  with_blocks = run(params, prompts, mask, rngs, *no_stops, None, dec)
+  text = jax.jit(lambda *a: run(*a)).lower(
+      params, prompts, mask, rngs, *no_stops, None, dec).as_text()
+  assert text.count("@fedjax_u2s_cpu_quant_gemm(") == 4 * cfg.num_layers + 1
+  for kw in (dict(), dict(pack_weights=False), dict(cpu_sgemm=False)):
+    np.testing.assert_array_equal(
+        with_blocks.tokens, run(params, prompts, mask, rngs, *no_stops, **kw).tokens)
+  lora = {"q": {"a": jnp.zeros((cfg.num_layers, 64, 2)),
+                "b": jnp.zeros((cfg.num_layers, 2, 64))}}
+  with pytest.raises(ValueError, match="decode_params need"):
+    run(params, prompts, mask, rngs, *no_stops, lora, dec)
+
+
+@needs_kernel
+def test_sampler_makes_decode_weights_once_per_params():
+  from fedjax_u2s import testing
+  tok = testing.ByteTokenizer()
+  cfg = _TINY.replace(vocab_size=tok.vocab_size, hidden_size=64,
+                      intermediate_size=96, head_dim=16)
+  params = _as_gguf(llama.init_params(jax.random.PRNGKey(0), cfg), cfg)
+  smp = sampler.Sampler(cfg, tok)
+  assert smp.decode_weights  # The unrolled decode through the kernel.
+  out = smp(params, ["ab", "xyz"], max_new_tokens=6)
+  dec = smp.decode_params(params)
+  assert dec["lm_head"].fmt == "q8_0"
+  assert smp(params, ["ab", "xyz"], max_new_tokens=6).tokens == out.tokens
+  assert smp.decode_params(params) is dec  # Same leaves: kept.
+  other = jax.tree.map(lambda x: x + 0, params)
+  assert smp.decode_params(other) is not dec  # New leaves: remade.
+  plain = sampler.Sampler(cfg, tok, decode_weights=False)
+  assert plain(params, ["ab", "xyz"], max_new_tokens=6).tokens == out.tokens
+  with pytest.raises(ValueError, match="unroll_layers"):
+    sampler.Sampler(cfg, tok, unroll_layers=False, decode_weights=True)

@@ -482,3 +482,11 @@ def test_smollm2_sampler_and_chat_answer(smollm2_path):
   out = s(model.params, [chat], max_new_tokens=32)  # tokenizer EOS: <|im_end|>
   assert out.stop_reasons == ["eos"] and out.tokens[0][-1] == 2
   assert "Paris" in out.texts[0]
+  if s.decode_weights:  # The decode read the GGUF's own blocks, losslessly.
+    dec = s.decode_params(model.params)
+    layer = dec["layers"][0]
+    assert {layer[n]["w"].fmt for n in ("qkv", "o", "gate_up", "down")} == {"q4_1"}
+    assert dec["lm_head"].fmt == "q8_0"
+    np.testing.assert_array_equal(layer["down"]["w"].unpack(),
+                                  model.params["layers"]["down"]["w"][0])
+    np.testing.assert_array_equal(dec["lm_head"].unpack(), model.params["embed"].T)

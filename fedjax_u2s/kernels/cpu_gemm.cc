@@ -1,6 +1,7 @@
 // XLA:CPU custom calls for float32 decoding: FedjaxU2sCpuGemm, (batched)
 // matrix products; FedjaxU2sCpuPackedGemm, products with a weight packed
-// into column panels (and SwiGLU's pair); FedjaxU2sCpuAttention, attention
+// into column panels (and SwiGLU's pair), and FedjaxU2sCpuQuantGemm, the
+// same with the panels in a GGUF block format; FedjaxU2sCpuAttention, attention
 // of a few query rows over a KV cache. The first is described here, the
 // others at their sections below.
 //
@@ -20,6 +21,7 @@
 // folded into M: one large product instead of many small ones.
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <functional>
 #include <memory>
@@ -105,26 +107,32 @@ inline Vec Load(const float* p) {
   return v;
 }
 inline void Store(float* p, Vec v) { __builtin_memcpy(p, &v, sizeof(v)); }
+// x in every lane. Written as x - 0, which is x for every x (x + 0 is not,
+// for x = -0), so GCC emits one broadcast (from memory where x is loaded);
+// `Vec{} + x` cost a scalar add on the FMA ports and a register broadcast
+// per row, and held the [16, K] x panel loop at ~80 GFLOP/s of the dev VM
+// core's ~170 (~120 with Splat, the weight in cache).
+inline Vec Splat(float x) { return x - Vec{}; }
 
-// c[0:R, 0:V*kVl] (+)= a[0:R, k0:k1] b[k0:k1, 0:V*kVl]; b row-major with
-// ldb floats per row (a packed panel: ldb = kPanel, rows contiguous).
+// c[0:R, 0:V*kVl] (+= with accumulate) a[0:R, 0:kn] b[0:kn, 0:V*kVl]; b
+// row-major with ldb floats per row (a packed panel: ldb = kPanel).
 template <int R, int V = kNnVecs>
 void TileNn(const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-            int64_t ldc, int64_t k0, int64_t k1) {
+            int64_t ldc, int64_t kn, bool accumulate) {
   Vec acc[R][V];
   for (int i = 0; i < R; ++i) {
     for (int j = 0; j < V; ++j) {
-      acc[i][j] = k0 == 0 ? Vec{} : Load(c + i * ldc + j * kVl);
+      acc[i][j] = accumulate ? Load(c + i * ldc + j * kVl) : Vec{};
     }
   }
-  for (int64_t k = k0; k < k1; ++k) {
+  for (int64_t k = 0; k < kn; ++k) {
     for (int64_t j = 0; j < V * kVl; j += 64 / sizeof(float)) {  // Lines.
       __builtin_prefetch(b + (k + kPrefetchRows) * ldb + j);
     }
     Vec bv[V];
     for (int j = 0; j < V; ++j) bv[j] = Load(b + k * ldb + j * kVl);
     for (int i = 0; i < R; ++i) {
-      const Vec ai = Vec{} + a[i * lda + k];
+      const Vec ai = Splat(a[i * lda + k]);
       for (int j = 0; j < V; ++j) acc[i][j] += ai * bv[j];
     }
   }
@@ -136,11 +144,11 @@ void TileNn(const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
 // TileNn over the first r (r <= R) rows.
 template <int R, int V = kNnVecs>
 void TileNnRows(int64_t r, const float* a, int64_t lda, const float* b,
-                int64_t ldb, float* c, int64_t ldc, int64_t k0, int64_t k1) {
+                int64_t ldb, float* c, int64_t ldc, int64_t kn, bool accumulate) {
   if constexpr (R > 1) {
-    if (r < R) return TileNnRows<R - 1, V>(r, a, lda, b, ldb, c, ldc, k0, k1);
+    if (r < R) return TileNnRows<R - 1, V>(r, a, lda, b, ldb, c, ldc, kn, accumulate);
   }
-  TileNn<R, V>(a, lda, b, ldb, c, ldc, k0, k1);
+  TileNn<R, V>(a, lda, b, ldb, c, ldc, kn, accumulate);
 }
 
 // c[m0:m1, n0:n1] = a[m0:m1, :] b[:, n0:n1] with b [K, N] row-major.
@@ -150,8 +158,9 @@ void StreamNn(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) 
     const int64_t k1 = std::min(k0 + kKBlock, p.k);
     for (int64_t n = n0; n < tiled; n += kNnBlock) {
       for (int64_t m = m0; m < m1; m += kNnRows) {
-        TileNnRows<kNnRows>(m1 - m, p.a + m * p.lda, p.lda, p.b + n, p.ldb,
-                            p.c + m * p.n + n, p.n, k0, k1);
+        TileNnRows<kNnRows>(m1 - m, p.a + m * p.lda + k0, p.lda,
+                            p.b + k0 * p.ldb + n, p.ldb, p.c + m * p.n + n, p.n,
+                            k1 - k0, k0 != 0);
       }
     }
   }
@@ -266,6 +275,123 @@ inline Vec Exp(Vec x) {
 
 constexpr int64_t kPanel = 32;
 constexpr int kPkVecs = kPanel / kVl;
+
+// Panels may also hold the weight in one of GGUF's block formats, for a
+// weight whose float32 values are exactly such a format's dequantisation
+// (a model loaded from a quantized GGUF): the decode steps then read 6.4x
+// (Q4_1) or 3.8x (Q8_0) fewer bytes and the products are the same float32
+// products, of the same weights. A panel is K / kQRows blocks, each kQRows
+// rows of K by the panel's kPanel columns, with one scale per column:
+//   Q4_1: kPanel float16 scales d, kPanel float16 minimums m, then kQRows
+//     rows of kPanel / 2 bytes, byte c holding column c's 4-bit q in its low
+//     nibble and column c + kPanel / 2's in its high one: w = d q + m.
+//   Q8_0: kPanel float16 scales d, then kQRows rows of kPanel int8 q: w = d q.
+// d q is exact in float32 (11-bit by at most 8-bit significands), so these
+// are bit for bit the values GGUF's dequantisation (d * q + m) gives. The
+// kernel expands kQChunk rows at a time into an L1 tile for the float32
+// loops.
+enum Format : int32_t { kF32 = 0, kQ4_1 = 1, kQ8_0 = 2 };
+constexpr int64_t kQRows = 32;
+constexpr int64_t kQChunk = 128;  // 16 KiB of float32 panel rows.
+
+int64_t BlockBytes(int32_t format) {
+  return format == kQ4_1 ? 2 * 2 * kPanel + kQRows * kPanel / 2
+                         : 2 * kPanel + kQRows * kPanel;
+}
+
+inline float HalfToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0) {  // Zero or subnormal: man * 2^-24.
+    const float f = static_cast<float>(man) * 5.9604644775390625e-8f;
+    return sign ? -f : f;
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  }
+  float f;
+  __builtin_memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// float32 -> float16 bits, rounding to nearest even (as numpy's astype).
+inline uint16_t FloatToHalf(float f) {
+  uint32_t x;
+  __builtin_memcpy(&x, &f, sizeof(x));
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  x &= 0x7fffffffu;
+  if (x >= 0x7f800000u) return sign | 0x7c00u | (x > 0x7f800000u ? 0x200u : 0);
+  if (x >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520: rounds to inf.
+  if (x < 0x38800000u) {  // Below 2^-14: a multiple of 2^-24 (or 2^-14).
+    float a;
+    __builtin_memcpy(&a, &x, sizeof(a));
+    return sign | static_cast<uint16_t>(std::nearbyint(a * 16777216.0f));
+  }
+  uint32_t h = (x - 0x38000000u) >> 13;  // Rebias 127 -> 15, 23 -> 10 bits.
+  const uint32_t rest = x & 0x1fffu;
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1))) ++h;  // May carry: fine.
+  return static_cast<uint16_t>(sign | h);
+}
+
+// One block to float32, kQRows rows of kPanel floats at out.
+void DequantBlock(int32_t format, const uint8_t* block, float* out) {
+#if defined(__AVX512F__)
+  // A row of 32 columns is two vectors; GCC does not vectorise the portable
+  // loops below (nibble split, int8 widening), which made the products
+  // slower than float32 panels' on the dev VM.
+  static_assert(kPanel == 2 * kVl);
+  auto half = [&](int64_t at) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + at)));
+  };
+  const __m512 d0 = half(0), d1 = half(2 * kVl);
+  if (format == kQ4_1) {
+    const __m512 m0 = half(2 * kPanel), m1 = half(2 * kPanel + 2 * kVl);
+    const __m512i low = _mm512_set1_epi32(15);
+    const uint8_t* q = block + 4 * kPanel;
+    for (int64_t r = 0; r < kQRows; ++r, q += kPanel / 2, out += kPanel) {
+      const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+      _mm512_storeu_ps(out, _mm512_fmadd_ps(d0, _mm512_cvtepi32_ps(_mm512_and_si512(x, low)), m0));
+      _mm512_storeu_ps(out + kVl, _mm512_fmadd_ps(d1, _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4)), m1));
+    }
+  } else {
+    const uint8_t* q = block + 2 * kPanel;
+    for (int64_t r = 0; r < kQRows; ++r, q += kPanel, out += kPanel) {
+      const __m128i* row = reinterpret_cast<const __m128i*>(q);
+      _mm512_storeu_ps(out, _mm512_mul_ps(d0, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(row)))));
+      _mm512_storeu_ps(out + kVl, _mm512_mul_ps(d1, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(row + 1)))));
+    }
+  }
+#else
+  float d[kPanel], m[kPanel] = {};
+  for (int64_t c = 0; c < kPanel; ++c) {
+    uint16_t h;
+    __builtin_memcpy(&h, block + 2 * c, 2);
+    d[c] = HalfToFloat(h);
+  }
+  if (format == kQ4_1) {
+    for (int64_t c = 0; c < kPanel; ++c) {
+      uint16_t h;
+      __builtin_memcpy(&h, block + 2 * kPanel + 2 * c, 2);
+      m[c] = HalfToFloat(h);
+    }
+    const uint8_t* q = block + 4 * kPanel;
+    constexpr int64_t kHalf = kPanel / 2;
+    for (int64_t r = 0; r < kQRows; ++r, q += kHalf, out += kPanel) {
+      for (int64_t c = 0; c < kHalf; ++c) {
+        out[c] = d[c] * static_cast<float>(q[c] & 15) + m[c];
+        out[kHalf + c] = d[kHalf + c] * static_cast<float>(q[c] >> 4) + m[kHalf + c];
+      }
+    }
+  } else {
+    const int8_t* q = reinterpret_cast<const int8_t*>(block + 2 * kPanel);
+    for (int64_t r = 0; r < kQRows; ++r, q += kPanel, out += kPanel) {
+      for (int64_t c = 0; c < kPanel; ++c) out[c] = d[c] * static_cast<float>(q[c]);
+    }
+  }
+#endif
+}
 #if defined(__AVX512F__)
 constexpr int kPkRows = 12;  // 24 accumulators, 2 weight vectors, 1 broadcast
 #elif defined(__AVX__)
@@ -417,18 +543,21 @@ ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
 }
 
 
-// out[..., N] = a[..., K] w for w packed as panels [1.., P, K, kPanel]
-// (leading size-1 dims: jax.vmap's "expand_dims" of an unbatched weight).
-// With glu, panels hold w_gate's panels and then w_up's (2 ceil(N/32) in
-// all) and out = silu(a w_gate) * (a w_up): SwiGLU's two products and its
-// product of activations in one call.
-ffi::Error PackedGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
-                          ffi::Buffer<ffi::F32> panels,
-                          ffi::ResultBuffer<ffi::F32> out, bool glu) {
-  auto ad = a.dimensions(), pd = panels.dimensions(), od = out->dimensions();
+// out[..., N] = a[..., K] w for w packed as panels: float32 [1.., P, K,
+// kPanel], or in a block format [1.., P, K / kQRows, BlockBytes] (leading
+// size-1 dims: jax.vmap's "expand_dims" of an unbatched weight). With glu,
+// panels hold w_gate's panels and then w_up's (2 ceil(N/32) in all) and out
+// = silu(a w_gate) * (a w_up): SwiGLU's two products and its product of
+// activations in one call.
+ffi::Error PackedProducts(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& a,
+                          ffi::Span<const int64_t> pd, const void* weights,
+                          ffi::ResultBuffer<ffi::F32>& out, bool glu,
+                          int32_t format) {
+  auto ad = a.dimensions(), od = out->dimensions();
   if (ad.size() < 1 || od.size() != ad.size() || pd.size() < 3) {
     return ffi::Error::InvalidArgument(
-        "cpu_gemm packed: want a [..., K], panels [P, K, 32], out [..., N]");
+        "cpu_gemm packed: want a [..., K], panels [P, K, 32] (or [P, K/32, "
+        "bytes] in a block format), out [..., N]");
   }
   for (size_t i = 0; i + 3 < pd.size(); ++i) {
     if (pd[i] != 1) {
@@ -437,7 +566,9 @@ ffi::Error PackedGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
     }
   }
   const size_t r = pd.size();
-  const int64_t num_panels = pd[r - 3], k = pd[r - 2], n = od[od.size() - 1];
+  const int64_t num_panels = pd[r - 3], n = od[od.size() - 1];
+  const int64_t k = format == kF32 ? pd[r - 2] : pd[r - 2] * kQRows;
+  const int64_t row = format == kF32 ? kPanel : BlockBytes(format);
   int64_t m = 1;
   for (size_t i = 0; i + 1 < ad.size(); ++i) {
     if (ad[i] != od[i]) {
@@ -446,14 +577,14 @@ ffi::Error PackedGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
     m *= ad[i];
   }
   const int64_t out_panels = (n + kPanel - 1) / kPanel;
-  if (pd[r - 1] != kPanel || ad[ad.size() - 1] != k ||
+  if ((format != kF32 && format != kQ4_1 && format != kQ8_0) ||
+      pd[r - 1] != row || ad[ad.size() - 1] != k ||
       num_panels != (glu ? 2 : 1) * out_panels) {
     return ffi::Error::InvalidArgument(
-        "cpu_gemm packed: panels are not [ceil(N/32), K, 32] (twice that for "
-        "glu) for a [..., K]");
+        "cpu_gemm packed: panels are not [ceil(N/32), K, 32] (or [ceil(N/32), "
+        "K/32, block bytes]; twice that for glu) for a [..., K]");
   }
   const float* ap = a.typed_data();
-  const float* pp = panels.typed_data();
   float* op = out->typed_data();
   if (m == 0 || n == 0) return ffi::Error::Success();
   // A few panels per task, several tasks per thread: a pool thread that
@@ -462,14 +593,35 @@ ffi::Error PackedGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
   const int64_t per = std::max<int64_t>(1, out_panels / (4 * threads));
   const int64_t tasks = (out_panels + per - 1) / per;
   ParallelFor(pool, tasks, [&](int64_t t) {
+    thread_local std::vector<float> tile, up, chunk;
     // a [m, K] x panel -> dst [m, kPanel] (row stride ldd).
-    auto product = [&](int64_t panel, float* dst, int64_t ldd) {
+    auto rows = [&](const float* a0, const float* b, float* dst, int64_t ldd,
+                    int64_t kn, bool accumulate) {
       for (int64_t i = 0; i < m; i += kPkRows) {
-        TileNnRows<kPkRows, kPkVecs>(m - i, ap + i * k, k, pp + panel * k * kPanel,
-                                     kPanel, dst + i * ldd, ldd, 0, k);
+        TileNnRows<kPkRows, kPkVecs>(m - i, a0 + i * k, k, b, kPanel,
+                                     dst + i * ldd, ldd, kn, accumulate);
       }
     };
-    thread_local std::vector<float> tile, up;
+    auto product = [&](int64_t panel, float* dst, int64_t ldd) {
+      if (format == kF32) {
+        const float* p = static_cast<const float*>(weights) + panel * k * kPanel;
+        return rows(ap, p, dst, ldd, k, false);
+      }
+      const uint8_t* blocks =
+          static_cast<const uint8_t*>(weights) + panel * (k / kQRows) * row;
+      chunk.resize(kQChunk * kPanel);
+      for (int64_t k0 = 0; k0 < k; k0 += kQChunk) {
+        const int64_t kn = std::min(kQChunk, k - k0);
+        for (int64_t x = 0; x < kn; x += kQRows) {
+          const uint8_t* block = blocks + (k0 + x) / kQRows * row;
+          for (int64_t l = 0; l < row; l += 64) {
+            __builtin_prefetch(block + 4 * row + l);
+          }
+          DequantBlock(format, block, chunk.data() + x * kPanel);
+        }
+        rows(ap + k0, chunk.data(), dst, ldd, kn, k0 != 0);
+      }
+    };
     for (int64_t q = t * per; q < std::min(out_panels, (t + 1) * per); ++q) {
       const int64_t width = std::min(kPanel, n - q * kPanel);
       if (!glu && width == kPanel) {
@@ -495,6 +647,24 @@ ffi::Error PackedGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
     }
   });
   return ffi::Error::Success();
+}
+
+ffi::Error PackedGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
+                          ffi::Buffer<ffi::F32> panels,
+                          ffi::ResultBuffer<ffi::F32> out, bool glu) {
+  return PackedProducts(pool, a, panels.dimensions(), panels.typed_data(), out,
+                        glu, kF32);
+}
+
+ffi::Error QuantGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
+                         ffi::Buffer<ffi::U8> blocks,
+                         ffi::ResultBuffer<ffi::F32> out, bool glu,
+                         int32_t format) {
+  if (format == kF32) {
+    return ffi::Error::InvalidArgument("cpu_gemm quant: format is a block format");
+  }
+  return PackedProducts(pool, a, blocks.dimensions(), blocks.typed_data(), out,
+                        glu, format);
 }
 
 // ---------------------------------------------------------------------------
@@ -553,7 +723,7 @@ void Mix(const float* values, const int32_t* slots, const float* probs,
     Vec acc[HV] = {};
     for (int64_t i = 0; i < n; ++i) {
       const float* v = values + slots[i] * hd;
-      const Vec w = Vec{} + probs[i];
+      const Vec w = Splat(probs[i]);
       for (int j = 0; j < HV; ++j) acc[j] += w * Load(v + j * kVl);
     }
     for (int j = 0; j < HV; ++j) Store(out + j * kVl, acc[j] * inv);
@@ -657,6 +827,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<bool>("glu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FedjaxU2sCpuQuantGemm, QuantGemmImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::U8>>()
+        .Ret<ffi::Buffer<ffi::F32>>()
+        .Attr<bool>("glu")
+        .Attr<int32_t>("format"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
     FedjaxU2sCpuAttention, AttentionImpl,
     ffi::Ffi::Bind()
         .Ctx<ffi::ThreadPool>()
@@ -666,6 +846,60 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<ffi::Buffer<ffi::PRED>>()
         .Ret<ffi::Buffer<ffi::F32>>()
         .Attr<float>("scale"));
+
+// Encodes w (element (k, n) at w[k * sk + n * sn], K a multiple of kQRows)
+// as panels in a block format, [ceil(N / kPanel), K / kQRows, BlockBytes]
+// at out, choosing each block's scale (and minimum) as GGUF's quantisers
+// do. Returns 1 if every value is reproduced exactly, else 0 (stopping at
+// the first that is not: a weight that did not come from this format is
+// refused after one block).
+extern "C" int fedjax_u2s_encode_blocks(const float* w, int64_t k, int64_t n,
+                                        int64_t sk, int64_t sn, int32_t format,
+                                        uint8_t* out) {
+  if (k % kQRows != 0 || (format != kQ4_1 && format != kQ8_0)) return 0;
+  const int64_t bytes = BlockBytes(format), blocks = k / kQRows;
+  const int64_t panels = (n + kPanel - 1) / kPanel;
+  for (int64_t p = 0; p < panels; ++p) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      uint8_t* block = out + (p * blocks + b) * bytes;
+      std::fill(block, block + bytes, 0);
+      for (int64_t c = 0; c < kPanel; ++c) {
+        const int64_t col = p * kPanel + c;
+        float x[kQRows] = {};  // Columns past N: zeros.
+        if (col < n) {
+          for (int64_t r = 0; r < kQRows; ++r) x[r] = w[(b * kQRows + r) * sk + col * sn];
+        }
+        float lo = x[0], hi = x[0], amax = 0.0f;
+        for (float v : x) {
+          lo = std::min(lo, v);
+          hi = std::max(hi, v);
+          amax = std::max(amax, std::fabs(v));
+        }
+        const bool q4 = format == kQ4_1;
+        const uint16_t d16 = FloatToHalf(q4 ? (hi - lo) / 15.0f : amax / 127.0f);
+        const uint16_t m16 = FloatToHalf(lo);
+        const float d = HalfToFloat(d16), m = q4 ? HalfToFloat(m16) : 0.0f;
+        __builtin_memcpy(block + 2 * c, &d16, 2);
+        if (q4) __builtin_memcpy(block + 2 * kPanel + 2 * c, &m16, 2);
+        for (int64_t r = 0; r < kQRows; ++r) {
+          float q = d > 0.0f ? std::nearbyint((x[r] - m) / d) : 0.0f;
+          q = q4 ? std::min(15.0f, std::max(0.0f, q))
+                 : std::min(127.0f, std::max(-127.0f, q));
+          if (!(d * q + m == x[r])) return 0;
+          if (q4) {
+            const int64_t half = kPanel / 2;
+            block[4 * kPanel + r * half + c % half] |=
+                static_cast<uint8_t>(static_cast<int>(q) << (c < half ? 0 : 4));
+          } else {
+            block[2 * kPanel + r * kPanel + c] =
+                static_cast<uint8_t>(static_cast<int8_t>(q));
+          }
+        }
+      }
+    }
+  }
+  return 1;
+}
 
 extern "C" void fedjax_u2s_set_sgemm(void* fn) {
   g_sgemm = reinterpret_cast<SgemmFn>(fn);

@@ -73,11 +73,20 @@ import numpy as np
 
 _TARGET = "fedjax_u2s_cpu_gemm"
 _PACKED_TARGET = "fedjax_u2s_cpu_packed_gemm"
+_QUANT_TARGET = "fedjax_u2s_cpu_quant_gemm"
 _ATTENTION_TARGET = "fedjax_u2s_cpu_attention"
 PANEL = 32  # Columns per panel of a packed weight (kPanel in cpu_gemm.cc).
+QROWS = 32  # Rows of K per block of a block format (kQRows in cpu_gemm.cc).
+# Block formats of packed panels: name -> (cpu_gemm.cc's Format, bytes per
+# block). Layouts in cpu_gemm.cc.
+FORMATS = {"q4_1": (1, 2 * 2 * PANEL + QROWS * PANEL // 2),
+           "q8_0": (2, 2 * PANEL + QROWS * PANEL)}
 _SOURCE = pathlib.Path(__file__).with_name("cpu_gemm.cc")
 _MKL_CBWR_AUTO = 2  # mkl.h: MKL_CBWR_AUTO
 _MKL_THREADING_SEQUENTIAL = 1  # mkl.h: MKL_THREADING_SEQUENTIAL
+
+
+_LIB = {}  # "lib": the loaded cpu_gemm.cc library, once _load succeeds.
 
 
 def _cache_dir() -> pathlib.Path:
@@ -163,6 +172,8 @@ def _load() -> str:
     cblas.MKL_CBWR_Set(ctypes.c_int(_MKL_CBWR_AUTO))
   lib = ctypes.CDLL(str(so))
   lib.fedjax_u2s_set_sgemm(ctypes.cast(sgemm, ctypes.c_void_p))
+  lib.fedjax_u2s_encode_blocks.restype = ctypes.c_int
+  _LIB["lib"] = lib
   jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.FedjaxU2sCpuGemm),
                               platform="cpu")
   jax.ffi.register_ffi_target(_ATTENTION_TARGET,
@@ -170,6 +181,9 @@ def _load() -> str:
                               platform="cpu")
   jax.ffi.register_ffi_target(_PACKED_TARGET,
                               jax.ffi.pycapsule(lib.FedjaxU2sCpuPackedGemm),
+                              platform="cpu")
+  jax.ffi.register_ffi_target(_QUANT_TARGET,
+                              jax.ffi.pycapsule(lib.FedjaxU2sCpuQuantGemm),
                               platform="cpu")
   logging.info("fedjax_u2s: float32 CPU matmuls use %s", cblas_path)
   return ""
@@ -293,29 +307,50 @@ class Packed:
 
   ``panels[p, k, c]`` is ``w[k, p * PANEL + c]`` (zero past N): each panel
   is one contiguous run of memory, where a tile of a row-major weight is K
-  short pieces a row apart (see cpu_gemm.cc). Made by :func:`pack`, once per
-  sampling call; used by :func:`matmul` like the [K, N] array it holds. With
-  ``glu`` (made by :func:`pack_swiglu`), the panels of a gate weight and then
-  of an up weight, both [K, N], for :func:`swiglu`.
+  short pieces a row apart (see cpu_gemm.cc). Made by :func:`pack`; used by
+  :func:`matmul` like the [K, N] float32 array it holds. With ``glu`` (made
+  by :func:`pack_swiglu`), the panels of a gate weight and then of an up
+  weight, both [K, N], for :func:`swiglu`. With a block ``fmt`` (made by
+  :func:`pack` with ``formats``), each panel is stored in that GGUF block
+  format instead, ``[P, K / QROWS, block bytes]`` uint8, holding exactly
+  the same float32 values (see cpu_gemm.cc).
   """
   panels: jax.Array  # [ceil(N / PANEL), K, PANEL], twice as many with glu
   n: int = flax.struct.field(pytree_node=False)
   glu: bool = flax.struct.field(pytree_node=False, default=False)
+  fmt: str = flax.struct.field(pytree_node=False, default="f32")
 
   @property
   def shape(self) -> tuple[int, int]:
-    return (self.panels.shape[1], self.n)
+    rows = self.panels.shape[1] * (1 if self.fmt == "f32" else QROWS)
+    return (rows, self.n)
 
   @property
   def dtype(self):
-    return self.panels.dtype
+    return self.panels.dtype if self.fmt == "f32" else jnp.dtype(jnp.float32)
+
+  def float_panels(self) -> jax.Array:
+    """The panels as an array of :attr:`dtype` ([P, K, PANEL])."""
+    if self.fmt == "f32":
+      return self.panels
+    return _decode_blocks(self.panels, self.fmt)
+
+  def as_float(self) -> "Packed":
+    """The same weight as float panels (itself if it already is)."""
+    if self.fmt == "f32":
+      return self
+    return self.replace(panels=self.float_panels(), fmt="f32")
 
   def astype(self, dtype) -> "Packed":
-    return self.replace(panels=self.panels.astype(dtype))
+    if jnp.dtype(dtype) == self.dtype:
+      return self
+    w = self.as_float()
+    return w.replace(panels=w.panels.astype(dtype))
 
   def unpack(self) -> jax.Array:
     """The [K, N] weight ([K, 2N]: gate then up, with ``glu``)."""
-    parts = jnp.split(self.panels, 2) if self.glu else [self.panels]
+    panels = self.float_panels()
+    parts = jnp.split(panels, 2) if self.glu else [panels]
     return jnp.concatenate([_unpanel(p, self.n) for p in parts], axis=1)
 
 
@@ -324,39 +359,123 @@ def _unpanel(panels: jax.Array, n: int) -> jax.Array:
   return panels.transpose(1, 0, 2).reshape(k, p * c)[:, :n]
 
 
-def pack(w: jax.Array, *, transpose: bool = False) -> Packed:
-  """Packs a 2-D w ([K, N], or [N, K] with ``transpose``) into panels."""
-  if w.ndim != 2:
-    raise ValueError(f"pack takes a 2-D weight, got shape {w.shape}")
+def _panels(w: jax.Array, transpose: bool) -> jax.Array:
+  """[P, K, PANEL] panels of w ([K, N], or [N, K] with transpose)."""
   if transpose:  # [N, K] -> panels of w.T without materialising w.T.
     n, k = w.shape
     w = jnp.pad(w, ((0, -n % PANEL), (0, 0)))
-    panels = w.reshape(-1, PANEL, k).transpose(0, 2, 1)
+    return w.reshape(-1, PANEL, k).transpose(0, 2, 1)
+  k, n = w.shape
+  w = jnp.pad(w, ((0, 0), (0, -n % PANEL)))
+  return w.reshape(k, -1, PANEL).transpose(1, 0, 2)
+
+
+def _f16_bytes(x: jax.Array) -> jax.Array:
+  """[..., C] float -> [..., 2C] uint8, its float16 bits (little-endian)."""
+  b = jax.lax.bitcast_convert_type(x.astype(jnp.float16), jnp.uint8)
+  return b.reshape(*x.shape[:-1], 2 * x.shape[-1])
+
+
+def _bytes_f32(b: jax.Array) -> jax.Array:
+  """Inverse of :func:`_f16_bytes`, widened to float32 (exactly)."""
+  h = jax.lax.bitcast_convert_type(b.reshape(*b.shape[:-1], -1, 2), jnp.float16)
+  return h.astype(jnp.float32)
+
+
+def _encode_blocks(w: np.ndarray, transpose: bool, fmt: str) -> np.ndarray | None:
+  """w ([K, N], or [N, K] transposed) as ``fmt`` blocks, if exactly; else None.
+
+  uint8 [ceil(N / PANEL), K / QROWS, bytes], each block's scale (and
+  minimum) chosen as GGUF's quantisers choose them; None unless every value
+  is reproduced bit for bit (so w was a GGUF dequantisation in that format).
+  Encoded by cpu_gemm.cc's ``fedjax_u2s_encode_blocks``, which gives up at
+  the first block that does not fit.
+  """
+  if transpose:
+    n, k = w.shape
+    sk, sn = w.strides[1] // 4, w.strides[0] // 4
   else:
     k, n = w.shape
-    w = jnp.pad(w, ((0, 0), (0, -n % PANEL)))
-    panels = w.reshape(k, -1, PANEL).transpose(1, 0, 2)
-  return Packed(panels=panels, n=n)
+    sk, sn = w.strides[0] // 4, w.strides[1] // 4
+  code, nbytes = FORMATS[fmt]
+  out = np.empty((-(-n // PANEL), k // QROWS, nbytes), np.uint8)
+  ok = _LIB["lib"].fedjax_u2s_encode_blocks(
+      ctypes.c_void_p(w.ctypes.data), ctypes.c_int64(k), ctypes.c_int64(n),
+      ctypes.c_int64(sk), ctypes.c_int64(sn), ctypes.c_int32(code),
+      ctypes.c_void_p(out.ctypes.data))
+  return out if ok else None
 
 
-def pack_swiglu(gate: jax.Array, up: jax.Array) -> Packed:
-  """Packs SwiGLU's [K, F] gate and up weights for :func:`swiglu`."""
+def _decode_blocks(blocks: jax.Array, fmt: str) -> jax.Array:
+  """uint8 blocks [P, K / QROWS, bytes] -> float32 panels [P, K, PANEL]."""
+  p, kb, _ = blocks.shape
+  d = _bytes_f32(blocks[..., : 2 * PANEL])[:, :, None]
+  if fmt == "q4_1":
+    m = _bytes_f32(blocks[..., 2 * PANEL : 4 * PANEL])[:, :, None]
+    nibbles = blocks[..., 4 * PANEL :].reshape(p, kb, QROWS, PANEL // 2)
+    q = jnp.concatenate([nibbles & 15, nibbles >> 4], axis=-1).astype(jnp.float32)
+    w = d * q + m
+  else:
+    q = jax.lax.bitcast_convert_type(blocks[..., 2 * PANEL :], jnp.int8)
+    w = d * q.reshape(p, kb, QROWS, PANEL).astype(jnp.float32)
+  return w.reshape(p, kb * QROWS, PANEL)
+
+
+def pack(w: jax.Array, *, transpose: bool = False,
+         formats: tuple[str, ...] = ()) -> Packed:
+  """Packs a 2-D w ([K, N], or [N, K] with ``transpose``) into panels.
+
+  ``formats``: block formats (of :data:`FORMATS`) to try in order; the
+  first that holds every value of w exactly is used, else float32 panels.
+  This reads w on the host: call it outside ``jit``, once per model
+  (``llama.decode_weights``). A float32 w dequantised from a GGUF in one of
+  these formats fits; one trained or merged with an adapter does not (the
+  check stops at its first block), and stays float32.
+  """
+  if w.ndim != 2:
+    raise ValueError(f"pack takes a 2-D weight, got shape {w.shape}")
+  n, k = w.shape if transpose else w.shape[::-1]
+  if formats and w.dtype == np.float32 and k % QROWS == 0 and available():
+    if isinstance(w, jax.core.Tracer):
+      raise ValueError("pack(formats=...) reads the weight on the host: call "
+                       "it outside jit (llama.decode_weights)")
+    host = np.asarray(w)
+    for fmt in formats:
+      blocks = _encode_blocks(host, transpose, fmt)
+      if blocks is not None:
+        return Packed(panels=jnp.asarray(blocks), n=n, fmt=fmt)
+  return Packed(panels=_panels(w, transpose), n=n)
+
+
+def pack_swiglu(gate: jax.Array, up: jax.Array, *,
+                formats: tuple[str, ...] = ()) -> Packed:
+  """Packs SwiGLU's [K, F] gate and up weights for :func:`swiglu`.
+
+  ``formats`` as for :func:`pack`; both halves must fit the same one.
+  """
   if gate.shape != up.shape:
     raise ValueError(f"pack_swiglu: gate {gate.shape} and up {up.shape} differ")
-  g, u = pack(gate), pack(up)
-  return Packed(panels=jnp.concatenate([g.panels, u.panels]), n=g.n, glu=True)
+  g, u = pack(gate, formats=formats), pack(up, formats=formats)
+  if g.fmt != u.fmt:
+    g, u = g.as_float(), u.as_float()
+  return Packed(panels=jnp.concatenate([g.panels, u.panels]), n=g.n, glu=True,
+                fmt=g.fmt)
 
 
 def _packed_call(x: jax.Array, w: Packed, *, sgemm: bool, out_dtype, reference):
   """The packed custom call on x [..., K] where it applies, else reference."""
-  out_dtype = jnp.dtype(out_dtype or jnp.result_type(x, w.panels))
+  out_dtype = jnp.dtype(out_dtype or jnp.result_type(x, w.dtype))
 
   def kernel(x, panels):
     out = jax.ShapeDtypeStruct((*x.shape[:-1], w.n), jnp.float32)
-    return jax.ffi.ffi_call(_PACKED_TARGET, out, vmap_method="expand_dims")(
-        x, panels, glu=w.glu)
+    if w.fmt == "f32":
+      return jax.ffi.ffi_call(_PACKED_TARGET, out, vmap_method="expand_dims")(
+          x, panels, glu=w.glu)
+    return jax.ffi.ffi_call(_QUANT_TARGET, out, vmap_method="expand_dims")(
+        x, panels, glu=w.glu, format=np.int32(FORMATS[w.fmt][0]))
 
-  fallback = lambda x, panels: reference(x, panels, out_dtype)
+  fallback = lambda x, panels: reference(
+      x, w.replace(panels=panels).float_panels(), out_dtype)
   return _dispatch(kernel, fallback, x, w.panels, use=sgemm and x.dtype == w.dtype
                    == out_dtype == jnp.float32)
 
