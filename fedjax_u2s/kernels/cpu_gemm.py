@@ -18,7 +18,10 @@ Two more calls serve decoding only (no gradient): :func:`matmul` on a
 32-column panels, which the kernel streams faster than a row-major weight's
 strided rows), and :func:`attention`, the scores, masked softmax and weighted
 sum of values over a KV cache in one call that reads only the slots the
-mask allows.
+mask allows. A packed weight whose float32 values are exactly a GGUF Q4_1
+or Q8_0 dequantisation (``pack(w, formats=...)``) keeps those blocks; the
+kernel expands them to the same float32 values, so its products are the
+float32 panels' products, bit for bit, from 6.4x (3.8x) fewer bytes.
 
 :func:`matmul` routes a product through ``cpu_gemm.cc`` when all of these
 hold, and through ``jnp.einsum`` otherwise:
