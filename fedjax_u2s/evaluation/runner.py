@@ -190,7 +190,6 @@ def compare_table(results_by_model: Mapping[str, Mapping[str, dict]]) -> str:
   models = list(results_by_model)
   if not models:
     raise ValueError("compare_table needs at least one model.")
-  base = models[0]
   task_names: list[str] = []
   for res in results_by_model.values():
     task_names += [t for t in res if t not in task_names]

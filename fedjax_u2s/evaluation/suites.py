@@ -32,7 +32,6 @@ import numpy as np
 
 from fedjax_u2s.data import wiki
 from fedjax_u2s.evaluation import loaders
-from fedjax_u2s.evaluation import scoring
 from fedjax_u2s.evaluation import tasks
 from fedjax_u2s.models import registry
 

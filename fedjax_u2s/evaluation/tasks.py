@@ -23,7 +23,7 @@ continuation follows directly. A tokenizer without a template (the tests'
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
