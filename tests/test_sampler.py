@@ -171,6 +171,30 @@ def test_topk_and_topp_support():
   assert set(np.asarray(temp).tolist()) == {0, 1, 2, 3}
 
 
+def test_nucleus_matches_float64_definition():
+  """The kept set: tokens whose more probable tokens hold less than p."""
+  rng = np.random.default_rng(0)
+  nucleus = jax.jit(sampler_lib.nucleus)
+  for trial in range(60):
+    v = int(rng.integers(1, 3000))
+    p = float(rng.uniform(0.01, 1.0)) if trial else 1.0
+    logits = rng.standard_normal(v).astype(np.float32) * rng.uniform(0.1, 8.0)
+    if trial % 3 == 0:  # Ties.
+      logits = np.round(logits)
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits)))
+    keep = np.asarray(nucleus(jnp.asarray(probs), p))
+    p64 = probs.astype(np.float64)
+    want = np.array([p64[p64 > x].sum() for x in p64]) < p
+    np.testing.assert_array_equal(keep, want, err_msg=f"trial {trial}")
+    assert keep[np.argmax(probs)]
+  # By hand: 0.5 alone < 0.8, 0.5 + 0.3 reaches it -> {0, 1}; p = 0.5 -> {0}.
+  probs = jnp.asarray([0.5, 0.3, 0.15, 0.05])
+  assert np.asarray(nucleus(probs, 0.8)).tolist() == [True, True, False, False]
+  assert np.asarray(nucleus(probs, 0.5)).tolist() == [True, False, False, False]
+  assert np.asarray(nucleus(probs, 0.51)).tolist() == [True, True, False, False]
+  assert np.asarray(nucleus(jnp.asarray([0.25] * 4), 0.3)).all()  # One tie group.
+
+
 def test_bad_arguments():
   with pytest.raises(ValueError, match="temperature"):
     sampler_lib.Temperature(0.0)
