@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_u2s import sampler as sampler_lib
+from fedjax_u2s.kernels import cpu_gemm
 from fedjax_u2s.models import llama
 from fedjax_u2s.models import registry
 
@@ -150,8 +151,9 @@ def main(argv):
   decode_params = llama.decode_weights(model.params, model.config)
   jax.block_until_ready(decode_params)
   results["decode_weights_s"] = time.perf_counter() - start
-  formats = sorted({w.fmt for w in jax.tree.leaves(
-      decode_params, is_leaf=lambda x: hasattr(x, "fmt")) if hasattr(w, "fmt")})
+  is_packed = lambda x: isinstance(x, cpu_gemm.Packed)
+  formats = sorted({w.fmt for w in jax.tree.leaves(decode_params, is_leaf=is_packed)
+                    if is_packed(w)})
   results["decode_formats"] = formats
   print(f"ours: decode weights ({', '.join(formats)}) made in "
         f"{results['decode_weights_s']:.1f}s")

@@ -312,9 +312,7 @@ def sample_tokens(params: PyTree, prompt_tokens: jax.Array, prompt_mask: jax.Arr
   elif unroll_layers:
     stacked = not isinstance(params["layers"], (list, tuple))
     if pack_weights is None:
-      pack_weights = (cpu_sgemm and cpu_gemm.available()
-                      and jax.default_backend() == "cpu"
-                      and (lora is None or stacked))
+      pack_weights = cpu_sgemm and cpu_gemm.runs_here() and (lora is None or stacked)
     if pack_weights and lora is not None:
       # The packed layers fuse q/k/v and gate/up, so the adapter is merged
       # into the decode steps' copy of the weights (the prefill applied it
@@ -442,8 +440,7 @@ class Sampler:
     self.pad_multiple = pad_multiple
     self.unroll_layers = unroll_layers
     if decode_weights is None:
-      decode_weights = (unroll_layers and cpu_gemm.available()
-                        and jax.default_backend() == "cpu")
+      decode_weights = unroll_layers and cpu_gemm.runs_here()
     elif decode_weights and not unroll_layers:
       raise ValueError("decode_weights needs unroll_layers=True.")
     self.decode_weights = decode_weights

@@ -275,6 +275,13 @@ inline Vec Exp(Vec x) {
 
 constexpr int64_t kPanel = 32;
 constexpr int kPkVecs = kPanel / kVl;
+#if defined(__AVX512F__)
+constexpr int kPkRows = 12;  // 24 accumulators, 2 weight vectors, 1 broadcast
+#elif defined(__AVX__)
+constexpr int kPkRows = 3;   // 12 accumulators of 16 registers
+#else
+constexpr int kPkRows = 1;
+#endif
 
 // Panels may also hold the weight in one of GGUF's block formats, for a
 // weight whose float32 values are exactly such a format's dequantisation
@@ -365,17 +372,16 @@ void DequantBlock(int32_t format, const uint8_t* block, float* out) {
   }
 #else
   float d[kPanel], m[kPanel] = {};
-  for (int64_t c = 0; c < kPanel; ++c) {
-    uint16_t h;
-    __builtin_memcpy(&h, block + 2 * c, 2);
-    d[c] = HalfToFloat(h);
-  }
-  if (format == kQ4_1) {
+  auto halves = [&](int64_t at, float* dst) {  // kPanel float16s at block + at.
     for (int64_t c = 0; c < kPanel; ++c) {
       uint16_t h;
-      __builtin_memcpy(&h, block + 2 * kPanel + 2 * c, 2);
-      m[c] = HalfToFloat(h);
+      __builtin_memcpy(&h, block + at + 2 * c, 2);
+      dst[c] = HalfToFloat(h);
     }
+  };
+  halves(0, d);
+  if (format == kQ4_1) {
+    halves(2 * kPanel, m);
     const uint8_t* q = block + 4 * kPanel;
     constexpr int64_t kHalf = kPanel / 2;
     for (int64_t r = 0; r < kQRows; ++r, q += kHalf, out += kPanel) {
@@ -392,13 +398,6 @@ void DequantBlock(int32_t format, const uint8_t* block, float* out) {
   }
 #endif
 }
-#if defined(__AVX512F__)
-constexpr int kPkRows = 12;  // 24 accumulators, 2 weight vectors, 1 broadcast
-#elif defined(__AVX__)
-constexpr int kPkRows = 3;   // 12 accumulators of 16 registers
-#else
-constexpr int kPkRows = 1;
-#endif
 
 void RunBlock(const Problem& p, int64_t lo, int64_t hi, bool split_m) {
   if (p.m <= kSmallM && !p.ta) {

@@ -197,6 +197,12 @@ def available() -> bool:
   return not _load()
 
 
+def runs_here() -> bool:
+  """Whether the kernel is available and JAX computes on the CPU by default
+  (where the sampler lays its decode weights out for it)."""
+  return available() and jax.default_backend() == "cpu"
+
+
 def unavailable_reason() -> str:
   """Why :func:`available` is False ('' when it is True)."""
   return _load()
@@ -373,14 +379,8 @@ def _panels(w: jax.Array, transpose: bool) -> jax.Array:
   return w.reshape(k, -1, PANEL).transpose(1, 0, 2)
 
 
-def _f16_bytes(x: jax.Array) -> jax.Array:
-  """[..., C] float -> [..., 2C] uint8, its float16 bits (little-endian)."""
-  b = jax.lax.bitcast_convert_type(x.astype(jnp.float16), jnp.uint8)
-  return b.reshape(*x.shape[:-1], 2 * x.shape[-1])
-
-
 def _bytes_f32(b: jax.Array) -> jax.Array:
-  """Inverse of :func:`_f16_bytes`, widened to float32 (exactly)."""
+  """[..., 2C] uint8 float16 bits (little-endian) -> [..., C] float32, exactly."""
   h = jax.lax.bitcast_convert_type(b.reshape(*b.shape[:-1], -1, 2), jnp.float16)
   return h.astype(jnp.float32)
 

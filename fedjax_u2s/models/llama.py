@@ -230,17 +230,10 @@ def decode_weights(params: PyTree, config: ModelConfig) -> PyTree:
   (host syncs): call it outside ``jit``; :class:`fedjax_u2s.sampler.Sampler`
   does, once per params, and passes the result to ``sample_tokens``.
   """
-  layers = params["layers"]
-  # Layers as host views (np.asarray of a CPU array does not copy), so the
-  # stacked weights are read in place rather than sliced into copies first.
-  if isinstance(layers, (list, tuple)):
-    layers = tuple(jax.tree.map(np.asarray, lp) for lp in layers)
-  else:
-    stacked = jax.tree.map(np.asarray, layers)
-    layers = tuple(jax.tree.map(lambda w, i=i: w[i], stacked)
-                   for i in range(jax.tree.leaves(stacked)[0].shape[0]))
-  packed = pack_weights({**params, "layers": layers}, config,
-                        formats=DECODE_FORMATS)
+  # Layers as host views (np.asarray of a CPU array does not copy), so
+  # unstacking slices views of the stacked weights rather than copying them.
+  host = {**params, "layers": jax.tree.map(np.asarray, params["layers"])}
+  packed = pack_weights(unstack_layers(host), config, formats=DECODE_FORMATS)
   # Norms and biases onto the device once, not at every call.
   return jax.tree.map(jnp.asarray, packed)
 
