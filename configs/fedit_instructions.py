@@ -44,8 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.max_length = 128
     c.train.batch_size = 2
     c.train.local_steps = 2
-    c.eval.every = 1
-    c.eval.batch_size = 4
+    c.train_eval.every = 1
+    c.train_eval.batch_size = 4
   elif arg not in (None, ""):
     raise ValueError(f"Unknown config argument {arg!r}; use '' or 'smoke'.")
   return c

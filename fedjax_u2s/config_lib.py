@@ -67,9 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every = 1             # Save the server state every N rounds.
   c.checkpoint.keep = 3              # Keep the last K checkpoints.
 
-  c.eval = ml_collections.ConfigDict()
-  c.eval.every = 5                   # Eval loss on held-out pairs every N rounds.
-  c.eval.batch_size = 8              # Eval micro-batch size.
+  c.train_eval = ml_collections.ConfigDict()
+  c.train_eval.every = 5                   # Eval loss on held-out pairs every N rounds.
+  c.train_eval.batch_size = 8              # Eval micro-batch size.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.num_devices = 0             # Devices for the client axis; 0 = all.
@@ -135,7 +135,7 @@ def u2s_config() -> ml_collections.ConfigDict:
   c.federated.client_lr = 3e-4
   c.train.max_length = 320
   c.train.batch_size = 4
-  c.eval.every = 2
+  c.train_eval.every = 2
 
   c.evaluate = ml_collections.ConfigDict()
   c.evaluate.topics = c.corpus.get_ref("topics")  # Wiki questions from these topics.

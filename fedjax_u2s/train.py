@@ -173,7 +173,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_config,
   eval_batch = None
   if eval_set is not None:
     eval_batch = jax.tree.map(lambda x: _global_array(x, replicated),
-                              batching.eval_batches(eval_set, config.eval.batch_size))
+                              batching.eval_batches(eval_set, config.train_eval.batch_size))
 
   writer = metrics_lib.MetricWriter(workdir, resume_round=start,
                                     tensorboard=config.train.tensorboard) if lead else None
@@ -205,7 +205,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_config,
 
   r = start
   try:
-    if start == 0 and eval_set is not None and config.eval.every:
+    if start == 0 and eval_set is not None and config.train_eval.every:
       loss0 = run_eval()
       if writer:
         writer.write(0, {"eval_loss": loss0})
@@ -244,8 +244,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_config,
              "clients": [int(i) for i in ids],
              "bytes_down": n_sampled * lora_bytes, "bytes_up": n_sampled * lora_bytes}
       done = r + 1
-      if eval_set is not None and config.eval.every and (
-          done % config.eval.every == 0 or done == num_rounds):
+      if eval_set is not None and config.train_eval.every and (
+          done % config.train_eval.every == 0 or done == num_rounds):
         row["eval_loss"] = run_eval()
       if writer:
         writer.write(done, row)

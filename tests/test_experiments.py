@@ -39,7 +39,7 @@ def _config(model, **overrides):
               "evaluate.num_math_questions": 0,
               "lora.rank": 2, "lora.alpha": 4.0, "checkpoint.every": 100,
               # Less to compile: no remat, full logits, no eval loss in training.
-              "model.remat": False, "train.logits_chunk_size": 0, "eval.every": 0,
+              "model.remat": False, "train.logits_chunk_size": 0, "train_eval.every": 0,
               **overrides}
   return testing.load_config(CONFIG, "smoke", **settings)
 
