@@ -184,3 +184,100 @@ def test_client_id_meta_and_replacement_chars():
 def test_bad_limits():
   with pytest.raises(ValueError, match="min_tokens"):
     chunk(["a b"], max_tokens=2, min_tokens=3)
+
+
+# ----------------------------------------------------------------------------
+# Linear-time sentence splitting: same output as the quadratic original.
+
+
+def _reference_is_sentence_end(text, start, end, m):
+  """``_is_sentence_end`` as it was before the linear-time rewrite."""
+  import re
+  punct = m.group(0)
+  if punct[0] in "\u3002\uff01\uff1f":
+    return True
+  nxt = chunking._WORD.search(text, m.end(), end)
+  if nxt is None:
+    return True
+  first = nxt.group(0).lstrip("\"'\u201c\u2018([")[:1]
+  if first and first.islower():
+    return False
+  if punct.rstrip("\"'\u201d\u2019)]") != ".":
+    return True
+  prev = re.search(r"(\S+)$", text[start:m.start()])  # O(paragraph) per call
+  if prev is None:
+    return True
+  word = prev.group(1).lstrip("\"'\u201c\u2018([")
+  if (word + ".").lower() in chunking.ABBREVIATIONS:
+    return False
+  if len(word) == 1 and word.isupper():
+    return False
+  if chunking._DOTTED.fullmatch(word) and "." in word:
+    return False
+  return True
+
+
+# Tokens chosen to hit every branch: abbreviations, initials, dotted words,
+# punctuation after a newline or an opening bracket, odd whitespace (NBSP,
+# U+2028, ideographic space, CR), CJK stops, quotes.
+_TRICKY = ("Dr.", "e.g.", "U.S.", "J.", "R.", "3.14", "the", "Heart", "pumps",
+           "blood.", "(", "(.", "\".", "end.", "Yes!", "why?", "...", "\u2026",
+           "\u3002", "\u201cQuote.\u201d", "x.y.", "A.", "etc.", "approx.",
+           "\n", "\n.", ".", "\n\n", "\r\n", "\u00a0", "\u2028", "\u3000",
+           "\t", "Mr.", "no.", "i.e.", "Z", "caf\u00e9.", "\ufffd")
+
+
+def _generated_text(rng, n_tokens, single_line):
+  toks = [rng.choice(_TRICKY) for _ in range(n_tokens)]
+  if single_line:
+    toks = [t for t in toks if "\n" not in t and "\u2028" not in t]
+  return "".join(t + rng.choice((" ", " ", "", "  ")) for t in toks)
+
+
+def _chunk_all(texts, max_tokens):
+  docs = [Document(f"d{i}", t) for i, t in enumerate(texts)]
+  pieces, stats = chunking.chunk_documents(docs, words, max_tokens, 1,
+                                           near_duplicate_threshold=1.1)
+  return [(p.piece_id, p.text, p.start, p.end) for p in pieces], stats
+
+
+def test_word_before_matches_the_regex():
+  import random
+  import re
+  rng = random.Random(1)
+  text = _generated_text(rng, 400, single_line=False)
+  for _ in range(3000):
+    s = rng.randrange(len(text) + 1)
+    e = rng.randrange(s, len(text) + 1)
+    m = re.search(r"(\S+)$", text[s:e])
+    assert chunking._word_before(text, s, e) == (m.group(1) if m else "")
+
+
+@pytest.mark.parametrize("single_line", [False, True])
+def test_sentence_split_identical_to_reference(monkeypatch, single_line):
+  import random
+  rng = random.Random(int(single_line))
+  texts = [_generated_text(rng, rng.randint(1, 300), single_line)
+           for _ in range(40)]
+  sentences = [chunking.split_sentences(t) for t in texts]
+  new = _chunk_all(texts, max_tokens=7)
+  monkeypatch.setattr(chunking, "_is_sentence_end", _reference_is_sentence_end)
+  assert [chunking.split_sentences(t) for t in texts] == sentences
+  assert _chunk_all(texts, max_tokens=7) == new
+
+
+def test_long_single_line_identical_to_reference(monkeypatch):
+  """A long one-line document (the shape that used to take minutes at 5 MB),
+  small enough for the quadratic reference."""
+  import random
+  rng = random.Random(5)
+  vocab = ("The", "heart", "pumps", "blood", "Dr.", "e.g.", "U.S.", "J.",
+           "3.14", "cells", "divide")
+  sentences = [" ".join(rng.choice(vocab) for _ in range(rng.randint(3, 30)))
+               + rng.choice(".!?") for _ in range(500)]
+  text = " ".join(sentences)
+  assert len(text) > 15_000 and "\n" not in text
+  new = _chunk_all([text], max_tokens=64)
+  monkeypatch.setattr(chunking, "_is_sentence_end", _reference_is_sentence_end)
+  assert _chunk_all([text], max_tokens=64) == new
+  assert len(new[0]) > 30

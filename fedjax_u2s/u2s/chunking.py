@@ -109,6 +109,22 @@ def split_paragraphs(text: str, start: int = 0, end: int | None = None
   return spans
 
 
+def _word_before(text: str, start: int, end: int) -> str:
+  """The run of non-whitespace that ends ``text[start:end]`` ("" if none).
+
+  What ``re.search(r"(\\S+)$", text[start:end])`` matches, without copying or
+  scanning the slice (doing so for every full stop made sentence splitting
+  quadratic in the paragraph length): ``$`` also matches before one final
+  newline, and ``\\s`` is exactly ``str.isspace``.
+  """
+  if end > start and text[end - 1] == "\n":
+    end -= 1
+  lo = end
+  while lo > start and not text[lo - 1].isspace():
+    lo -= 1
+  return text[lo:end]
+
+
 def _is_sentence_end(text: str, start: int, end: int, m: re.Match) -> bool:
   """Whether the terminal punctuation matched by ``m`` ends a sentence."""
   punct = m.group(0)
@@ -122,10 +138,10 @@ def _is_sentence_end(text: str, start: int, end: int, m: re.Match) -> bool:
     return False
   if punct.rstrip("\"'\u201d\u2019)]") != ".":  # "?", "!", "..." end sentences.
     return True
-  prev = re.search(r"(\S+)$", text[start:m.start()])
-  if prev is None:
+  word = _word_before(text, start, m.start())
+  if not word:
     return True
-  word = prev.group(1).lstrip("\"'\u201c\u2018([")
+  word = word.lstrip("\"'\u201c\u2018([")
   if (word + ".").lower() in ABBREVIATIONS:
     return False
   if len(word) == 1 and word.isupper():  # an initial: "J. Smith"
