@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from fedjax_u2s import config_lib
 from fedjax_u2s.models.config import ModelConfig
 
 
@@ -229,7 +230,7 @@ def load_config(path: str, arg: str = "", **overrides):
   """``get_config(arg)`` of a config file, dotted-key overrides set, locked.
 
   What ``--config=PATH:ARG --config.a.b=v`` does, for tests that call
-  :func:`fedjax_u2s.pipeline.run` in-process: ``load_config(p, "smoke",
+  :func:`fedjax_u2s.pipelines.run` in-process: ``load_config(p, "smoke",
   **{"federated.num_rounds": 2})``.
   """
   import importlib.util
@@ -246,3 +247,16 @@ def load_config(path: str, arg: str = "", **overrides):
     node[last] = value
   config.lock()
   return config
+
+
+def federated_config(**overrides):
+  """The production ``config.federated`` block with explicit ``overrides``.
+
+  Tests start from the defaults every experiment gets
+  (:func:`fedjax_u2s.config_lib.federated_config`) and name each value they
+  need changed; the block is locked, so a misspelt override raises.
+  """
+  cfg = config_lib.federated_config()
+  cfg.lock()
+  cfg.update(overrides)
+  return cfg

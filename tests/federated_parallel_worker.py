@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_u2s.federated import algorithms
+from fedjax_u2s import testing
 from fedjax_u2s.federated import parallel
 from fedjax_u2s.federated.state import ClientBatches
 
@@ -45,9 +45,10 @@ def client_batches(round_):
 def main(out_path, num_devices):
   assert jax.device_count() == num_devices, (jax.device_count(), num_devices)
   mesh = parallel.make_mesh()
-  cfg = algorithms.default_config()
-  cfg.update(algorithm="scaffold", client_optimizer="adamw", client_lr=0.05,
-             grad_clip=1.0, clients_per_chunk=1)
+  cfg = testing.federated_config(
+      algorithm="scaffold", client_optimizer="adamw", client_lr=0.05,
+      grad_clip=1.0, clients_per_chunk=1, lr_schedule="constant",
+      warmup_rounds=0)
   alg = parallel.build(cfg, squares_loss, mesh)
   frozen = parallel.replicate({"b": jnp.float32(0.3)}, mesh)
   state = parallel.replicate(

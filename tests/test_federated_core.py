@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from fedjax_u2s import config_lib
 from fedjax_u2s import lora as lora_lib
 from fedjax_u2s import testing
 from fedjax_u2s.federated import aggregation
@@ -39,11 +40,15 @@ def squares_loss(params, frozen, batch, rng):
 
 
 def _config(**kw) -> ml_collections.ConfigDict:
-  cfg = algorithms.default_config()
-  cfg.client_optimizer = "sgd"
-  cfg.client_lr = 0.5
-  cfg.update(kw)
-  return cfg
+  """The production defaults, with what the hand-computed numbers assume.
+
+  Plain SGD at lr 0.5, no gradient clipping, the same lr every round, and all
+  clients in one vmapped step; ``kw`` overrides any of them.
+  """
+  return testing.federated_config(**{
+      "client_optimizer": "sgd", "client_lr": 0.5, "grad_clip": 0.0,
+      "lr_schedule": "constant", "warmup_rounds": 0, "clients_per_chunk": 0,
+      **kw})
 
 
 def _hand_batches() -> ClientBatches:
@@ -306,6 +311,33 @@ def test_unknown_names_raise_listing_the_valid_ones():
     algorithms.build(_config(client_optimizer="lion"), squares_loss)
   with pytest.raises(ValueError, match="cosine"):
     algorithms.build(_config(lr_schedule="linear"), squares_loss)
+
+
+def test_config_has_one_definition_and_from_config_takes_exactly_its_fields():
+  production = config_lib.federated_config()
+  assert algorithms.AlgorithmConfig.from_config(production) == (
+      algorithms.AlgorithmConfig())
+  assert production.to_dict() == algorithms.AlgorithmConfig().to_dict()
+  full = production.to_dict()
+  missing = {k: v for k, v in full.items() if k != "prox_mu"}
+  with pytest.raises(ValueError, match=r"missing field\(s\) prox_mu; .*client_lr"):
+    algorithms.AlgorithmConfig.from_config(missing)
+  with pytest.raises(ValueError, match=r"unknown field\(s\) clientlr; .*client_lr"):
+    algorithms.AlgorithmConfig.from_config({**full, "clientlr": 1.0})
+  with pytest.raises(ValueError, match=r"config\.federated\.num_rounds=2\.5"):
+    algorithms.AlgorithmConfig.from_config({**full, "num_rounds": 2.5})
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("num_rounds", 0, ">= 1"), ("clients_per_round", -2, ">= 1"),
+    ("clients_per_chunk", -1, ">= 0"), ("client_lr", 0.0, "> 0"),
+    ("server_b2", 1.0, r"in \[0, 1\)"), ("client_b1", -0.1, r"in \[0, 1\)"),
+    ("grad_clip", -1.0, ">= 0"), ("lr_schedule", "linear", "constant, cosine"),
+    ("algorithm", "fedsgd", "fedavgm")])
+def test_config_values_are_checked_up_front(field, value, allowed):
+  with pytest.raises(ValueError,
+                     match=rf"config\.federated\.{field}=.*must be .*{allowed}"):
+    algorithms.AlgorithmConfig.from_config(_config(**{field: value}))
 
 
 def test_client_lr_schedule():

@@ -19,132 +19,28 @@ nor on the number of devices (up to float summation order).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from fedjax_u2s.federated import aggregation
 from fedjax_u2s.federated import client as client_lib
 from fedjax_u2s.federated import objectives
 from fedjax_u2s.federated import state as state_lib
+from fedjax_u2s.federated.config import (ALGORITHMS, LR_SCHEDULES,
+                                         AlgorithmConfig, AlgorithmSpec)
 from fedjax_u2s.federated.state import ClientBatches, ServerState
 
 PyTree = Any
 
-LR_SCHEDULES = ("constant", "cosine")
-
-
-@dataclasses.dataclass(frozen=True)
-class AlgorithmSpec:
-  """What distinguishes one registered algorithm.
-
-  Attributes:
-    server_optimizer: a kind of :func:`aggregation.make_server_optimizer`.
-    prox: the client objective has the FedProx proximal term.
-    scaffold: clients use SCAFFOLD control variates.
-  """
-  server_optimizer: str
-  prox: bool = False
-  scaffold: bool = False
-
-
-ALGORITHMS: dict[str, AlgorithmSpec] = {
-    "fedavg": AlgorithmSpec("sgd"),
-    "fedprox": AlgorithmSpec("sgd", prox=True),
-    "fedavgm": AlgorithmSpec("momentum"),
-    "fedadagrad": AlgorithmSpec("adagrad"),
-    "fedadam": AlgorithmSpec("adam"),
-    "fedyogi": AlgorithmSpec("yogi"),
-    "scaffold": AlgorithmSpec("sgd", scaffold=True),
-}
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """The federated-optimization config (``config.federated`` of an experiment)."""
-  c = ml_collections.ConfigDict()
-  # One of ALGORITHMS: fedavg|fedprox|fedavgm|fedadagrad|fedadam|fedyogi|scaffold.
-  c.algorithm = "fedavg"
-  c.server_lr = 1.0  # Server learning rate on the mean delta (1.0 + fedavg = plain FedAvg).
-  c.server_momentum = 0.9  # FedAvgM heavy-ball momentum.
-  c.server_b1 = 0.9  # First-moment decay of FedAdagrad/FedAdam/FedYogi.
-  c.server_b2 = 0.99  # Second-moment decay of FedAdam/FedYogi.
-  c.server_tau = 1e-3  # Adaptivity tau of the adaptive server optimizers (Reddi et al.).
-  c.prox_mu = 0.0  # FedProx proximal weight mu (used by fedprox only).
-  c.client_optimizer = "adamw"  # Local optimizer: adamw|sgd (state reset every round).
-  c.client_lr = 1e-4  # Peak local learning rate.
-  c.client_weight_decay = 0.0  # Decoupled weight decay of the local optimizer.
-  c.client_b1 = 0.9  # AdamW b1 of the local optimizer.
-  c.client_b2 = 0.999  # AdamW b2 of the local optimizer.
-  c.grad_clip = 0.0  # Global-norm clip of each local step's gradient (0 = off).
-  c.lr_schedule = "constant"  # Client lr across rounds: constant|cosine.
-  c.warmup_rounds = 0  # Rounds of linear warmup of the client lr.
-  c.num_rounds = 1  # Total rounds (the cosine schedule's horizon).
-  # Clients per vmapped step (per device with num_client_shards); chunks are
-  # scanned so memory holds one chunk (0 = all clients at once).
-  c.clients_per_chunk = 0
-  return c
-
-
-@dataclasses.dataclass(frozen=True)
-class AlgorithmConfig:
-  """Static, hashable form of :func:`default_config` (same fields)."""
-  algorithm: str = "fedavg"
-  server_lr: float = 1.0
-  server_momentum: float = 0.9
-  server_b1: float = 0.9
-  server_b2: float = 0.99
-  server_tau: float = 1e-3
-  prox_mu: float = 0.0
-  client_optimizer: str = "adamw"
-  client_lr: float = 1e-4
-  client_weight_decay: float = 0.0
-  client_b1: float = 0.9
-  client_b2: float = 0.999
-  grad_clip: float = 0.0
-  lr_schedule: str = "constant"
-  warmup_rounds: int = 0
-  num_rounds: int = 1
-  clients_per_chunk: int = 0
-
-  def __post_init__(self):
-    if self.algorithm not in ALGORITHMS:
-      raise ValueError(f"fed config: unknown algorithm {self.algorithm!r}; "
-                       f"valid: {sorted(ALGORITHMS)}.")
-    if self.client_optimizer not in client_lib.CLIENT_OPTIMIZERS:
-      raise ValueError(f"fed config: unknown client_optimizer "
-                       f"{self.client_optimizer!r}; valid: "
-                       f"{client_lib.CLIENT_OPTIMIZERS}.")
-    if self.lr_schedule not in LR_SCHEDULES:
-      raise ValueError(f"fed config: unknown lr_schedule {self.lr_schedule!r}; "
-                       f"valid: {LR_SCHEDULES}.")
-    if self.clients_per_chunk < 0:
-      raise ValueError(f"fed config: clients_per_chunk must be >= 0, got "
-                       f"{self.clients_per_chunk}.")
-    if self.warmup_rounds < 0 or self.num_rounds < 1:
-      raise ValueError(f"fed config: need warmup_rounds >= 0 and num_rounds >= 1, "
-                       f"got {self.warmup_rounds} and {self.num_rounds}.")
-
-  @classmethod
-  def from_config(cls, cfg: Any) -> "AlgorithmConfig":
-    """From a ConfigDict/mapping; missing fields keep defaults, extras are ignored."""
-    if isinstance(cfg, cls):
-      return cfg
-    get = cfg.get if hasattr(cfg, "get") else lambda k, d: getattr(cfg, k, d)
-    kw = {}
-    for f in dataclasses.fields(cls):
-      v = get(f.name, f.default)
-      kw[f.name] = type(f.default)(v)
-    return cls(**kw)
-
-  @property
-  def spec(self) -> AlgorithmSpec:
-    return ALGORITHMS[self.algorithm]
+# The config and the registry live in the light federated.config module (no
+# JAX) so experiment configs can build config.federated from them.
+__all__ = ["ALGORITHMS", "LR_SCHEDULES", "AlgorithmConfig", "AlgorithmSpec",
+           "FederatedAlgorithm", "build", "client_learning_rate"]
 
 
 def client_learning_rate(cfg: AlgorithmConfig, round_: jax.Array) -> jax.Array:
@@ -203,8 +99,8 @@ def build(fed_config: Any, loss_fn: objectives.LossFn, *,
   """Builds the algorithm named by ``fed_config.algorithm``.
 
   Args:
-    fed_config: a ConfigDict like :func:`default_config`, or an
-      :class:`AlgorithmConfig`.
+    fed_config: ``config.federated`` (a ConfigDict with every field of
+      :class:`AlgorithmConfig`), or an :class:`AlgorithmConfig`.
     loss_fn: see :data:`objectives.LossFn`.
     num_client_shards: devices the client axis is split over
       (:mod:`fedjax_u2s.federated.parallel` sets it); a scan step then holds

@@ -20,10 +20,9 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_u2s.federated import objectives
+from fedjax_u2s.federated.config import CLIENT_OPTIMIZERS
 
 PyTree = Any
-
-CLIENT_OPTIMIZERS = ("adamw", "sgd")
 
 
 def make_client_optimizer(name: str, learning_rate: jax.Array | float, *,
