@@ -192,7 +192,9 @@ def test_tokenize_smollm2_masks(smol):
   assert ts.tokens.shape == (2, 64)
   assert _decode(smol, ts.tokens[1][ts.loss_mask[1]]) == "4<|im_end|>"
   assert ts.stats == {"num_examples": 2, "num_truncated": 0, "num_dropped": 0,
-                      "num_response_tokens": int(ts.loss_mask.sum())}
+                      "num_response_tokens": int(ts.loss_mask.sum()),
+                      "read": 2, "kept": 2, "dropped_prompt_too_long": 0,
+                      "dropped_empty_response": 0}
   assert ts.num_response_tokens == len(smol.encode("Shakespeare.<|im_end|>")) + 2
   np.testing.assert_array_equal(ts.source_index, [0, 1])
 
@@ -340,3 +342,107 @@ def test_wiki_instructions(articles, tmp_path, cache):
   with pytest.raises(ValueError, match="roles"):
     builtin.write_jsonl([I.Example(CHAT[0], {})], str(tmp_path / "x.jsonl"),
                         format="dolly")
+
+
+# ----------------------------------------------------------------------------
+# Nothing dropped silently: drop reports, warnings, fields.
+
+
+def _write_jsonl(path, rows):
+  import json
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return str(path)
+
+
+def _warnings(caplog):
+  return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_rows_without_a_response_counted_and_warned(tmp_path, cache, caplog):
+  rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(10)]
+  rows += [{"instruction": f"q{i}"} for i in range(10, 38)]  # no response
+  rows += [{"instruction": "q38", "output": "  "}, {"instruction": "q39",
+                                                  "output": None}]
+  path = _write_jsonl(tmp_path / "half.jsonl", rows)
+  caplog.set_level("INFO")
+  data = I.read_instructions(path, cache_dir=cache)
+  assert data.drops.as_dict() == {
+      "read": 40, "kept": 10,
+      "dropped": {"missing_response": 29, "empty_response": 1}}
+  assert (data.num_rows, data.num_skipped, len(data)) == (40, 30, 10)
+  warned = _warnings(caplog)
+  assert len(warned) == 1
+  assert "75.0% DROPPED" in warned[0] and "half.jsonl" in warned[0]
+  assert "29 missing_response, 1 empty_response" in warned[0]
+  assert "config.data.fields" in warned[0]  # what to do about it
+  examples = I.load_examples(path, cache_dir=cache)
+  assert len(examples) == 10 and examples.drops == data.drops
+  assert examples.drops.summary() == (
+      f"read 40 rows of {path}, kept 10; dropped 30 (75.0%): "
+      "29 missing_response, 1 empty_response")
+  assert examples.drops.flat() == {"read": 40, "kept": 10,
+                                   "dropped_missing_response": 29,
+                                   "dropped_empty_response": 1}
+
+
+def test_few_drops_only_logged_as_info(cache, caplog):
+  caplog.set_level("INFO")
+  data = I.read_instructions(_f("alpaca.jsonl"), cache_dir=cache)  # 1 of 3 blank
+  assert data.drops.dropped == {"missing_response": 0, "empty_response": 1}
+  assert len(_warnings(caplog)) == 1  # 33% > 10%
+  caplog.clear()
+  report = I.DropReport("rows of x", 20, 18, {"missing_response": 2})
+  assert I.log_drops(report) == "read 20 rows of x, kept 18; dropped 2 (10.0%): " \
+                                "2 missing_response"
+  assert not _warnings(caplog)  # exactly 10% is not "more than 10%"
+  assert (report + report).as_dict() == {"read": 40, "kept": 36,
+                                         "dropped": {"missing_response": 4}}
+  assert I.DropReport("rows", 3, 3, {"x": 0}).note() == ""
+
+
+def test_fields_map_roles_and_errors_name_the_config_field(tmp_path, cache):
+  path = _write_jsonl(tmp_path / "odd2.jsonl", [
+      {"question": "Capital of Italy?", "extra": "Europe", "answer": "Rome.",
+       "kind": "geo"}])
+  # The shape of config.data.fields: every role, "" = the canonical name.
+  fields = {"instruction": "question", "input": "extra", "response": "answer",
+            "category": "kind", "messages": ""}
+  (ex,) = I.load_examples(path, fields=fields, cache_dir=cache)
+  assert ex.messages == _user_assistant("Capital of Italy?\n\nEurope", "Rome.")
+  assert ex.meta["category"] == "geo"
+  import ml_collections
+  (ex2,) = I.load_examples(path, fields=ml_collections.ConfigDict(fields),
+                           cache_dir=cache)
+  assert ex2 == ex
+  # Alpaca spellings work as aliases, and pick the Alpaca format.
+  data = I.read_instructions(path, fields={"instruction": "question",
+                                           "output": "answer"}, cache_dir=cache)
+  assert data.formats == ("alpaca",) and data[0].response == "Rome."
+  with pytest.raises(ValueError, match=r"config\.data\.fields.*"
+                     r"--config\.data\.fields\.response=completion"):
+    I.load_examples(path, cache_dir=cache)
+  with pytest.raises(ValueError, match=r"is not a column.*config\.data\.fields"
+                     r".*--config\.data\.fields\.response=<column>"):
+    I.load_examples(path, format="alpaca", fields={"instruction": "question"},
+                    cache_dir=cache)
+  with pytest.raises(ValueError, match=r"unknown role\(s\) \['prompt'\]"):
+    I.load_examples(path, fields={"prompt": "question"}, cache_dir=cache)
+
+
+def test_tokenize_counts_prompts_longer_than_max_length(caplog):
+  caplog.set_level("INFO")
+  tok = ChatBytes()
+  short = I.Example(_user_assistant("hi", "yo"), {})      # prompt: 21 tokens
+  long = I.Example(_user_assistant("x" * 40, "yo"), {})   # prompt: 59 tokens
+  ts = I.tokenize([short, long, long, long], tok, max_length=30, name="client 3")
+  assert ts.num_examples == 1 and ts.num_dropped == 3
+  assert ts.drops.as_dict() == {"read": 4, "kept": 1, "dropped": {
+      "prompt_too_long": 3, "empty_response": 0}}
+  assert ts.stats["dropped_prompt_too_long"] == 3 and ts.stats["read"] == 4
+  (warned,) = _warnings(caplog)
+  assert warned.startswith("75.0% DROPPED: client 3: read 4 examples tokenized "
+                           "with max_length=30, kept 1")
+  assert "raise config.train.max_length" in warned
+  # All values of .stats stay ints (data_stats.json casts each with int()).
+  assert all(isinstance(v, int) for v in ts.stats.values())
+  assert ts.subset([0]).drops is None

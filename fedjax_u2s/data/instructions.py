@@ -7,10 +7,12 @@ Hugging Face ``datasets`` (the packaged ``json``/``parquet``/``csv`` builders;
 never the hub) and normalises every row to an :class:`Example`: a tuple of chat
 messages whose last one is the assistant response, plus a ``meta`` dict.
 
-Formats (canonical field names; a ``fields`` mapping renames them for odd
-files, e.g. ``{"output": "completion"}``):
+Formats (canonical field names; a ``fields`` mapping -- ``config.data.fields``
+-- names the columns that play them in odd files, e.g.
+``{"instruction": "prompt", "response": "completion"}``):
 
-* ``alpaca``: ``instruction``, optional ``input``, ``output``.
+* ``alpaca``: ``instruction``, optional ``input``, ``output``, optional
+  ``category``.
 * ``dolly``: ``instruction``, optional ``context``, ``response``, optional
   ``category``.
 * ``chat``: ``messages`` (a list of ``{"role", "content"}``, the last one from
@@ -18,11 +20,19 @@ files, e.g. ``{"output": "completion"}``):
 * ``auto``: the first of chat, dolly, alpaca whose required columns are all
   present.
 
+``fields`` keys are the roles ``instruction``, ``input``, ``response``,
+``category``, ``messages`` (``output`` and ``context`` are the Alpaca / Dolly
+spellings of ``response`` and ``input`` and work as aliases); empty values mean
+"the canonical name".
+
 Alpaca and Dolly rows become one user turn and one assistant turn. The user
 turn is the instruction alone, or ``instruction + "\\n\\n" + input`` (Alpaca)
 / ``instruction + "\\n\\n" + context`` (Dolly) when the input/context is
-non-empty (after stripping whitespace). Rows whose response is empty or
-missing are skipped and counted in :attr:`InstructionData.num_skipped`.
+non-empty (after stripping whitespace). Rows whose response is missing or
+blank are skipped, never silently: :attr:`InstructionData.drops` (a
+:class:`DropReport`) counts them by reason, and :func:`log_drops` logs the
+count, with a warning when more than :data:`DROP_WARNING_FRACTION` of the rows
+went.
 
 Tokenization
 ------------
@@ -35,7 +45,9 @@ remainder's tokens up to and including the last end-of-turn token
 (``tokenizer.eos_ids``, e.g. ``<|im_end|>``) -- whatever the template writes
 after it (SmolLM2: a newline) stays in the input but is not a target, since
 generation stops at the end-of-turn token. ``loss_mask[t]`` means "``tokens[t]``
-is a target predicted from ``tokens[:t]``".
+is a target predicted from ``tokens[:t]``". Examples left without a target
+(prompt of ``max_length`` tokens or more, or a response that encodes to
+nothing) are dropped and counted by reason in ``TokenizedSet.drops``.
 """
 
 from __future__ import annotations
@@ -47,11 +59,12 @@ import os
 import tempfile
 from typing import Any, Iterable, Mapping, Sequence
 
+from absl import logging
 import numpy as np
 
 # Canonical fields of each format: (required, optional).
 FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "alpaca": (("instruction", "output"), ("input",)),
+    "alpaca": (("instruction", "output"), ("input", "category")),
     "dolly": (("instruction", "response"), ("context", "category")),
     "chat": (("messages",), ("category",)),
 }
@@ -60,6 +73,114 @@ _AUTO_ORDER = ("chat", "dolly", "alpaca")
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet",
              ".csv": "csv"}
 _ROLES = ("system", "user", "assistant", "tool")
+# Roles ``fields`` may map (the keys of ``config.data.fields``) and the
+# spellings of the same role in the other formats.
+FIELD_ROLES = ("instruction", "input", "response", "category", "messages")
+_ALIASES = {"output": "response", "context": "input"}
+
+# Drop reasons (the keys of ``DropReport.dropped``).
+MISSING_RESPONSE = "missing_response"    # reader: no value in the response column
+EMPTY_RESPONSE = "empty_response"        # reader: blank response; tokenize: no tokens
+PROMPT_TOO_LONG = "prompt_too_long"      # tokenize: prompt >= max_length tokens
+# What to do about each reason (said in warnings and errors).
+_HINTS = {
+    MISSING_RESPONSE: "is the response in another column? map it with "
+                      "config.data.fields (fields=), e.g. response=<column>",
+    EMPTY_RESPONSE: "fill in or remove those rows",
+    PROMPT_TOO_LONG: "raise config.train.max_length or shorten the prompts",
+}
+# More than this share of rows dropped -> logging.warning, not info.
+DROP_WARNING_FRACTION = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class DropReport:
+  """How many rows a reader or tokenizer read, kept, and dropped, by reason.
+
+  Attributes:
+    what: what was read, for messages ("rows of data.jsonl", "examples
+      tokenized with max_length=512").
+    read: rows (examples, files) in.
+    kept: rows out.
+    dropped: reason -> count, reasons with a zero count included, so the
+      shape is stable; ``read == kept + sum(dropped.values())``.
+  """
+  what: str
+  read: int
+  kept: int
+  dropped: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+  @property
+  def num_dropped(self) -> int:
+    return int(sum(self.dropped.values()))
+
+  @property
+  def fraction_dropped(self) -> float:
+    return self.num_dropped / self.read if self.read else 0.0
+
+  def as_dict(self) -> dict:
+    """``{"read": int, "kept": int, "dropped": {reason: int}}`` (JSON-ready)."""
+    return {"read": int(self.read), "kept": int(self.kept),
+            "dropped": {k: int(v) for k, v in self.dropped.items()}}
+
+  def flat(self, prefix: str = "") -> dict[str, int]:
+    """Flat ints: ``read``, ``kept``, ``dropped_<reason>`` (for stats dicts
+    whose values must all be ints)."""
+    out = {f"{prefix}read": int(self.read), f"{prefix}kept": int(self.kept)}
+    out.update({f"{prefix}dropped_{k}": int(v) for k, v in self.dropped.items()})
+    return out
+
+  def reasons(self) -> str:
+    """"30 missing_response, 2 empty_response" (non-zero reasons only)."""
+    return ", ".join(f"{v} {k}" for k, v in self.dropped.items() if v)
+
+  def summary(self) -> str:
+    """One console line: "read 40 rows of x.jsonl, kept 10; dropped 30
+    (75.0%): 30 missing_response"."""
+    line = f"read {self.read} {self.what}, kept {self.kept}"
+    if self.num_dropped:
+      line += (f"; dropped {self.num_dropped} ({100 * self.fraction_dropped:.1f}%)"
+               f": {self.reasons()}")
+    return line
+
+  def note(self) -> str:
+    """For error messages: what was dropped and what to do about it ("" when
+    nothing was)."""
+    if not self.num_dropped:
+      return ""
+    hints = "; ".join(f"{k}: {_HINTS[k]}" for k, v in self.dropped.items()
+                      if v and k in _HINTS)
+    return (f"{self.num_dropped} of {self.read} {self.what} were dropped "
+            f"({self.reasons()})" + (f" -- {hints}" if hints else ""))
+
+  def __add__(self, other: "DropReport") -> "DropReport":
+    dropped = dict(self.dropped)
+    for k, v in other.dropped.items():
+      dropped[k] = dropped.get(k, 0) + v
+    what = self.what if self.what == other.what else f"{self.what} + {other.what}"
+    return DropReport(what, self.read + other.read, self.kept + other.kept,
+                      dropped)
+
+
+def log_drops(report: DropReport, *, context: str = "",
+              threshold: float = DROP_WARNING_FRACTION) -> str:
+  """Logs ``report`` (a warning above ``threshold`` dropped) and returns its
+  :meth:`DropReport.summary` line for the console.
+
+  Args:
+    report: the counts.
+    context: prefixed to the message ("client 3").
+    threshold: share of dropped rows above which the message is a
+      ``logging.warning`` (with the percentage and what to do) instead of
+      ``logging.info``.
+  """
+  line = (f"{context}: " if context else "") + report.summary()
+  if report.fraction_dropped > threshold:
+    logging.warning("%.1f%% DROPPED: %s. %s.", 100 * report.fraction_dropped,
+                    line, report.note())
+  else:
+    logging.info("%s.", line)
+  return line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,13 +212,16 @@ class InstructionData:
     sources: the files read.
     formats: the format used for each file (``auto`` resolved).
     num_rows: rows read in all.
-    num_skipped: rows skipped because their response was empty.
+    num_skipped: rows skipped because their response was missing or blank.
+    drops: the same counts by reason (:data:`MISSING_RESPONSE`,
+      :data:`EMPTY_RESPONSE`).
   """
   examples: tuple[Example, ...]
   sources: tuple[str, ...]
   formats: tuple[str, ...]
   num_rows: int
   num_skipped: int
+  drops: DropReport | None = None
 
   def __len__(self) -> int:
     return len(self.examples)
@@ -162,6 +286,49 @@ def _text(v: Any) -> str:
   return "" if _missing(v) else str(v)
 
 
+def _normalize_fields(fields: Any) -> dict[str, str]:
+  """``fields`` (a dict or ConfigDict) without empty values, roles checked."""
+  if fields is None:
+    return {}
+  if hasattr(fields, "to_dict"):
+    fields = fields.to_dict()
+  fields = {str(k): str(v) for k, v in dict(fields).items() if v}
+  known = set(FIELD_ROLES) | set(_ALIASES)
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f"config.data.fields (fields=) maps unknown role(s) "
+                     f"{unknown}; the roles are {list(FIELD_ROLES)} (aliases "
+                     f"{sorted(_ALIASES)}), each mapped to a column name.")
+  return fields
+
+
+def _spellings(f: str) -> tuple[str, ...]:
+  """``f`` and the other formats' names of its role ("output" <-> "response")."""
+  role = _ALIASES.get(f, f)
+  return (f,) + tuple(x for x in (role, *[a for a, r in _ALIASES.items()
+                                         if r == role]) if x != f)
+
+
+def _column(fields: Mapping[str, str], f: str,
+            present: Iterable[str] = ()) -> str:
+  """The column that plays canonical field ``f``: the ``fields`` mapping of
+  any spelling of its role; else ``f`` itself, or (given the ``present``
+  columns; used for optional fields) another spelling of the role that is a
+  column (an Alpaca file's ``input`` read as Dolly's ``context``)."""
+  names = _spellings(f)
+  for name in names:
+    if name in fields:
+      return fields[name]
+  present = set(present)
+  return next((name for name in names if name in present), f)
+
+
+_FIELDS_HINT = ("Set config.data.format and map the columns with "
+                "config.data.fields (fields= in load_examples), e.g. "
+                "--config.data.fields.instruction=prompt "
+                "--config.data.fields.response=completion")
+
+
 def detect_format(columns: Iterable[str],
                   fields: Mapping[str, str] | None = None) -> str:
   """The first of chat, dolly, alpaca whose required columns are present.
@@ -170,20 +337,23 @@ def detect_format(columns: Iterable[str],
     ValueError: none matches; lists the columns and what each format needs.
   """
   cols = set(columns)
-  fields = dict(fields or {})
-  for fmt in _AUTO_ORDER:
-    if all(fields.get(f, f) in cols for f in FORMATS[fmt][0]):
+  fields = _normalize_fields(fields)
+  # Mapping Alpaca's spelling "output" asks for Alpaca first.
+  order = ("chat", "alpaca", "dolly") if "output" in fields else _AUTO_ORDER
+  for fmt in order:
+    if all(_column(fields, f) in cols for f in FORMATS[fmt][0]):
       return fmt
-  need = "; ".join(f"{fmt}: {[fields.get(f, f) for f in FORMATS[fmt][0]]}"
+  need = "; ".join(f"{fmt}: {[_column(fields, f) for f in FORMATS[fmt][0]]}"
                    for fmt in _AUTO_ORDER)
   raise ValueError(f"Cannot detect the instruction format from columns "
-                   f"{sorted(cols)}; each format needs ({need}). Pass format= "
-                   "and fields= to map the columns.")
+                   f"{sorted(cols)}; each format needs ({need}). "
+                   f"{_FIELDS_HINT}.")
 
 
 def _row_example(fmt: str, row: dict, col: Mapping[str, str], path: str,
-                 i: int, present: list[str]) -> Example | None:
-  """One row -> Example, or None when its response is empty."""
+                 i: int, present: list[str]) -> Example | str:
+  """One row -> Example, or the drop reason when its response is missing or
+  blank."""
 
   def get(field, required):
     v = row.get(col[field])
@@ -215,16 +385,21 @@ def _row_example(fmt: str, row: dict, col: Mapping[str, str], path: str,
     if len(out) < 2:
       raise ValueError(f"{path}, row {i}: a conversation needs a prompt before "
                        "the assistant's response.")
+    if _missing(msgs[-1]["content"]):
+      return MISSING_RESPONSE
     if not out[-1]["content"].strip():
-      return None
+      return EMPTY_RESPONSE
     return Example(tuple(out), meta)
   resp_field, extra_field = (("output", "input") if fmt == "alpaca"
                              else ("response", "context"))
   instruction = _text(get("instruction", True)).strip()
   extra = _text(get(extra_field, False) if extra_field in col else None).strip()
-  response = _text(get(resp_field, False))
+  raw_response = get(resp_field, False)
+  if _missing(raw_response):
+    return MISSING_RESPONSE
+  response = _text(raw_response)
   if not response.strip():
-    return None
+    return EMPTY_RESPONSE
   user = instruction + "\n\n" + extra if (instruction and extra) else (
       instruction or extra)
   if not user:
@@ -244,14 +419,18 @@ def read_instructions(paths: str | os.PathLike | Sequence[str | os.PathLike],
   Args:
     paths: one file or several (``.json``, ``.jsonl``, ``.parquet``, ``.csv``).
     format: ``alpaca``, ``dolly``, ``chat`` or ``auto`` (per file).
-    fields: canonical field name -> column name in the files, e.g.
-      ``{"instruction": "prompt", "output": "completion"}``.
+    fields: role -> column name in the files, e.g. ``{"instruction":
+      "prompt", "response": "completion"}`` (``config.data.fields``; roles
+      :data:`FIELD_ROLES`, with ``output``/``context`` as aliases of
+      ``response``/``input``; empty values are ignored).
     meta_fields: more columns to copy into ``Example.meta`` (e.g. a client id
       column for natural partitioning); each must exist in every file.
     cache_dir: ``datasets``' cache; defaults to :func:`default_cache_dir`.
 
   Returns:
-    The examples and the counts of rows read and skipped.
+    The examples and the counts of rows read and skipped
+    (:attr:`InstructionData.drops`, also logged by :func:`log_drops`: a
+    warning when more than :data:`DROP_WARNING_FRACTION` of the rows went).
 
   Raises:
     FileNotFoundError: a file does not exist.
@@ -268,11 +447,9 @@ def read_instructions(paths: str | os.PathLike | Sequence[str | os.PathLike],
   if format != "auto" and format not in FORMATS:
     raise ValueError(f"Unknown instruction format {format!r}; use one of "
                      f"{sorted(FORMATS) + ['auto']}.")
-  fields = dict(fields or {})
-  unknown = set(fields) - {f for req, opt in FORMATS.values() for f in req + opt}
-  if unknown:
-    raise ValueError(f"fields= maps unknown canonical names {sorted(unknown)}.")
-  examples, formats, num_rows, skipped = [], [], 0, 0
+  fields = _normalize_fields(fields)
+  examples, formats, num_rows = [], [], 0
+  dropped = {MISSING_RESPONSE: 0, EMPTY_RESPONSE: 0}
   for path in paths:
     rows = _load_rows(path, cache_dir)
     present = list(rows[0].keys())
@@ -282,40 +459,60 @@ def read_instructions(paths: str | os.PathLike | Sequence[str | os.PathLike],
       raise ValueError(f"{path}: {e}") from None
     required, optional = FORMATS[fmt]
     for f in required:
-      if fields.get(f, f) not in present:
-        raise ValueError(f"{path}: field {fields.get(f, f)!r} (the {fmt} "
+      if _column(fields, f) not in present:
+        role = _ALIASES.get(f, f)
+        raise ValueError(f"{path}: field {_column(fields, f)!r} (the {fmt} "
                          f"format's {f!r}) is not a column; columns present: "
-                         f"{present}. Map it with fields={{{f!r}: ...}}.")
+                         f"{present}. Map it with config.data.fields (fields= "
+                         f"in load_examples), e.g. "
+                         f"--config.data.fields.{role}=<column>.")
     for f in meta_fields:
       if f not in present:
         raise ValueError(f"{path}: meta field {f!r} is not a column; columns "
                          f"present: {present}.")
-    col = {f: fields.get(f, f) for f in required}
-    col.update({f: fields.get(f, f) for f in optional
-                if fields.get(f, f) in present})
+    col = {f: _column(fields, f) for f in required}
+    col.update({f: _column(fields, f, present) for f in optional
+                if _column(fields, f, present) in present})
     for i, row in enumerate(rows):
       ex = _row_example(fmt, row, col, path, i, present)
-      if ex is None:
-        skipped += 1
+      if isinstance(ex, str):
+        dropped[ex] += 1
         continue
       for f in meta_fields:
         ex.meta[f] = None if _missing(row.get(f)) else row.get(f)
       examples.append(ex)
     formats.append(fmt)
     num_rows += len(rows)
+  what = "rows of " + (paths[0] if len(paths) == 1 else f"{len(paths)} files")
+  drops = DropReport(what, num_rows, len(examples), dropped)
+  log_drops(drops)
   return InstructionData(tuple(examples), tuple(paths), tuple(formats),
-                         num_rows, skipped)
+                         num_rows, drops.num_dropped, drops)
+
+
+class Examples(list):
+  """A list of :class:`Example` with the reader's :class:`DropReport` as
+  ``.drops`` (a plain list otherwise; slicing or copying drops the report)."""
+
+  def __init__(self, examples: Iterable[Example] = (),
+               drops: DropReport | None = None):
+    super().__init__(examples)
+    self.drops = drops
 
 
 def load_examples(paths: str | os.PathLike | Sequence[str | os.PathLike],
                   format: str = "auto",  # pylint: disable=redefined-builtin
                   fields: Mapping[str, str] | None = None,
                   meta_fields: Sequence[str] = (),
-                  cache_dir: str | None = None) -> list[Example]:
-  """:func:`read_instructions`, returning just the list of examples."""
-  return list(read_instructions(paths, format=format, fields=fields,
-                                meta_fields=meta_fields,
-                                cache_dir=cache_dir).examples)
+                  cache_dir: str | None = None) -> Examples:
+  """:func:`read_instructions`, returning the examples as a list.
+
+  The list is an :class:`Examples`: ``load_examples(...).drops`` is the
+  :class:`DropReport` (rows read, kept, dropped by reason).
+  """
+  data = read_instructions(paths, format=format, fields=fields,
+                           meta_fields=meta_fields, cache_dir=cache_dir)
+  return Examples(data.examples, data.drops)
 
 
 # ----------------------------------------------------------------------------
@@ -337,6 +534,8 @@ class TokenizedSet:
     num_truncated: examples cut at ``max_length`` (kept or dropped).
     num_dropped: examples with no response token left after truncation.
     num_response_tokens: ``loss_mask.sum()``.
+    drops: examples in, kept, and dropped by reason
+      (:data:`PROMPT_TOO_LONG`, :data:`EMPTY_RESPONSE`); None for a subset.
   """
   tokens: np.ndarray
   input_mask: np.ndarray
@@ -346,6 +545,7 @@ class TokenizedSet:
   num_truncated: int = 0
   num_dropped: int = 0
   num_response_tokens: int = 0
+  drops: DropReport | None = None
 
   @property
   def num_examples(self) -> int:
@@ -358,12 +558,16 @@ class TokenizedSet:
 
   @property
   def stats(self) -> dict[str, int]:
-    """``num_examples``, ``num_truncated``, ``num_dropped``,
-    ``num_response_tokens``."""
-    return {"num_examples": self.num_examples,
-            "num_truncated": self.num_truncated,
-            "num_dropped": self.num_dropped,
-            "num_response_tokens": self.num_response_tokens}
+    """Flat ints: ``num_examples``, ``num_truncated``, ``num_dropped``,
+    ``num_response_tokens``, and from :attr:`drops` ``read``, ``kept`` and
+    ``dropped_<reason>`` for every reason (0 included)."""
+    out = {"num_examples": self.num_examples,
+           "num_truncated": self.num_truncated,
+           "num_dropped": self.num_dropped,
+           "num_response_tokens": self.num_response_tokens}
+    if self.drops is not None:
+      out.update(self.drops.flat())
+    return out
 
   def __len__(self) -> int:
     return self.num_examples
@@ -430,7 +634,8 @@ def render(example: Example | Sequence[Mapping[str, str]], tokenizer,
 
 
 def tokenize(examples: Sequence[Example], tokenizer, max_length: int,
-             system_prompt: str | None = None) -> TokenizedSet:
+             system_prompt: str | None = None, *, name: str = "",
+             log: bool = True) -> TokenizedSet:
   """Tokenizes examples through the chat template, with response-only loss.
 
   Args:
@@ -439,10 +644,14 @@ def tokenize(examples: Sequence[Example], tokenizer, max_length: int,
       ``apply_chat_template``, ``encode``, ``pad_id`` and ``eos_ids``).
     max_length: T; longer sequences are cut from the right.
     system_prompt: a system message for conversations without one.
+    name: names the set in the log line ("client 3", "eval").
+    log: log the :class:`DropReport` (:func:`log_drops`: a warning when more
+      than :data:`DROP_WARNING_FRACTION` of the examples were dropped).
 
   Returns:
     A :class:`TokenizedSet`; examples with no response token left after
-    truncation are dropped (counted in ``num_dropped``).
+    truncation are dropped (counted in ``num_dropped`` and, by reason, in
+    ``drops``).
   """
   if max_length < 2:
     raise ValueError(f"max_length must be >= 2, got {max_length}.")
@@ -460,7 +669,8 @@ def tokenize(examples: Sequence[Example], tokenizer, max_length: int,
   tokens = np.full((n, max_length), pad_id, np.int32)
   input_mask = np.zeros((n, max_length), bool)
   loss_mask = np.zeros((n, max_length), bool)
-  keep, truncated, dropped = [], 0, 0
+  keep, truncated = [], 0
+  reasons = {PROMPT_TOO_LONG: 0, EMPTY_RESPONSE: 0}
   for i, ((prompt, _), p, r) in enumerate(zip(rendered, prompt_ids, resp_ids)):
     p, r = list(p), list(r)
     # The template usually writes BOS itself; add it only if it did not.
@@ -475,7 +685,8 @@ def tokenize(examples: Sequence[Example], tokenizer, max_length: int,
       truncated += 1
       seq, target = seq[:max_length], target[:max_length]
     if not any(target):
-      dropped += 1
+      # Only two ways: the prompt fills max_length, or no response tokens.
+      reasons[PROMPT_TOO_LONG if len(p) >= max_length else EMPTY_RESPONSE] += 1
       continue
     k = len(keep)
     tokens[k, :len(seq)] = seq
@@ -483,7 +694,12 @@ def tokenize(examples: Sequence[Example], tokenizer, max_length: int,
     loss_mask[k, :len(seq)] = target
     keep.append(i)
   m = len(keep)
+  drops = DropReport(f"examples tokenized with max_length={max_length}", n, m,
+                     reasons)
+  if log and n:
+    log_drops(drops, context=name)
   return TokenizedSet(tokens[:m], input_mask[:m], loss_mask[:m], pad_id,
                       np.asarray(keep, np.int64), num_truncated=truncated,
-                      num_dropped=dropped,
-                      num_response_tokens=int(loss_mask[:m].sum()))
+                      num_dropped=drops.num_dropped,
+                      num_response_tokens=int(loss_mask[:m].sum()),
+                      drops=drops)
