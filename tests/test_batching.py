@@ -202,6 +202,23 @@ def test_errors():
                            local_steps=1)
 
 
+def test_empty_client_says_tokenize_dropped_its_examples():
+  from fedjax_u2s.data.instructions import DropReport
+  report = DropReport("examples tokenized with max_length=4", 5, 0,
+                      {"prompt_too_long": 5, "empty_response": 0})
+  emptied = TokenizedSet(np.zeros((0, T), np.int32), np.zeros((0, T), bool),
+                         np.zeros((0, T), bool), PAD, np.zeros(0, np.int64),
+                         num_dropped=5, drops=report)
+  with pytest.raises(ValueError) as e:
+    batching.round_batches([_set(3), emptied], [1, 42], [0, 0], batch_size=2,
+                           local_steps=1)
+  assert str(e.value) == (
+      "Client 42 has no examples: all 5 of its examples were dropped by "
+      "tokenize (5 of 5 examples tokenized with max_length=4 were dropped "
+      "(5 prompt_too_long) -- prompt_too_long: raise config.train.max_length "
+      "or shorten the prompts).")
+
+
 def test_eval_batches():
   ts = _set(5)
   out = batching.eval_batches(ts, 2)

@@ -103,3 +103,27 @@ def test_registry():
   assert keys == [1, 2]
   with pytest.raises(ValueError, match=r"Unknown partitioner 'zipf'.*'dirichlet'"):
     P.partition("zipf", 10, 3, seed=0)
+
+
+def test_errors_say_what_was_dropped_before_partitioning():
+  from fedjax_u2s.data.instructions import DropReport
+  report = DropReport("rows of data.jsonl", 40, 10, {"missing_response": 30,
+                                                     "empty_response": 0})
+  with pytest.raises(ValueError) as e:
+    P.iid(10, 20, seed=0, dropped=report)
+  msg = str(e.value)
+  assert ("Cannot give 20 clients at least 1 item(s) each from 10 items "
+          "(needs 20). Before partitioning, 30 of 40 rows of data.jsonl were "
+          "dropped (30 missing_response) -- missing_response: is the response "
+          "in another column? map it with config.data.fields") in msg
+  assert "Recover the dropped rows, or use fewer clients" in msg
+  with pytest.raises(ValueError, match=r"from 10 items.*Before partitioning, "
+                     r"2 rows had no label\. Recover"):
+    P.dirichlet(np.arange(10) % 2, 6, alpha=1.0, seed=0, min_size=2,
+                dropped="2 rows had no label.")
+  with pytest.raises(ValueError, match=r"no items to partition\. Before "
+                     r"partitioning, 30 of 40"):
+    P.natural([], dropped=report)
+  # Nothing dropped: the old message.
+  with pytest.raises(ValueError, match=r"\(needs 20\)\. Use fewer clients"):
+    P.iid(10, 20, seed=0, dropped=DropReport("rows", 10, 10, {"x": 0}))

@@ -70,6 +70,12 @@ def _check_sets(client_sets: Sequence[TokenizedSet], client_ids) -> int:
                      " tokenize them with one max_length.")
   for s, c in zip(client_sets, client_ids):
     if len(s) == 0:
+      drops = getattr(s, "drops", None)
+      if drops is not None and drops.read:
+        # Tokenization emptied it: say why before blaming the partition.
+        raise ValueError(f"Client {int(c)} has no examples: all {drops.read} "
+                         f"of its examples were dropped by tokenize "
+                         f"({drops.note()}).")
       raise ValueError(f"Client {int(c)} has no examples; drop it from the "
                        "partition or give it data.")
   return lengths.pop()
@@ -103,7 +109,8 @@ def round_batches(client_sets: Sequence[TokenizedSet],
     [C] cursors for the next round.
 
   Raises:
-    ValueError: a client with no examples (names it); mismatched lengths;
+    ValueError: a client with no examples (names it, and says why when its
+      set's ``drops`` shows tokenize dropped them all); mismatched lengths;
       neither or both of ``local_steps``/``local_epochs``.
   """
   client_ids = np.asarray(client_ids, np.int64).reshape(-1)

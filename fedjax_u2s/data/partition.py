@@ -13,6 +13,11 @@ its seed:
 
 :data:`PARTITIONERS` holds them by name for configs; :func:`partition` calls
 one by name.
+
+Errors about too few items say first what was dropped before partitioning
+when the caller passes ``dropped=`` (a
+:class:`fedjax_u2s.data.instructions.DropReport`, or any text), so rows lost
+to a reader or tokenizer are not blamed on the number of clients.
 """
 
 from __future__ import annotations
@@ -22,33 +27,57 @@ from typing import Any, Callable, Hashable, Sequence
 import numpy as np
 
 
-def _check(num_items: int, num_clients: int, min_size: int) -> None:
+def dropped_note(dropped: Any) -> str:
+  """" Before partitioning, <what was dropped and why>." ("" for nothing).
+
+  ``dropped``: a ``DropReport`` (its ``note()``), a string, or None.
+  """
+  if dropped is None:
+    return ""
+  note = dropped.note() if hasattr(dropped, "note") else str(dropped)
+  note = note.strip().rstrip(".")
+  return f" Before partitioning, {note}." if note else ""
+
+
+def _check(num_items: int, num_clients: int, min_size: int,
+           dropped: Any = None) -> None:
   if num_clients < 1:
     raise ValueError(f"num_clients must be >= 1, got {num_clients}.")
   if min_size < 0:
     raise ValueError(f"min_size must be >= 0, got {min_size}.")
   if num_items < num_clients * min_size:
+    note = dropped_note(dropped)
     raise ValueError(
         f"Cannot give {num_clients} clients at least {min_size} item(s) each "
-        f"from {num_items} items (needs {num_clients * min_size}); use fewer "
-        "clients or a smaller min_size.")
+        f"from {num_items} items (needs {num_clients * min_size}).{note} "
+        + ("Recover the dropped rows, or use" if note else "Use")
+        + " fewer clients or a smaller min_size.")
 
 
 def iid(num_items: int, num_clients: int, seed: int,
-        min_size: int = 1) -> list[np.ndarray]:
+        min_size: int = 1, *, dropped: Any = None) -> list[np.ndarray]:
   """A uniformly random split into sizes differing by at most one.
+
+  Args:
+    num_items: N.
+    num_clients: C.
+    seed: seeds the permutation.
+    min_size: least items per client.
+    dropped: what was dropped before (a ``DropReport`` or text), said first
+      in the error.
 
   Raises:
     ValueError: ``num_items < num_clients * min_size``.
   """
-  _check(num_items, num_clients, min_size)
+  _check(num_items, num_clients, min_size, dropped)
   perm = np.random.default_rng(seed).permutation(num_items)
   return [np.sort(p).astype(np.int64) for p in np.array_split(perm, num_clients)]
 
 
 def dirichlet(labels: Sequence[Hashable] | np.ndarray, num_clients: int,
               alpha: float, seed: int, min_size: int = 1,
-              max_tries: int = 100) -> list[np.ndarray]:
+              max_tries: int = 100, *, dropped: Any = None
+              ) -> list[np.ndarray]:
   """Label-skewed split with per-label client proportions ~ Dir(alpha).
 
   For every label (in sorted order) its items are shuffled and cut at
@@ -64,6 +93,8 @@ def dirichlet(labels: Sequence[Hashable] | np.ndarray, num_clients: int,
     seed: seeds the generator.
     min_size: least items per client.
     max_tries: draws before giving up.
+    dropped: what was dropped before (a ``DropReport`` or text), said in the
+      errors.
 
   Raises:
     ValueError: bad arguments, ``len(labels) < num_clients * min_size``, or no
@@ -74,7 +105,7 @@ def dirichlet(labels: Sequence[Hashable] | np.ndarray, num_clients: int,
   n = len(labels)
   if not alpha > 0:
     raise ValueError(f"alpha must be > 0, got {alpha}.")
-  _check(n, num_clients, min_size)
+  _check(n, num_clients, min_size, dropped)
   try:
     uniq = sorted(set(labels.tolist()))
   except TypeError as e:
@@ -98,12 +129,16 @@ def dirichlet(labels: Sequence[Hashable] | np.ndarray, num_clients: int,
       f"dirichlet: no split of {n} items with {len(groups)} labels over "
       f"{num_clients} clients (alpha={alpha}) gave every client >= {min_size} "
       f"items in {max_tries} tries (last sizes: min {min(sizes)}, max "
-      f"{max(sizes)}); raise alpha or max_tries, or lower num_clients or "
-      "min_size.")
+      f"{max(sizes)}).{dropped_note(dropped)} Raise alpha or max_tries, or "
+      "lower num_clients or min_size.")
 
 
-def natural(keys: Sequence[Hashable]) -> tuple[list[np.ndarray], list[Any]]:
+def natural(keys: Sequence[Hashable], *, dropped: Any = None
+            ) -> tuple[list[np.ndarray], list[Any]]:
   """One client per distinct key, clients in sorted key order.
+
+  ``dropped``: what was dropped before (a ``DropReport`` or text), said in
+  the error for no items.
 
   Returns:
     ``(parts, client_keys)``: indices per client and the key of each client.
@@ -114,7 +149,7 @@ def natural(keys: Sequence[Hashable]) -> tuple[list[np.ndarray], list[Any]]:
   """
   keys = list(keys)
   if not keys:
-    raise ValueError("natural: no items to partition.")
+    raise ValueError(f"natural: no items to partition.{dropped_note(dropped)}")
   try:
     uniq = sorted(set(keys))
   except TypeError as e:
