@@ -92,6 +92,23 @@ def _unchunked(x: jax.Array) -> jax.Array:
   return x.reshape((-1,) + x.shape[2:])
 
 
+class _Sums(NamedTuple):
+  """The scan carry of a round: what the chunks of clients add up.
+
+  Attributes:
+    delta: example-weighted sum of client deltas (a params tree).
+    weight: sum of client weights (examples).
+    nonfinite: some client produced a non-finite loss or gradient.
+    control_delta: SCAFFOLD: sum of client control deltas (else None).
+    client_controls: SCAFFOLD: the controls of all clients [N, ...] (else None).
+  """
+  delta: PyTree
+  weight: jax.Array
+  nonfinite: jax.Array
+  control_delta: PyTree | None
+  client_controls: PyTree | None
+
+
 def build(fed_config: Any, loss_fn: objectives.LossFn, *,
           num_client_shards: int = 1,
           chunk_sharding: Callable[[PyTree], PyTree] | None = None
@@ -112,126 +129,187 @@ def build(fed_config: Any, loss_fn: objectives.LossFn, *,
     A :class:`FederatedAlgorithm`.
   """
   cfg = AlgorithmConfig.from_config(fed_config)
-  spec = cfg.spec
   server_opt = aggregation.make_server_optimizer(
-      spec.server_optimizer, learning_rate=cfg.server_lr,
+      cfg.spec.server_optimizer, learning_rate=cfg.server_lr,
       momentum=cfg.server_momentum, b1=cfg.server_b1, b2=cfg.server_b2,
       tau=cfg.server_tau)
+  return FederatedAlgorithm(
+      init=functools.partial(_init, cfg=cfg, server_opt=server_opt),
+      apply=functools.partial(_apply, cfg=cfg, server_opt=server_opt,
+                              loss_fn=loss_fn, num_client_shards=num_client_shards,
+                              chunk_sharding=chunk_sharding),
+      evaluate=functools.partial(_evaluate, loss_fn=loss_fn),
+      config=cfg)
+
+
+def _init(params: PyTree, rng: jax.Array, num_clients: int, *,
+          cfg: AlgorithmConfig, server_opt: optax.GradientTransformation
+          ) -> ServerState:
+  """Round-0 server state for a population of ``num_clients`` clients.
+
+  ``params`` is copied, so donating the state to ``apply`` leaves the
+  caller's arrays alive.
+  """
+  params = jax.tree.map(lambda p: jnp.array(p, copy=True), params)
+  client_controls = None
+  if cfg.spec.scaffold:
+    client_controls = jax.tree.map(
+        lambda p: jnp.zeros((num_clients,) + p.shape, p.dtype), params)
+  return ServerState(
+      params=params, opt_state=server_opt.init(params),
+      control=jax.tree.map(jnp.zeros_like, params),
+      client_controls=client_controls, round=jnp.zeros((), jnp.int32),
+      rng=state_lib.key_data(rng))
+
+
+def _apply(server_state: ServerState, frozen: PyTree,
+           client_batches: ClientBatches, *, cfg: AlgorithmConfig,
+           server_opt: optax.GradientTransformation, loss_fn: objectives.LossFn,
+           num_client_shards: int,
+           chunk_sharding: Callable[[PyTree], PyTree] | None
+           ) -> tuple[ServerState, dict[str, jax.Array]]:
+  """One round: local training of every client, aggregation, server step."""
+  num_real = client_batches.num_examples.shape[0]
+  xs, num_chunks = _chunk_clients(cfg, client_batches, num_client_shards)
+  sums, (c_loss, c_tokens) = _train_clients(
+      cfg, loss_fn, chunk_sharding, server_state, frozen, xs, num_chunks)
+  new_state, mean_delta = _server_step(cfg, server_opt, server_state, sums)
+  new_state, nonfinite = _keep_old_if_nonfinite(server_state, new_state,
+                                                sums.nonfinite)
+  c_loss = _unchunked(c_loss)[:num_real]
+  c_tokens = _unchunked(c_tokens)[:num_real]
+  return new_state, _round_metrics(c_loss, c_tokens, mean_delta, nonfinite)
+
+
+def _chunk_clients(cfg: AlgorithmConfig, client_batches: ClientBatches,
+                   shards: int) -> tuple[PyTree, int]:
+  """Pads the clients to whole chunks and lays them out for the scan.
+
+  Returns:
+    ``(batch, step_mask, num_examples, client_ids)`` with leaves
+    ``[num_chunks, chunk, ...]``, and ``num_chunks``.
+  """
+  num_real = client_batches.num_examples.shape[0]
+  if cfg.clients_per_chunk > 0:
+    chunk = cfg.clients_per_chunk * shards
+  else:
+    chunk = math.ceil(num_real / shards) * shards
+  cb = state_lib.pad_clients(client_batches, chunk)
+  num_chunks = cb.num_examples.shape[0] // chunk
+  xs = jax.tree.map(functools.partial(_chunked, chunk=chunk),
+                    (cb.batch, jnp.asarray(cb.step_mask, bool),
+                     jnp.asarray(cb.num_examples, jnp.float32),
+                     jnp.asarray(cb.client_ids, jnp.int32)))
+  return xs, num_chunks
+
+
+def _train_clients(cfg: AlgorithmConfig, loss_fn: objectives.LossFn,
+                   chunk_sharding: Callable[[PyTree], PyTree] | None,
+                   server_state: ServerState, frozen: PyTree, xs: PyTree,
+                   num_chunks: int) -> tuple[_Sums, tuple[jax.Array, jax.Array]]:
+  """Local training of every client: a scan over chunks of vmapped clients.
+
+  Returns:
+    The round's :class:`_Sums`, and each client's loss sum and token count
+    ``[num_chunks, chunk]``.
+  """
+  spec = cfg.spec
+  params = server_state.params
+  round_key = jax.random.fold_in(server_state.key(), server_state.round)
+  lr = client_learning_rate(cfg, server_state.round)
+  optimizer = client_lib.make_client_optimizer(
+      cfg.client_optimizer, lr, b1=cfg.client_b1, b2=cfg.client_b2,
+      weight_decay=cfg.client_weight_decay)
+  control = server_state.control if spec.scaffold else None
   prox_mu = cfg.prox_mu if spec.prox else 0.0
 
-  def init(params: PyTree, rng: jax.Array, num_clients: int) -> ServerState:
-    """Round-0 server state for a population of ``num_clients`` clients.
+  def one_client(batch, step_mask, client_id, client_control):
+    return client_lib.client_update(
+        params, frozen, batch, step_mask,
+        jax.random.fold_in(round_key, client_id), loss_fn=loss_fn,
+        optimizer=optimizer, learning_rate=lr, grad_clip=cfg.grad_clip,
+        prox_mu=prox_mu, server_control=control,
+        client_control=client_control)
 
-    ``params`` is copied, so donating the state to ``apply`` leaves the
-    caller's arrays alive.
-    """
-    params = jax.tree.map(lambda p: jnp.array(p, copy=True), params)
-    client_controls = None
+  def body(sums: _Sums, chunk_xs):
+    if chunk_sharding is not None:
+      chunk_xs = chunk_sharding(chunk_xs)
+    batch, step_mask, weights, ids = chunk_xs
+    ci = (jax.tree.map(lambda t: t[ids], sums.client_controls)
+          if spec.scaffold else None)
+    out = jax.vmap(one_client)(batch, step_mask, ids, ci)
+    delta = aggregation.accumulate(sums.delta, out.delta, weights)
+    weight = sums.weight + jnp.sum(weights)
+    nonfinite = sums.nonfinite | jnp.any(out.nonfinite)
+    control_delta, client_controls = sums.control_delta, sums.client_controls
     if spec.scaffold:
-      client_controls = jax.tree.map(
-          lambda p: jnp.zeros((num_clients,) + p.shape, p.dtype), params)
-    return ServerState(
-        params=params, opt_state=server_opt.init(params),
-        control=jax.tree.map(jnp.zeros_like, params),
-        client_controls=client_controls, round=jnp.zeros((), jnp.int32),
-        rng=state_lib.key_data(rng))
+      control_delta = jax.tree.map(lambda s, d: s + jnp.sum(d, axis=0),
+                                   control_delta, out.control_delta)
+      client_controls = jax.tree.map(lambda t, d: t.at[ids].add(d),
+                                     client_controls, out.control_delta)
+    sums = _Sums(delta, weight, nonfinite, control_delta, client_controls)
+    return sums, (out.loss_sum, out.num_tokens)
 
-  def apply(server_state: ServerState, frozen: PyTree,
-            client_batches: ClientBatches
-            ) -> tuple[ServerState, dict[str, jax.Array]]:
-    """One round: local training of every client, aggregation, server step."""
-    num_real = client_batches.num_examples.shape[0]
-    shards = num_client_shards
-    if cfg.clients_per_chunk > 0:
-      chunk = cfg.clients_per_chunk * shards
-    else:
-      chunk = math.ceil(num_real / shards) * shards
-    cb = state_lib.pad_clients(client_batches, chunk)
-    num_chunks = cb.num_examples.shape[0] // chunk
-    xs = jax.tree.map(functools.partial(_chunked, chunk=chunk),
-                      (cb.batch, jnp.asarray(cb.step_mask, bool),
-                       jnp.asarray(cb.num_examples, jnp.float32),
-                       jnp.asarray(cb.client_ids, jnp.int32)))
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  sums0 = _Sums(zeros, jnp.zeros((), jnp.float32), jnp.array(False),
+                zeros if spec.scaffold else None, server_state.client_controls)
+  return jax.lax.scan(body, sums0, xs, length=num_chunks)
 
-    params = server_state.params
-    round_key = jax.random.fold_in(server_state.key(), server_state.round)
-    lr = client_learning_rate(cfg, server_state.round)
-    optimizer = client_lib.make_client_optimizer(
-        cfg.client_optimizer, lr, b1=cfg.client_b1, b2=cfg.client_b2,
-        weight_decay=cfg.client_weight_decay)
-    control = server_state.control if spec.scaffold else None
 
-    def one_client(batch, step_mask, client_id, client_control):
-      return client_lib.client_update(
-          params, frozen, batch, step_mask,
-          jax.random.fold_in(round_key, client_id), loss_fn=loss_fn,
-          optimizer=optimizer, learning_rate=lr, grad_clip=cfg.grad_clip,
-          prox_mu=prox_mu, server_control=control,
-          client_control=client_control)
+def _server_step(cfg: AlgorithmConfig, server_opt: optax.GradientTransformation,
+                 server_state: ServerState, sums: _Sums
+                 ) -> tuple[ServerState, PyTree]:
+  """The server optimizer on the weighted mean delta, and SCAFFOLD's control.
 
-    def body(carry, chunk_xs):
-      if chunk_sharding is not None:
-        chunk_xs = chunk_sharding(chunk_xs)
-      sum_delta, sum_weight, bad, sum_dc, client_controls = carry
-      batch, step_mask, weights, ids = chunk_xs
-      ci = (jax.tree.map(lambda t: t[ids], client_controls)
-            if spec.scaffold else None)
-      out = jax.vmap(one_client)(batch, step_mask, ids, ci)
-      sum_delta = aggregation.accumulate(sum_delta, out.delta, weights)
-      sum_weight = sum_weight + jnp.sum(weights)
-      bad = bad | jnp.any(out.nonfinite)
-      if spec.scaffold:
-        sum_dc = jax.tree.map(lambda s, d: s + jnp.sum(d, axis=0), sum_dc,
-                              out.control_delta)
-        client_controls = jax.tree.map(lambda t, d: t.at[ids].add(d),
-                                       client_controls, out.control_delta)
-      carry = (sum_delta, sum_weight, bad, sum_dc, client_controls)
-      return carry, (out.loss_sum, out.num_tokens)
+  Returns:
+    The next server state and the mean delta.
+  """
+  params = server_state.params
+  mean_delta = aggregation.weighted_mean(sums.delta, sums.weight)
+  new_params, new_opt_state = aggregation.server_update(
+      params, server_state.opt_state, mean_delta, server_opt)
+  new_control = server_state.control
+  if cfg.spec.scaffold:
+    num_clients = jax.tree.leaves(server_state.client_controls)[0].shape[0]
+    new_control = jax.tree.map(lambda c, s: c + s / num_clients,
+                               server_state.control, sums.control_delta)
+  new_state = ServerState(
+      params=new_params, opt_state=new_opt_state, control=new_control,
+      client_controls=sums.client_controls, round=server_state.round + 1,
+      rng=server_state.rng)
+  return new_state, mean_delta
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    carry0 = (zeros, jnp.zeros((), jnp.float32), jnp.array(False),
-              zeros if spec.scaffold else None, server_state.client_controls)
-    (sum_delta, sum_weight, bad, sum_dc, client_controls), (c_loss, c_tokens) = (
-        jax.lax.scan(body, carry0, xs, length=num_chunks))
 
-    mean_delta = aggregation.weighted_mean(sum_delta, sum_weight)
-    new_params, new_opt_state = aggregation.server_update(
-        params, server_state.opt_state, mean_delta, server_opt)
-    new_control = server_state.control
-    if spec.scaffold:
-      num_clients = jax.tree.leaves(server_state.client_controls)[0].shape[0]
-      new_control = jax.tree.map(lambda c, s: c + s / num_clients,
-                                 server_state.control, sum_dc)
-    new_state = ServerState(
-        params=new_params, opt_state=new_opt_state, control=new_control,
-        client_controls=client_controls, round=server_state.round + 1,
-        rng=server_state.rng)
-    nonfinite = bad | ~client_lib.all_finite((new_params, new_opt_state,
-                                               new_control, client_controls))
-    new_state = jax.tree.map(lambda old, new: jnp.where(nonfinite, old, new),
-                             server_state, new_state)
+def _keep_old_if_nonfinite(old: ServerState, new: ServerState,
+                           client_nonfinite: jax.Array
+                           ) -> tuple[ServerState, jax.Array]:
+  """``old`` (the round not applied) if anything went non-finite, else ``new``."""
+  nonfinite = client_nonfinite | ~client_lib.all_finite(
+      (new.params, new.opt_state, new.control, new.client_controls))
+  state = jax.tree.map(lambda o, n: jnp.where(nonfinite, o, n), old, new)
+  return state, nonfinite
 
-    c_loss = _unchunked(c_loss)[:num_real]
-    c_tokens = _unchunked(c_tokens)[:num_real]
-    num_tokens = jnp.sum(c_tokens)
-    metrics = {
-        "loss": jnp.sum(c_loss) / jnp.maximum(num_tokens, 1.0),
-        "num_tokens": num_tokens,
-        "client_loss": c_loss / jnp.maximum(c_tokens, 1.0),
-        "client_tokens": c_tokens,
-        "update_norm": optax.tree.norm(mean_delta),
-        "nonfinite": nonfinite,
-    }
-    return new_state, metrics
 
-  def evaluate(params: PyTree, frozen: PyTree, batch: PyTree
-               ) -> tuple[jax.Array, jax.Array]:
-    """Summed loss and weight over ``N`` micro-batches (leaves [N, B, ...])."""
-    def body(acc, b):
-      l, w = loss_fn(params, frozen, b, None)
-      return (acc[0] + l.astype(jnp.float32), acc[1] + w.astype(jnp.float32)), None
-    zero = jnp.zeros((), jnp.float32)
-    (loss_sum, weight), _ = jax.lax.scan(body, (zero, zero), batch)
-    return loss_sum, weight
+def _round_metrics(c_loss: jax.Array, c_tokens: jax.Array, mean_delta: PyTree,
+                   nonfinite: jax.Array) -> dict[str, jax.Array]:
+  """The round's metrics from per-client loss sums and token counts [C]."""
+  num_tokens = jnp.sum(c_tokens)
+  return {
+      "loss": jnp.sum(c_loss) / jnp.maximum(num_tokens, 1.0),
+      "num_tokens": num_tokens,
+      "client_loss": c_loss / jnp.maximum(c_tokens, 1.0),
+      "client_tokens": c_tokens,
+      "update_norm": optax.tree.norm(mean_delta),
+      "nonfinite": nonfinite,
+  }
 
-  return FederatedAlgorithm(init=init, apply=apply, evaluate=evaluate, config=cfg)
+
+def _evaluate(params: PyTree, frozen: PyTree, batch: PyTree, *,
+              loss_fn: objectives.LossFn) -> tuple[jax.Array, jax.Array]:
+  """Summed loss and weight over ``N`` micro-batches (leaves [N, B, ...])."""
+  def body(acc, b):
+    l, w = loss_fn(params, frozen, b, None)
+    return (acc[0] + l.astype(jnp.float32), acc[1] + w.astype(jnp.float32)), None
+  zero = jnp.zeros((), jnp.float32)
+  (loss_sum, weight), _ = jax.lax.scan(body, (zero, zero), batch)
+  return loss_sum, weight
