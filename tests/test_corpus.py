@@ -48,12 +48,89 @@ def test_folder_reader(tmp_path):
   (tmp_path / "a" / "skip.bin").write_bytes(b"\x00\x01")
   (tmp_path / ".hidden").mkdir()
   (tmp_path / ".hidden" / "x.txt").write_text("hidden")
-  docs, stats = corpus.read_folder(str(tmp_path))
+  docs, stats = corpus.read_folder(str(tmp_path), errors="replace")
   assert [d.doc_id for d in docs] == ["a/bad.txt", "a/deep/one.txt", "b/two.md"]
   assert docs[0].text == "Caf\ufffd latin-1 \ufffd."
   assert docs[2].text == "# Two\n\nSecond doc."
-  assert stats == {"files": 3, "replaced_files": 1, "replaced_bytes": 2}
+  assert stats == {"files": 3, "skipped_files": 1, "replaced_files": 1,
+                   "replaced_bytes": 2}
   assert docs[0].meta["invalid_bytes"] == 2 and docs[1].meta["invalid_bytes"] == 0
+
+
+def _folder(tmp_path, files):
+  for name, data in files.items():
+    (tmp_path / name).write_bytes(data)
+  return config(kind="folder", path=str(tmp_path), partition="iid",
+                num_clients=1)
+
+
+def _warnings(caplog):
+  return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_latin1_file_is_an_error_naming_file_and_offset(tmp_path):
+  cfg = _folder(tmp_path, {"ok.txt": "Fine.".encode(),
+                           "notes.txt": "Un café au lait.".encode("latin-1")})
+  assert (cfg.encoding, cfg.decode_errors) == ("utf-8", "strict")
+  with pytest.raises(corpus.UndecodableFileError) as e:
+    corpus.load_client_corpora(cfg)
+  msg = str(e.value)
+  assert str(tmp_path / "notes.txt") in msg
+  assert "not valid utf-8 at byte offset 6 (byte(s) e9" in msg
+  assert "--config.corpus.encoding=latin-1" in msg  # what to do
+  assert "decode_errors=replace" in msg and "remove the file" in msg
+  # The right encoding reads it exactly.
+  cfg.encoding = "latin-1"
+  (client,) = corpus.load_client_corpora(cfg)
+  assert [d.text for d in client.documents] == ["Un café au lait.", "Fine."]
+  assert client.stats["replaced_bytes"] == 0
+
+
+def test_replacement_is_opt_in_and_warned_with_the_count(tmp_path, caplog):
+  cfg = _folder(tmp_path, {"a.txt": b"Caf\xe9 and cr\xe8me \xff\xfe.",
+                           "b.txt": b"Clean."})
+  cfg.decode_errors = "replace"
+  caplog.set_level("INFO")
+  (client,) = corpus.load_client_corpora(cfg)
+  assert client.documents[0].text == (
+      b"Caf\xe9 and cr\xe8me \xff\xfe.".decode("utf-8", errors="replace"))
+  assert (client.stats["replaced_files"], client.stats["replaced_bytes"]) == (1, 4)
+  warned = _warnings(caplog)
+  assert any(str(tmp_path / "a.txt") in w and "replaced 4 undecodable byte(s)"
+             in w for w in warned)
+  assert any("1 of 2 file(s) had undecodable bytes; 4 byte(s) replaced" in w
+             for w in warned)
+
+
+def test_random_bytes_refused_as_binary(tmp_path):
+  rng = np.random.default_rng(0)
+  cfg = _folder(tmp_path, {"ok.txt": b"Fine.",
+                           "blob.txt": rng.bytes(20_000)})
+  for errors in ("strict", "replace"):
+    cfg.decode_errors = errors
+    with pytest.raises(corpus.BinaryFileError,
+                       match=r"blob\.txt: looks like a binary file, not text "
+                       r"\(a NUL byte at offset \d+\); remove it"):
+      corpus.load_client_corpora(cfg)
+  # Control characters without a NUL byte count too; a few do not.
+  ctrl = bytes(rng.integers(1, 32, 500).astype(np.uint8)) + b"x" * 500
+  assert "control bytes" in corpus.looks_binary(ctrl)
+  assert corpus.looks_binary(b"ANSI \x1b[1mbold\x1b[0m\ttab\r\n\x0c") == ""
+  # UTF-16 text is full of NUL bytes: not binary when that is the encoding.
+  utf16 = "Grüße.".encode("utf-16")
+  assert corpus.looks_binary(utf16) and not corpus.looks_binary(utf16, "utf-16")
+  assert corpus.decode_text(utf16, "x.txt", "utf-16") == ("Grüße.", 0)
+
+
+def test_decode_settings_errors(tmp_path):
+  cfg = _folder(tmp_path, {"a.txt": b"x"})
+  cfg.encoding = "klingon"
+  with pytest.raises(ValueError, match="corpus.encoding='klingon' is not a known"):
+    corpus.load_client_corpora(cfg)
+  cfg.encoding, cfg.decode_errors = "utf-8", "ignore"
+  with pytest.raises(ValueError, match=r"corpus.decode_errors='ignore'; use one "
+                     r"of \['strict', 'replace'\]"):
+    corpus.load_client_corpora(cfg)
 
 
 def test_folder_natural_partition_and_empty_errors(tmp_path):

@@ -22,19 +22,28 @@ Usage::
     cfg.kind = "wiki"; cfg.topics = ("medicine", "math")
     clients = corpus.load_client_corpora(cfg)
 
-Invalid UTF-8 in files is decoded with U+FFFD replacement and counted in
-``ClientCorpus.stats`` (``replaced_files``, ``replaced_bytes``), never fatal.
+Text files are decoded honestly (:func:`decode_text`): as
+``corpus.encoding`` (UTF-8 by default), strictly, so an undecodable file is an
+error naming the file and the byte offset; ``corpus.decode_errors="replace"``
+opts into U+FFFD replacement, with a warning giving the count (also in
+``ClientCorpus.stats``: ``replaced_files``, ``replaced_bytes``). Files that
+look binary (NUL bytes, or many control characters, in the first 8 KB) are
+refused. Files of other extensions are skipped and counted
+(``skipped_files``).
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import glob
 import os
 import tempfile
+import threading
 import zlib
 from typing import Any, Sequence
 
+from absl import logging
 import ml_collections
 import numpy as np
 
@@ -46,6 +55,14 @@ FOLDER_EXTENSIONS = (".txt", ".md")
 RECORD_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet",
                   ".csv": "csv"}
 PARTITIONS = ("topic", "dirichlet", "natural", "iid")
+DECODE_ERRORS = ("strict", "replace")
+# Binary sniffing: the first BINARY_SNIFF_BYTES bytes of a file; more than
+# BINARY_CONTROL_FRACTION of them control bytes (other than tab, newlines,
+# form feed, vertical tab, backspace and escape) -> binary.
+BINARY_SNIFF_BYTES = 8192
+BINARY_CONTROL_FRACTION = 0.05
+_CONTROL_BYTES = bytes(sorted((set(range(32)) - {8, 9, 10, 11, 12, 13, 27})
+                              | {127}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +113,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_docs_per_client = 0    # Seeded sample per client (0 = all documents).
   c.seed = 0                   # Seed of holdout, splits and sampling.
   c.holdout_fraction = 0.0     # wiki: share of each topic held by no client.
+  c.encoding = "utf-8"         # folder: the text files' encoding (e.g. latin-1, cp1252).
+  c.decode_errors = "strict"   # folder: strict (undecodable file = error) | replace (U+FFFD, warned).
   c.lock()
   return c
 
@@ -121,34 +140,142 @@ def decode_utf8(data: bytes) -> tuple[str, int]:
   return text, len(data) - valid_bytes
 
 
+class BinaryFileError(ValueError):
+  """A corpus file that is not text."""
+
+
+class UndecodableFileError(ValueError):
+  """A corpus text file that is not valid in the configured encoding."""
+
+
+_REPLACED = threading.local()
+
+
+def _count_replace(e: UnicodeDecodeError) -> tuple[str, int]:
+  """errors="replace", counting the bytes replaced in ``_REPLACED.n``."""
+  _REPLACED.n += e.end - e.start
+  return "\ufffd", e.end
+
+
+codecs.register_error("fedjax_u2s_count_replace", _count_replace)
+
+
+def looks_binary(data: bytes, encoding: str = "utf-8") -> str:
+  """Why ``data`` looks like a binary file ("" if it looks like text).
+
+  Checks the first :data:`BINARY_SNIFF_BYTES`: a NUL byte, or more than
+  :data:`BINARY_CONTROL_FRACTION` control bytes. Skipped for UTF-16/32
+  encodings, whose text is full of NUL bytes.
+  """
+  name = codecs.lookup(encoding).name
+  if name.startswith(("utf-16", "utf-32")):
+    return ""
+  head = data[:BINARY_SNIFF_BYTES]
+  if b"\x00" in head:
+    return f"a NUL byte at offset {head.index(0)}"
+  control = len(head) - len(head.translate(None, _CONTROL_BYTES))
+  if head and control > BINARY_CONTROL_FRACTION * len(head):
+    return (f"{control} control bytes in its first {len(head)} "
+            f"({100 * control / len(head):.0f}%)")
+  return ""
+
+
+def decode_text(data: bytes, path: str, encoding: str = "utf-8",
+                errors: str = "strict") -> tuple[str, int]:
+  """Decodes a corpus file's bytes, refusing binary data.
+
+  Args:
+    data: the file's bytes.
+    path: names the file in errors.
+    encoding: ``corpus.encoding``, any Python codec name.
+    errors: ``"strict"`` (undecodable bytes are an error) or ``"replace"``
+      (each maximal undecodable run -> U+FFFD, as ``bytes.decode`` does).
+
+  Returns:
+    ``(text, replaced_bytes)``: the text and how many bytes were replaced
+    (always 0 with ``"strict"``).
+
+  Raises:
+    BinaryFileError: the data looks binary (:func:`looks_binary`).
+    UndecodableFileError: with ``"strict"``, bytes invalid in ``encoding``;
+      names the file and the byte offset.
+    ValueError: an unknown encoding or ``errors`` value.
+  """
+  if errors not in DECODE_ERRORS:
+    raise ValueError(f"corpus.decode_errors={errors!r}; use one of "
+                     f"{list(DECODE_ERRORS)}.")
+  try:
+    codecs.lookup(encoding)
+  except LookupError:
+    raise ValueError(f"corpus.encoding={encoding!r} is not a known text "
+                     "encoding; use e.g. 'utf-8', 'latin-1' or 'cp1252'.") from None
+  why = looks_binary(data, encoding)
+  if why:
+    raise BinaryFileError(
+        f"{path}: looks like a binary file, not text ({why}); remove it from "
+        "the corpus folder (corpus.path) or convert it to plain text.")
+  if errors == "strict":
+    try:
+      return data.decode(encoding), 0
+    except UnicodeDecodeError as e:
+      bad = data[e.start:e.end]
+      raise UndecodableFileError(
+          f"{path}: not valid {encoding} at byte offset {e.start} "
+          f"(byte(s) {bad.hex(' ')}: {e.reason}). Set corpus.encoding to the "
+          "file's encoding (e.g. --config.corpus.encoding=latin-1 or cp1252), "
+          "or --config.corpus.decode_errors=replace to replace undecodable "
+          "bytes with U+FFFD, or remove the file.") from None
+  _REPLACED.n = 0
+  text = data.decode(encoding, errors="fedjax_u2s_count_replace")
+  return text, _REPLACED.n
+
+
 # ----------------------------------------------------------------------------
 # Folder reader.
 
 
-def read_folder(path: str, extensions: Sequence[str] = FOLDER_EXTENSIONS
+def read_folder(path: str, extensions: Sequence[str] = FOLDER_EXTENSIONS,
+                encoding: str = "utf-8", errors: str = "strict"
                ) -> tuple[list[Document], dict]:
   """Reads every ``.txt`` / ``.md`` file under ``path``, one document each.
 
   Files are found recursively and sorted by relative path; ``doc_id`` is the
-  relative path with ``/`` separators. Hidden files and folders are skipped.
+  relative path with ``/`` separators. Hidden files and folders are skipped;
+  files of other extensions are skipped and counted (and logged).
+
+  Args:
+    path: the folder (``corpus.path``).
+    extensions: the suffixes read (case-insensitive).
+    encoding: the files' encoding (``corpus.encoding``).
+    errors: ``"strict"`` or ``"replace"`` (``corpus.decode_errors``); see
+      :func:`decode_text`. Replacements are logged as a warning with the
+      count.
 
   Returns:
-    (documents, stats) with stats ``files``, ``replaced_files`` (files with
-    invalid UTF-8) and ``replaced_bytes`` (invalid bytes replaced by U+FFFD).
+    (documents, stats) with stats ``files`` (read), ``skipped_files`` (other
+    extensions), ``replaced_files`` (files with undecodable bytes, only with
+    ``errors="replace"``) and ``replaced_bytes`` (bytes replaced by U+FFFD).
 
   Raises:
     FileNotFoundError: ``path`` is not a folder.
+    BinaryFileError: a file looks binary (names it).
+    UndecodableFileError: with ``errors="strict"``, a file is not valid in
+      ``encoding`` (names it and the byte offset).
     ValueError: no matching file under ``path``.
   """
   if not os.path.isdir(path):
     raise FileNotFoundError(
         f"Corpus folder {path!r} does not exist or is not a folder; set "
         "corpus.path to a folder of .txt/.md files.")
-  rels = []
+  rels, skipped = [], {}
   for root, dirs, files in os.walk(path):
     dirs[:] = [d for d in dirs if not d.startswith(".")]
     for name in files:
-      if name.startswith(".") or not name.lower().endswith(tuple(extensions)):
+      if name.startswith("."):
+        continue
+      if not name.lower().endswith(tuple(extensions)):
+        ext = os.path.splitext(name)[1].lower() or "(none)"
+        skipped[ext] = skipped.get(ext, 0) + 1
         continue
       rels.append(os.path.relpath(os.path.join(root, name), path)
                   .replace(os.sep, "/"))
@@ -157,17 +284,31 @@ def read_folder(path: str, extensions: Sequence[str] = FOLDER_EXTENSIONS
     raise ValueError(
         f"Corpus folder {path!r} holds no {'/'.join(extensions)} files; add "
         "some or point corpus.path elsewhere.")
-  docs, stats = [], {"files": len(rels), "replaced_files": 0,
-                     "replaced_bytes": 0}
+  if skipped:
+    logging.info("Corpus folder %s: read %d %s file(s); skipped %d other "
+                 "file(s) by extension: %s.", path, len(rels),
+                 "/".join(extensions), sum(skipped.values()),
+                 ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())))
+  docs, stats = [], {"files": len(rels), "skipped_files": sum(skipped.values()),
+                     "replaced_files": 0, "replaced_bytes": 0}
   for rel in rels:
-    with open(os.path.join(path, rel), "rb") as f:
-      text, bad = decode_utf8(f.read())
+    full = os.path.join(path, rel)
+    with open(full, "rb") as f:
+      text, bad = decode_text(f.read(), full, encoding, errors)
     if bad:
       stats["replaced_files"] += 1
       stats["replaced_bytes"] += bad
+      logging.warning("%s: replaced %d undecodable byte(s) with U+FFFD "
+                      "(corpus.decode_errors=replace; not valid %s).", full,
+                      bad, encoding)
     docs.append(Document(doc_id=rel, text=text,
-                         meta={"path": os.path.join(path, rel),
-                               "invalid_bytes": bad}))
+                         meta={"path": full, "invalid_bytes": bad}))
+  if stats["replaced_files"]:
+    logging.warning(
+        "Corpus folder %s: %d of %d file(s) had undecodable bytes; %d byte(s) "
+        "replaced with U+FFFD. Set corpus.encoding to their encoding to read "
+        "them exactly.", path, stats["replaced_files"], len(rels),
+        stats["replaced_bytes"])
   return docs, stats
 
 
@@ -460,7 +601,8 @@ def _local_clients(config) -> list[ClientCorpus]:
   if not config.path:
     raise ValueError(f"corpus.kind={config.kind!r} needs corpus.path.")
   if config.kind == "folder":
-    docs, stats = read_folder(config.path)
+    docs, stats = read_folder(config.path, encoding=config.encoding,
+                              errors=config.decode_errors)
     labels = [d.doc_id.split("/", 1)[0] if "/" in d.doc_id else "" for d in docs]
     if config.partition in ("natural", "dirichlet") and "" in labels:
       top = [d.doc_id for d, l in zip(docs, labels) if not l][:3]
