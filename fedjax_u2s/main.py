@@ -1,6 +1,6 @@
 r"""Entry point: ``python -m fedjax_u2s.main --config=configs/NAME.py --workdir=DIR``.
 
-Parses flags and hands the config to the pipeline it names; nothing else.
+Parses flags and hands the config to the job it names; nothing else.
 Override any field with ``--config.a.b=value``; append ``:smoke`` to the config
 path for a run that finishes in minutes on a laptop CPU.
 """
@@ -9,8 +9,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from fedjax_u2s import experiments  # noqa: F401  (registers the "experiment" pipeline)
-from fedjax_u2s import pipeline
+from fedjax_u2s import pipelines
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (get_config(arg)).", lock_config=True)
@@ -22,7 +21,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  pipeline.run(_CONFIG.value, _WORKDIR.value)
+  pipelines.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from fedjax_u2s import experiments
+from fedjax_u2s.evaluation import report
+from fedjax_u2s.pipelines import claim
 from fedjax_u2s.evaluation import stats
 
 
@@ -118,15 +119,15 @@ def test_experiment_summary_reports_paired_differences():
   raw = {"base": {"runs": {"-": run(0.0)}, "questions": q_base},
          "fedit_u2s": {"runs": {"0": run(0.25)}, "questions": q_tuned},
          "local_only": {"runs": {"0": run(0.025)}, "questions": q_local}}
-  results = experiments.summarize(raw, {"fedit_u2s": {"client_steps": 4},
+  results = claim.summarize(raw, {"fedit_u2s": {"client_steps": 4},
                                         "local_only": {"client_steps": 2}})
   assert list(results["paired"]) == ["fedit_u2s - base", "fedit_u2s - local_only",
                                      "local_only - base"]
   assert results["paired"]["fedit_u2s - base"]["t"]["diff"] == pytest.approx(0.25)
-  found = experiments.findings(results)
+  found = report.findings(results)
   assert found[0].startswith("- t (acc_norm): fedit_u2s is better than base: +0.250 [")
   assert found[2].startswith("- t (acc_norm): local_only is not clearly different from base")
-  table = experiments.paired_table(results)
+  table = report.paired_table(results)
   assert "| fedit_u2s - local_only | +0.225 [" in table
 
 

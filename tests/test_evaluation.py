@@ -16,6 +16,7 @@ from fedjax_u2s import lora as lora_lib
 from fedjax_u2s import testing
 from fedjax_u2s.data import wiki
 from fedjax_u2s.evaluation import loaders
+from fedjax_u2s.evaluation import report
 from fedjax_u2s.evaluation import runner
 from fedjax_u2s.evaluation import scoring
 from fedjax_u2s.evaluation import suites
@@ -371,7 +372,7 @@ def test_zero_b_lora_gives_identical_scores(base_results, params, fixture_tasks)
 
 
 def test_write_results_and_compare_table(tmp_path, base_results):
-  json_path, md_path = runner.write_results(base_results, str(tmp_path), "base")
+  json_path, md_path = report.write_results(base_results, str(tmp_path), "base")
   with open(json_path) as f:
     loaded = json.load(f)
   assert loaded["wiki_mc"]["acc_norm"] == base_results["wiki_mc"]["acc_norm"]
@@ -380,7 +381,7 @@ def test_write_results_and_compare_table(tmp_path, base_results):
                  accuracy=0.4, acc_token_norm=0.3),
        "p": dict(kind="perplexity", n=3, headline="perplexity", perplexity=10.0, nll=2.0)}
   b = {"t": dict(a["t"], acc_norm=0.75), "p": dict(a["p"], perplexity=8.0)}
-  table = runner.compare_table({"base": a, "tuned": b})
+  table = report.compare_table({"base": a, "tuned": b})
   lines = table.splitlines()
   assert lines[0] == "| task | metric | n | base | tuned | Δ tuned |"
   assert "| t | acc_norm* | 10 | 0.5000 | 0.7500 | +0.2500 |" in lines

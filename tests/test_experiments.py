@@ -13,9 +13,11 @@ import time
 import numpy as np
 import pytest
 
-from fedjax_u2s import experiments
+from fedjax_u2s.evaluation import report
+from fedjax_u2s.pipelines import claim as experiments
+from fedjax_u2s.pipelines import common
 from fedjax_u2s import metrics as metrics_lib
-from fedjax_u2s import pipeline
+from fedjax_u2s import pipelines
 from fedjax_u2s import testing
 from fedjax_u2s.u2s import writer as writer_lib
 
@@ -64,7 +66,7 @@ def write_generated(workdir, selection, titles, holdout, num_clients=2,
                               "doc_ids": [titles[cid]], "chunking": {}})
   writer_lib.atomic_write_json(os.path.join(out, "corpus.json"), corpus)
   stats = writer_lib.rebuild_stats(out)
-  pipeline._mark_done(gdir, "generate", {"stats": stats, "corpus": corpus})
+  common.mark_done(gdir, "generate", {"stats": stats, "corpus": corpus})
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,7 @@ def run(tmp_path_factory, smollm2_path):
     write_generated(workdir, sel, titles, holdout)
   config = _config(model)
   start = time.time()
-  pipeline.run(config, workdir)
+  pipelines.run(config, workdir)
   first = time.time() - start
   watched = [experiments.scores_path(experiments.arm_dir(workdir, "base")),
              experiments.scores_path(experiments.arm_dir(workdir, "fedit_u2s", 0)),
@@ -94,7 +96,7 @@ def run(tmp_path_factory, smollm2_path):
   mtimes = {p: os.path.getmtime(p) for p in watched}
   results = json.load(open(os.path.join(workdir, "results.json")))
   start = time.time()
-  pipeline.run(config, workdir)
+  pipelines.run(config, workdir)
   second = time.time() - start
   return dict(workdir=workdir, config=config, results=results, mtimes=mtimes,
               first=first, second=second)
@@ -233,10 +235,10 @@ def test_spread_and_aggregate_by_hand():
       {"base": {"runs": {"-": {"t": {"acc": 0.25, "_headline": "acc"}}}},
        "fedit_u2s": {"runs": {"0": runs[0], "1": runs[2]}}},
       {"fedit_u2s": {"client_steps": 8}})
-  table = experiments.results_table(results)
+  table = report.arms_table(results)
   assert "| base | 1 | 0 | 0.250 |" in table
   assert "| fedit_u2s | 2 | 8 | 0.750 ± 0.354 |" in table
-  assert experiments.findings(results) == [
+  assert report.findings(results) == [
       "- t (acc): fedit_u2s is better than base (mean +0.500)."]
 
 
@@ -279,7 +281,8 @@ def test_generate_all_runs_each_selection_once_on_the_same_pieces(tmp_path, monk
   monkeypatch.setattr(stage, "run_generation", fake_run_generation)
   monkeypatch.setattr(bert.Embedder, "load", lambda name: loads.append(name) or object())
   config = ml_collections.ConfigDict({
-      "u2s": {"selection": "retrieval"}, "embedder": {"name": "minilm"}})
+      "u2s": {"selection": "retrieval"}, "embedder": {"name": "minilm"},
+      "generator": {"name": ""}})
   wd = str(tmp_path)
   experiments.generate_all(config, wd, None, ["retrieval", "random", "fixed"])
   assert [c[0] for c in calls] == ["retrieval", "random", "fixed"]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from fedjax_u2s import pipeline
+from fedjax_u2s import pipelines
 from fedjax_u2s import testing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,9 +89,9 @@ def test_main_command_writes_everything(reference):
 def test_halt_and_rerun_is_bit_identical(reference, tiny_model, tmp_path):
   """Preempted after round 2 (in this process), then the same job again."""
   workdir = str(tmp_path)
-  pipeline.run(_config(tiny_model, **{"train.halt_after_round": 2}), workdir)
+  pipelines.run(_config(tiny_model, **{"train.halt_after_round": 2}), workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
-  pipeline.run(_config(tiny_model), workdir)
+  pipelines.run(_config(tiny_model), workdir)
   want, got = _adapter(reference), _adapter(workdir)
   assert sorted(want) == sorted(got)
   for k in want:
@@ -149,7 +149,7 @@ def test_two_processes_equal_one(reference, tiny_model, tmp_path):
 
 def test_nonfinite_loss_stops_with_checkpoint_intact(tiny_model, tmp_path):
   workdir = str(tmp_path)
-  pipeline.run(_config(tiny_model, **{"train.halt_after_round": 1}), workdir)
+  pipelines.run(_config(tiny_model, **{"train.halt_after_round": 1}), workdir)
   before = _adapter(workdir)
   from fedjax_u2s import checkpoint
   ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -162,25 +162,25 @@ def test_nonfinite_loss_stops_with_checkpoint_intact(tiny_model, tmp_path):
                                      "federated.warmup_rounds": 0})
   with pytest.raises(FloatingPointError,
                      match=r"Round 2: .*non-finite.*last good checkpoint \(round 1\)"):
-    pipeline.run(diverging, workdir)
+    pipelines.run(diverging, workdir)
   assert checkpoint.Checkpointer(ckpt_dir).latest_round() == 1
   assert files() == saved  # The good checkpoint is untouched.
   # And the job goes on from it with a sane learning rate.
-  pipeline.run(_config(tiny_model, **{"train.halt_after_round": 2}), workdir)
+  pipelines.run(_config(tiny_model, **{"train.halt_after_round": 2}), workdir)
   assert checkpoint.Checkpointer(ckpt_dir).latest_round() == 2
   assert sorted(_adapter(workdir)) == sorted(before)
 
 
 def test_bad_inputs_are_named(tiny_model, tmp_path):
   with pytest.raises(ValueError, match=r"clients_per_round=9 but only 4 clients"):
-    pipeline.run(_config(tiny_model, **{"federated.clients_per_round": 9}),
+    pipelines.run(_config(tiny_model, **{"federated.clients_per_round": 9}),
                  str(tmp_path / "a"))
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"question": "q", "answer": "a"}\n')
   with pytest.raises(ValueError, match=r"bad\.jsonl"):
-    pipeline.run(_config(tiny_model, **{"data.path": str(bad)}), str(tmp_path / "b"))
+    pipelines.run(_config(tiny_model, **{"data.path": str(bad)}), str(tmp_path / "b"))
   rows = tmp_path / "rows.jsonl"
   rows.write_text("".join(json.dumps({"instruction": f"i{i}", "output": f"o{i}"}) + "\n"
                           for i in range(20)))
   with pytest.raises(ValueError, match=r"needs the field 'category'"):
-    pipeline.run(_config(tiny_model, **{"data.path": str(rows)}), str(tmp_path / "c"))
+    pipelines.run(_config(tiny_model, **{"data.path": str(rows)}), str(tmp_path / "c"))

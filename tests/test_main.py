@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fedjax_u2s import pipeline
+from fedjax_u2s import pipelines
 from fedjax_u2s import testing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +31,7 @@ def test_unknown_pipeline_is_named(tmp_path):
   with config.unlocked():
     config.pipeline = "nope"
   with pytest.raises(ValueError, match="config.pipeline='nope'"):
-    pipeline.run(config, str(tmp_path))
+    pipelines.run(config, str(tmp_path))
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from fedjax_u2s import pipeline
+from fedjax_u2s import pipelines
 from fedjax_u2s import testing
 from fedjax_u2s.u2s import stage
 
@@ -75,7 +75,7 @@ def test_a_client_with_no_kept_pairs_is_named(tmp_path, smollm2_path):
                       "u2s.max_new_tokens": 8, "u2s.batch_size": 2})
   workdir = str(tmp_path / "run")
   with pytest.raises(ValueError, match=r"U2S client 0 \(medicine\) kept no pairs"):
-    pipeline.run(config, workdir)
+    pipelines.run(config, workdir)
   stats = json.load(open(os.path.join(workdir, "generated", "stats.json")))
   corpus = json.load(open(os.path.join(workdir, "generated", "corpus.json")))
   assert stats["totals"]["kept"] == 0

@@ -4,7 +4,7 @@ r"""Does FedIT-U2S beat the base model, local-only tuning and random demonstrati
   python -m fedjax_u2s.main --config=configs/experiments/u2s_claim.py:smoke --workdir=workdir/claim_smoke
   python -m fedjax_u2s.main --config=configs/experiments/u2s_claim.py:gpu --workdir=workdir/claim_gpu
 
-The ``experiment`` pipeline (fedjax_u2s/experiments.py) runs, on the same
+The ``claim`` job (fedjax_u2s/pipelines/claim.py) runs, on the same
 clients (Wikipedia lead paragraphs, one client per domain), the same
 evaluation questions and a matched step budget, the arms ``base``,
 ``fedit_u2s`` (FedAvg on pairs generated with retrieved demonstrations),
@@ -37,7 +37,7 @@ from fedjax_u2s.config_lib import u2s_config
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = u2s_config()
-  c.pipeline = "experiment"
+  c.pipeline = "claim"
   c.seed = 0                           # Generation seed and held-out split seed.
 
   c.experiment = ml_collections.ConfigDict()

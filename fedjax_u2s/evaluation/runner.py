@@ -1,4 +1,4 @@
-"""Evaluate a model (base, or base + LoRA) on a list of suites; write tables.
+"""Evaluate a model (base, or base + LoRA) on a list of suites.
 
 ::
 
@@ -7,15 +7,12 @@
     base = evaluate(config, params, tokenizer, tasks, batch_size=16)
     tuned = evaluate(config, params, tokenizer, tasks, lora=lora,
                      lora_config=lora_config, batch_size=16)
-    print(compare_table({"base": base, "tuned": tuned}))
+    print(report.compare_table({"base": base, "tuned": tuned}))
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import tqdm
 
@@ -27,16 +24,6 @@ from fedjax_u2s.evaluation import tasks as tasks_lib
 from fedjax_u2s.models.config import ModelConfig
 
 PyTree = Any
-
-# Metrics shown per task kind, the headline first.
-METRICS = {
-    "multiple_choice": ("acc_norm", "accuracy", "acc_token_norm"),
-    "generation": ("accuracy",),
-    "perplexity": ("perplexity", "nll"),
-}
-# Direction of "better" for deltas.
-LOWER_IS_BETTER = {"perplexity", "nll"}
-
 
 def _resolve(suite) -> tasks_lib.Task:
   if isinstance(suite, str):
@@ -76,7 +63,7 @@ def evaluate(model_config: ModelConfig, params: PyTree, tokenizer, suites: Seque
 
   Returns:
     ``{task_name: result}``; each result has ``kind``, ``n``, ``headline``,
-    the metrics of its kind (see :data:`METRICS`), ``description`` and
+    the metrics of its kind (see :data:`fedjax_u2s.evaluation.report.METRICS`), ``description`` and
     per-question ``records``.
   """
   if lora is not None and lora_config is None:
@@ -121,90 +108,3 @@ def evaluate(model_config: ModelConfig, params: PyTree, tokenizer, suites: Seque
     res["description"] = task.description
     results[task.name] = res
   return results
-
-
-# ----------------------------------------------------------------------------
-# Reporting.
-
-
-def _fmt(value) -> str:
-  if value is None or (isinstance(value, float) and math.isnan(value)):
-    return "-"
-  if isinstance(value, float):
-    return f"{value:.4f}"
-  return str(value)
-
-
-def summary(results: Mapping[str, dict]) -> dict:
-  """``{task: {metric: value}}`` without the records."""
-  return {name: {k: v for k, v in res.items() if k != "records"}
-          for name, res in results.items()}
-
-
-def results_table(results: Mapping[str, dict]) -> str:
-  """A markdown table of one model's results, one row per task."""
-  lines = ["| task | kind | n | headline | value | other metrics |",
-           "|---|---|---|---|---|---|"]
-  for name, res in results.items():
-    metrics = METRICS[res["kind"]]
-    head = res["headline"]
-    others = ", ".join(f"{m}={_fmt(res.get(m))}" for m in metrics if m != head)
-    if res["kind"] == "multiple_choice":
-      others += f", chance={_fmt(res.get('chance'))}"
-    lines.append(f"| {name} | {res['kind']} | {res['n']} | {head} | "
-                 f"{_fmt(res.get(head))} | {others} |")
-  return "\n".join(lines) + "\n"
-
-
-def write_results(results: Mapping[str, dict], directory: str, name: str) -> tuple[str, str]:
-  """Writes ``<directory>/<name>.json`` (everything) and ``<name>.md`` (table).
-
-  Returns:
-    The two paths.
-  """
-  os.makedirs(directory, exist_ok=True)
-  json_path = os.path.join(directory, f"{name}.json")
-  md_path = os.path.join(directory, f"{name}.md")
-  with open(json_path, "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=1, ensure_ascii=False, default=_json_default)
-  with open(md_path, "w", encoding="utf-8") as f:
-    f.write(f"# {name}\n\n" + results_table(results))
-  return json_path, md_path
-
-
-def _json_default(x):
-  if hasattr(x, "item"):  # NumPy / JAX scalars.
-    return x.item()
-  if isinstance(x, (set, tuple)):
-    return list(x)
-  return str(x)
-
-
-def compare_table(results_by_model: Mapping[str, Mapping[str, dict]]) -> str:
-  """Markdown: one row per (task, metric), one column per model, then deltas.
-
-  The first model is the baseline; ``Δ <model>`` is ``model - baseline``
-  (for perplexity / nll lower is better, as marked). Tasks missing from a
-  model show "-". The headline metric of each task is marked with ``*``.
-  """
-  models = list(results_by_model)
-  if not models:
-    raise ValueError("compare_table needs at least one model.")
-  task_names: list[str] = []
-  for res in results_by_model.values():
-    task_names += [t for t in res if t not in task_names]
-  header = ["task", "metric", "n"] + models + [f"Δ {m}" for m in models[1:]]
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for task in task_names:
-    ref = next(r[task] for r in results_by_model.values() if task in r)
-    for metric in METRICS[ref["kind"]]:
-      values = [results_by_model[m].get(task, {}).get(metric) for m in models]
-      deltas = []
-      for v in values[1:]:
-        b = values[0]
-        deltas.append("-" if v is None or b is None else f"{v - b:+.4f}")
-      star = "*" if metric == ref["headline"] else ""
-      label = metric + star + (" (lower better)" if metric in LOWER_IS_BETTER else "")
-      row = [task, label, str(ref["n"])] + [_fmt(v) for v in values] + deltas
-      lines.append("| " + " | ".join(row) + " |")
-  return "\n".join(lines) + "\n"

@@ -304,3 +304,33 @@ def build_suite(name: str, **kwargs) -> tasks.Task:
   if name not in SUITES:
     raise ValueError(f"Unknown evaluation suite {name!r}; choose from {sorted(SUITES)}.")
   return SUITES[name](**kwargs)
+
+
+def from_config(cfg, held_titles: Sequence[str], unheld_titles: Sequence[str]
+                ) -> list[tasks.Task]:
+  """The offline suites an ``evaluate`` config block asks for.
+
+  ``wiki_known`` asks about articles some client's text covers (knowledge the
+  tuning could add), ``wiki_unseen`` about held-out articles of the same topics
+  that no client holds (ability kept), ``math`` arithmetic with checkable
+  answers. Every question comes from data no model generated.
+
+  Args:
+    cfg: ``topics``, ``seed``, ``num_wiki_questions``, ``num_math_questions``,
+      ``math_max_new_tokens`` (0 questions leaves a suite out).
+    held_titles: titles of the articles the clients hold.
+    unheld_titles: titles of the articles no client holds.
+  """
+  out = []
+  topics = tuple(cfg.topics)
+  if cfg.num_wiki_questions:
+    out.append(wiki_mc(topics, seed=cfg.seed, name="wiki_known",
+                       num_questions=cfg.num_wiki_questions,
+                       include_titles=set(held_titles)))
+    out.append(wiki_mc(topics, seed=cfg.seed, name="wiki_unseen",
+                       num_questions=cfg.num_wiki_questions,
+                       include_titles=set(unheld_titles)))
+  if cfg.num_math_questions:
+    out.append(math("arithmetic", num_questions=cfg.num_math_questions,
+                    seed=cfg.seed, max_new_tokens=cfg.math_max_new_tokens))
+  return out

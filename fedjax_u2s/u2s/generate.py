@@ -23,6 +23,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from fedjax_u2s import sampler as sampler_lib
 from fedjax_u2s.u2s import filters as filters_lib
 from fedjax_u2s.u2s import parse as parse_lib
 from fedjax_u2s.u2s import prompts as prompts_lib
@@ -80,11 +81,6 @@ class ClientStats:
   demos_dropped: int
   seconds: float
 
-  @property
-  def yield_(self) -> float:
-    done = self.kept + self.rejected
-    return self.kept / done if done else 0.0
-
 
 def _derive(*parts: int) -> int:
   return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0]
@@ -121,16 +117,6 @@ def make_select_fn(selection: str, pool_embeddings: np.ndarray,
   return select
 
 
-def _pool_list(pool) -> list[Any]:
-  """The pool's demonstrations in embedding-row order."""
-  if isinstance(pool, Mapping):
-    return list(pool.values())
-  for attr in ("demonstrations", "examples", "demos"):
-    if hasattr(pool, attr):
-      return list(getattr(pool, attr))
-  return list(pool)
-
-
 def _pool_rows(chosen, index_of: Mapping[str, int], n: int, k: int) -> np.ndarray:
   """[n, k] pool rows from a selector's row indices or demonstration ids."""
   chosen = np.asarray(chosen)
@@ -147,11 +133,6 @@ def _pool_rows(chosen, index_of: Mapping[str, int], n: int, k: int) -> np.ndarra
     raise ValueError(f"select_fn returned demonstration ids not in the pool: "
                      f"{unknown[:5]}.")
   return np.vectorize(lambda x: index_of[str(x)], otypes=[np.int64])(chosen)
-
-
-def _strategy(cfg: ml_collections.ConfigDict):
-  from fedjax_u2s import pipeline  # Lazy: the pipeline may import this module.
-  return pipeline.sampling_strategy(cfg)
 
 
 def _r(x: float) -> float:
@@ -171,8 +152,8 @@ def generate_client(pieces: Sequence[Any], *, client_id: int, pool,
       ``start``, ``end``), in a fixed order (it defines the batches).
     client_id: the client.
     pool: demonstrations (``id``, ``text``, ``instruction``, ``response``) in
-      the row order of ``pool_embeddings``: a sequence, an id -> demo mapping,
-      or an object with a ``demonstrations`` attribute.
+      the row order of ``pool_embeddings`` (a sequence, as
+      :func:`fedjax_u2s.u2s.pool.load_pool` returns).
     pool_embeddings: [P, D] L2-normalised embeddings of the pool texts.
     select_fn: ``select(query_embeddings [Q, D], k, seed) -> [Q, k]`` pool
       row indices (or demonstration ids), most similar first.
@@ -204,7 +185,7 @@ def generate_client(pieces: Sequence[Any], *, client_id: int, pool,
     dup = next(i for i in ids if ids.count(i) > 1)
     raise ValueError(f"client {client_id}: piece_id {dup!r} appears more than once; "
                      "piece ids must be unique within a client.")
-  demos = _pool_list(pool)
+  demos = list(pool)
   pool_embeddings = np.asarray(pool_embeddings, np.float32)
   if len(demos) != len(pool_embeddings):
     raise ValueError(f"pool has {len(demos)} demonstrations but pool_embeddings has "
@@ -227,7 +208,7 @@ def generate_client(pieces: Sequence[Any], *, client_id: int, pool,
     else:
       rows = np.zeros((len(pieces), 0), np.int64)
     retrieval = np.einsum("qd,qkd->qk", piece_emb, pool_embeddings[rows]) if k else rows
-    strategy = _strategy(config.sampling)
+    strategy = sampler_lib.strategy_from_config(config.sampling)
     bs = int(config.batch_size)
     for b in range(0, -(-len(pieces) // bs)):
       members = [i for i in range(b * bs, min((b + 1) * bs, len(pieces)))

@@ -29,6 +29,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from fedjax_u2s import sampler as sampler_lib
 from fedjax_u2s.u2s import chunking
 from fedjax_u2s.u2s import corpus as corpus_lib
 from fedjax_u2s.u2s import generate as generate_lib
@@ -92,20 +93,14 @@ def run_generation(config: ml_collections.ConfigDict, workdir: str, *, model,
     config: the experiment config (``corpus``, ``chunking``, ``pool``, ``u2s``,
       ``generator``, ``seed``).
     workdir: the run directory.
-    model: the model being tuned (``registry.LoadedModel``); it generates too
-      unless ``config.generator.name`` names another model.
+    model: the generator (``registry.LoadedModel``): the model being tuned
+      unless ``config.generator.name`` names another one (the caller loads it).
     embedder: a :class:`fedjax_u2s.models.bert.Embedder`.
 
   Returns:
     The ``stats.json`` content plus the corpus summary.
   """
-  from fedjax_u2s import sampler as sampler_lib
-  from fedjax_u2s.models import registry
-
   generator_name = config.generator.name or config.model.name
-  if config.generator.name and config.generator.name != config.model.name:
-    model = registry.load(config.generator.name, dtype=config.model.dtype,
-                          param_dtype=config.model.param_dtype)
   per_client, summary = prepare_pieces(config, workdir, model.tokenizer)
   pool = pool_lib.load_pool(config.pool.path or None)
   pool_emb = embedder.embed([d.text for d in pool])

@@ -1,0 +1,400 @@
+"""Every markdown table, report file and plot the jobs write.
+
+Scoring lives in :mod:`fedjax_u2s.evaluation.runner`, the statistics in
+:mod:`fedjax_u2s.evaluation.stats`; this module only turns their results into
+what a person reads (``report.md``, ``results.md``, ``results.png``, the
+per-model score tables), so a change of presentation touches one file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Mapping
+
+from absl import logging
+import matplotlib
+import numpy as np
+
+from fedjax_u2s.evaluation import stats
+
+matplotlib.use("Agg")  # Files only: never open a window.
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Metrics shown per task kind, the headline first.
+METRICS = {
+    "multiple_choice": ("acc_norm", "accuracy", "acc_token_norm"),
+    "generation": ("accuracy",),
+    "perplexity": ("perplexity", "nll"),
+}
+# Direction of "better" for deltas.
+LOWER_IS_BETTER = {"perplexity", "nll"}
+# Tasks shown first, in this order, in the claim experiment's tables.
+HEADLINE_TASKS = ("wiki_known", "wiki_unseen", "math_arithmetic", "heldout_ppl")
+
+
+# ----------------------------------------------------------------------------
+# One model's scores; base vs tuned.
+
+
+def _fmt(value) -> str:
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return "-"
+  if isinstance(value, float):
+    return f"{value:.4f}"
+  return str(value)
+
+
+def results_table(results: Mapping[str, dict]) -> str:
+  """A markdown table of one model's results, one row per task."""
+  lines = ["| task | kind | n | headline | value | other metrics |",
+           "|---|---|---|---|---|---|"]
+  for name, res in results.items():
+    metrics = METRICS[res["kind"]]
+    head = res["headline"]
+    others = ", ".join(f"{m}={_fmt(res.get(m))}" for m in metrics if m != head)
+    if res["kind"] == "multiple_choice":
+      others += f", chance={_fmt(res.get('chance'))}"
+    lines.append(f"| {name} | {res['kind']} | {res['n']} | {head} | "
+                 f"{_fmt(res.get(head))} | {others} |")
+  return "\n".join(lines) + "\n"
+
+
+def write_results(results: Mapping[str, dict], directory: str, name: str) -> tuple[str, str]:
+  """Writes ``<directory>/<name>.json`` (everything) and ``<name>.md`` (table).
+
+  Returns:
+    The two paths.
+  """
+  os.makedirs(directory, exist_ok=True)
+  json_path = os.path.join(directory, f"{name}.json")
+  md_path = os.path.join(directory, f"{name}.md")
+  with open(json_path, "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=1, ensure_ascii=False, default=_json_default)
+  with open(md_path, "w", encoding="utf-8") as f:
+    f.write(f"# {name}\n\n" + results_table(results))
+  return json_path, md_path
+
+
+def _json_default(x):
+  if hasattr(x, "item"):  # NumPy / JAX scalars.
+    return x.item()
+  if isinstance(x, (set, tuple)):
+    return list(x)
+  return str(x)
+
+
+def compare_table(results_by_model: Mapping[str, Mapping[str, dict]]) -> str:
+  """Markdown: one row per (task, metric), one column per model, then deltas.
+
+  The first model is the baseline; ``Δ <model>`` is ``model - baseline``
+  (for perplexity / nll lower is better, as marked). Tasks missing from a
+  model show "-". The headline metric of each task is marked with ``*``.
+  """
+  models = list(results_by_model)
+  if not models:
+    raise ValueError("compare_table needs at least one model.")
+  task_names: list[str] = []
+  for res in results_by_model.values():
+    task_names += [t for t in res if t not in task_names]
+  header = ["task", "metric", "n"] + models + [f"Δ {m}" for m in models[1:]]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for task in task_names:
+    ref = next(r[task] for r in results_by_model.values() if task in r)
+    for metric in METRICS[ref["kind"]]:
+      values = [results_by_model[m].get(task, {}).get(metric) for m in models]
+      deltas = []
+      for v in values[1:]:
+        b = values[0]
+        deltas.append("-" if v is None or b is None else f"{v - b:+.4f}")
+      star = "*" if metric == ref["headline"] else ""
+      label = metric + star + (" (lower better)" if metric in LOWER_IS_BETTER else "")
+      row = [task, label, str(ref["n"])] + [_fmt(v) for v in values] + deltas
+      lines.append("| " + " | ".join(row) + " |")
+  return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------
+# The single-run report (report.md of the fedit / u2s jobs).
+
+
+def write_report(workdir: str, title: str, sections: list[tuple[str, str]]) -> str:
+  """Writes ``workdir/report.md``: a title and ``(heading, markdown)`` sections."""
+  path = os.path.join(workdir, "report.md")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(f"# {title}\n\n")
+    for heading, body in sections:
+      f.write(f"## {heading}\n\n{body.rstrip()}\n\n")
+  return path
+
+
+def generation_table(gen_stats: dict, corpus: dict) -> str:
+  """Markdown: per client its pieces, kept pairs, yield and top rejections."""
+  lines = ["| client | name | pieces | kept | rejected | yield | top rejection reasons |",
+           "|---|---|---|---|---|---|---|"]
+  for c in corpus["clients"]:
+    s = gen_stats["clients"].get(f"{c['client_id']:04d}", {})
+    kept, rej = s.get("kept", 0), s.get("rejected", 0)
+    reasons = sorted(s.get("rejected_by_reason", {}).items(), key=lambda kv: -kv[1])[:3]
+    lines.append(f"| {c['client_id']} | {c['name']} | {c['pieces']} | {kept} | {rej} | "
+                 f"{kept / max(kept + rej, 1):.0%} | "
+                 f"{', '.join(f'{k} {v}' for k, v in reasons) or '-'} |")
+  return "\n".join(lines)
+
+
+def u2s_report(workdir: str, config, gen: dict, result, comparison: str) -> str:
+  """Writes the ``u2s`` job's ``report.md``: setup, generated data, tuning, scores.
+
+  Args:
+    workdir: the run directory.
+    config: the run's config.
+    gen: the ``generate`` stage summary (``stats``, ``corpus``).
+    result: the :class:`fedjax_u2s.train.TrainResult`.
+    comparison: :func:`compare_table` of base vs tuned.
+
+  Returns:
+    The report's path.
+  """
+  corpus = gen["corpus"]
+  num_clients = len(corpus["clients"])
+  rows = result.metrics
+  train_rows = [r for r in rows if "train_loss" in r]
+  eval_rows = [r for r in rows if "eval_loss" in r]
+  tr_lines = [f"- rounds: {result.rounds}, clients: {num_clients}, "
+              f"algorithm: {config.federated.algorithm}"]
+  if train_rows:
+    tr_lines.append(f"- train loss: {train_rows[0]['train_loss']:.4f} (round 1) -> "
+                    f"{train_rows[-1]['train_loss']:.4f} (round {train_rows[-1]['round']})")
+  if eval_rows:
+    tr_lines.append(f"- held-out generated pairs, loss: {eval_rows[0]['eval_loss']:.4f} "
+                    f"(round {eval_rows[0]['round']}) -> {eval_rows[-1]['eval_loss']:.4f} "
+                    f"(round {eval_rows[-1]['round']})")
+  tr_lines.append("\n![training curves](curves.png)")
+  totals = gen["stats"]["totals"]
+  return write_report(workdir, "FedIT-U2S run", [
+      ("Setup", f"- generator and tuned model: `{config.model.name}`\n"
+                f"- corpus: `{config.corpus.kind}` topics {tuple(config.corpus.topics)}, "
+                f"{num_clients} clients; {len(corpus['holdout'])} documents held by no client\n"
+                f"- demonstrations: {config.u2s.selection}, k={config.u2s.num_demonstrations}\n"
+                f"- config: `config.json`"),
+      ("Generated data", f"{totals.get('kept', 0)} pairs kept of "
+                         f"{totals.get('kept', 0) + totals.get('rejected', 0)} pieces.\n\n"
+                         + generation_table(gen["stats"], corpus)),
+      ("Federated tuning", "\n".join(tr_lines)),
+      ("Evaluation: base vs tuned", comparison + "\n\nwiki_known: questions about "
+       "articles whose text some client holds; wiki_unseen: articles of the same "
+       "topics that no client holds; math: arithmetic with exact answers. Headline "
+       "metric starred (acc_norm for multiple choice)."),
+  ])
+
+
+# ----------------------------------------------------------------------------
+# The claim experiment: arms x seeds (results.md, results.png).
+
+
+def _cell(s: dict | None, digits: int = 3) -> str:
+  if not s or s.get("mean") is None:
+    return "-"
+  text = f"{s['mean']:.{digits}f}"
+  if s.get("std") is not None:
+    text += f" ± {s['std']:.{digits}f}"
+  return text
+
+
+def _tasks(results: dict) -> list[str]:
+  seen = []
+  for entry in results["arms"].values():
+    seen += [t for t in entry["summary"] if t not in seen]
+  ordered = [t for t in HEADLINE_TASKS if t in seen]
+  return ordered + [t for t in seen if t not in ordered]
+
+
+def _headline(results: dict, task: str) -> str:
+  for entry in results["arms"].values():
+    if task in entry["summary"]:
+      return entry["summary"][task]["_headline"]
+  raise KeyError(task)
+
+
+def arms_table(results: dict) -> str:
+  """Markdown: arm x task (headline metric), ``mean ± std (n)`` over seeds."""
+  tasks = _tasks(results)
+  heads = []
+  for t in tasks:
+    h = _headline(results, t)
+    heads.append(f"{t} {h}" + (" ↓" if h in LOWER_IS_BETTER else " ↑"))
+  lines = ["| arm | n | client steps | " + " | ".join(heads) + " |",
+           "|---|---|---|" + "---|" * len(tasks)]
+  for arm, entry in results["arms"].items():
+    steps = entry.get("compute", {}).get("client_steps", 0)
+    if arm == "local_only" and entry.get("num_clients"):
+      steps_txt = f"{steps} per client"
+    else:
+      steps_txt = str(steps)
+    cells = [_cell(entry["summary"].get(t, {}).get(_headline(results, t)))
+             for t in tasks]
+    lines.append(f"| {arm} | {entry['num_runs']} | {steps_txt} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def findings(results: dict) -> list[str]:
+  """Plain statements of the compared arms, per task.
+
+  With per-question comparisons (``results["paired"]``) a difference is clear
+  only when its 95% paired-bootstrap interval over questions excludes zero
+  (:func:`stats.verdict`). Without them (:func:`summarize` given no
+  per-question ``questions``) it falls back to fedit_u2s against each arm by
+  seed ranges: clear only when the two [min, max] do not overlap.
+  """
+  arms = results["arms"]
+  if results.get("paired"):
+    out = []
+    for pair, by_task in results["paired"].items():
+      a, b = pair.split(" - ")
+      for task in _tasks(results):
+        if task not in by_task:
+          continue
+        head = _headline(results, task)
+        verdict = stats.verdict(by_task[task], head in LOWER_IS_BETTER)
+        if verdict == "too few questions":
+          out.append(f"- {task} ({head}): {a} against {b}: too few questions to "
+                     f"judge (n={by_task[task]['n']} < {stats.MIN_QUESTIONS}).")
+          continue
+        verdict = ("not clearly different from" if verdict == "no clear difference"
+                   else verdict + " than")
+        out.append(f"- {task} ({head}): {a} is {verdict} {b}: "
+                   f"{stats.format_interval(by_task[task])}.")
+    return out
+  if "fedit_u2s" not in arms:
+    return []
+  out = []
+  for task in _tasks(results):
+    head = _headline(results, task)
+    lower = head in LOWER_IS_BETTER
+    ref = arms["fedit_u2s"]["summary"].get(task, {}).get(head)
+    if not ref or ref["mean"] is None:
+      continue
+    for arm, entry in arms.items():
+      if arm == "fedit_u2s":
+        continue
+      other = entry["summary"].get(task, {}).get(head)
+      if not other or other["mean"] is None:
+        continue
+      diff = ref["mean"] - other["mean"]
+      better = diff < 0 if lower else diff > 0
+      apart = ref["min"] > other["max"] or ref["max"] < other["min"]
+      if not diff:
+        verdict, note = "equal to", ""
+      elif not apart:
+        verdict, note = "not clearly different from", ", seed ranges overlap"
+      else:
+        verdict, note = ("better than" if better else "worse than"), ""
+      out.append(f"- {task} ({head}): fedit_u2s is {verdict} {arm} "
+                 f"(mean {diff:+.3f}{note}).")
+  return out
+
+
+def paired_table(results: dict) -> str:
+  """Markdown: comparison x task, the paired difference and its interval."""
+  tasks = [t for t in _tasks(results)
+           if any(t in by_task for by_task in results["paired"].values())]
+  lines = ["| a - b | " + " | ".join(f"{t} {_headline(results, t)}" for t in tasks) + " |",
+           "|---|" + "---|" * len(tasks)]
+  for pair, by_task in results["paired"].items():
+    cells = [stats.format_interval(by_task[t]) if t in by_task else "-" for t in tasks]
+    lines.append(f"| {pair} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_arms(results: dict, path: str) -> str | None:
+  """Bar chart per task (headline metric): mean over seeds, error bar = std."""
+  tasks = _tasks(results)
+  arms = list(results["arms"])
+  if not tasks:
+    return None
+  width = max(4.0, 0.5 * len(arms) + 1.5)
+  fig, axes = plt.subplots(1, len(tasks), figsize=(width * len(tasks), 3.8),
+                           squeeze=False)
+  for ax, task in zip(axes[0], tasks):
+    head = _headline(results, task)
+    means, errs = [], []
+    for arm in arms:
+      s = results["arms"][arm]["summary"].get(task, {}).get(head) or {}
+      means.append(s.get("mean") if s.get("mean") is not None else np.nan)
+      errs.append(s.get("std") or 0.0)
+    ax.bar(range(len(arms)), means, yerr=errs, capsize=3,
+           color=["#999999" if a == "base" else "#3b75af" if a == "fedit_u2s"
+                  else "#8fb4d9" for a in arms])
+    ax.set_xticks(range(len(arms)))
+    ax.set_xticklabels(arms, rotation=40, ha="right", fontsize=8)
+    ax.set_title(f"{task}\n{head}", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+  fig.suptitle("mean ± std over seeds", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def write_claim_results(workdir: str, results: dict) -> tuple[str, str | None]:
+  """Writes ``results.md`` and ``results.png`` of a ``results.json`` content.
+
+  Returns:
+    ``(markdown path, plot path or None)``.
+  """
+  table = arms_table(results)
+  png = plot_arms(results, os.path.join(workdir, "results.png"))
+  setup = results.get("setup", {})
+  lines = ["# FedIT-U2S claim experiment", ""]
+  if setup:
+    lines += [f"- model `{setup['model']}`, {setup['num_clients']} clients "
+              f"({', '.join(setup['clients'] or [])}), algorithm {setup['algorithm']}",
+              f"- training seeds {setup['seeds']}; generation seed "
+              f"{setup['generation_seed']} (one generation per selection)",
+              f"- training pairs per client: {setup['train_pairs']}; "
+              f"{setup['num_heldout_pairs']} held-out retrieval pairs for heldout_ppl",
+              f"- one client step = {setup['batch_size']} x {setup['grad_accum']} "
+              "examples", ""]
+  lines += ["## Results (headline metric, mean ± std over seeds)", "", table,
+            "n = number of training seeds (base: scored once, it has no training "
+            "seed). local_only: each seed's value is the mean over clients of each "
+            "client's own adapter; client steps are per client (R rounds x L local "
+            "steps), the federated arms' are summed over clients (R x C x L); "
+            "centralized takes exactly the federated total on pooled data. "
+            "heldout_ppl is measured on retrieval-generated pairs, so it favours "
+            "the arms trained on retrieval-generated pairs.", ""]
+  if "local_only" in results["arms"] and results["arms"]["local_only"].get("client_spread"):
+    lines += ["## local_only spread over clients (all clients x seeds)", "",
+              "| task | metric | mean | std | min | max | n |", "|---|---|---|---|---|---|---|"]
+    for task, ms in results["arms"]["local_only"]["client_spread"].items():
+      s = ms[ms["_headline"]]
+      lines.append(f"| {task} | {ms['_headline']} | {_cell({'mean': s['mean']})} | "
+                   f"{_cell({'mean': s['std']})} | {_cell({'mean': s['min']})} | "
+                   f"{_cell({'mean': s['max']})} | {s['n']} |")
+    lines.append("")
+  found = findings(results)
+  if results.get("paired"):
+    lines += ["## Paired differences on the same questions", "",
+              paired_table(results), "",
+              "Each cell: metric(a) - metric(b) on the questions both arms "
+              "answered, [95% paired-bootstrap interval over questions], "
+              "two-sided bootstrap p, Holm-adjusted p over every judged "
+              "comparison of this table, number of questions. Each arm's "
+              "per-question score is first averaged over its seeds (and "
+              "local_only's over clients). A difference is called clear only "
+              "when the interval excludes zero and the Holm-adjusted p is "
+              "below 0.05, and none is judged on fewer "
+              f"than {stats.MIN_QUESTIONS} questions.", "", *found, ""]
+  elif found:
+    lines += ["## fedit_u2s against each arm", "",
+              "Clear only when the seed ranges [min, max] do not overlap.", "",
+              *found, ""]
+  if png:
+    lines += ["![results](results.png)", ""]
+  md_path = os.path.join(workdir, "results.md")
+  with open(md_path, "w", encoding="utf-8") as f:
+    f.write("\n".join(lines))
+  print("\n" + table + "\n" + "\n".join(found) + f"\n\nResults: {md_path}")
+  logging.info("Wrote %s, %s", md_path, png)
+  return md_path, png

@@ -1,0 +1,203 @@
+"""The steps every job shares.
+
+Loading the model a config names, stage markers in the workdir, "do it on the
+lead process, then let every process continue", generated records as training
+examples, tokenize -> federated training -> export, and evaluation cached per
+model. A job module (``fedit.py``, ``u2s.py``, ``claim.py``) is the order in
+which it calls these, plus what is its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache
+import ml_collections
+
+from fedjax_u2s import export
+from fedjax_u2s import train
+from fedjax_u2s.data import instructions
+from fedjax_u2s.evaluation import report
+from fedjax_u2s.evaluation import runner
+from fedjax_u2s.models import registry
+from fedjax_u2s.u2s import writer
+
+STAGES_DIR = "stages"
+
+
+# ----------------------------------------------------------------------------
+# Model and workdir.
+
+
+def load_model(config: ml_collections.ConfigDict, name: str | None = None
+               ) -> registry.LoadedModel:
+  """The model ``config.model`` describes (or ``name``, with its dtypes)."""
+  m = config.model
+  return registry.load(name or m.name, dtype=m.dtype, param_dtype=m.param_dtype,
+                       remat=m.get("remat", False))
+
+
+def load_generator(config: ml_collections.ConfigDict, model: registry.LoadedModel
+                   ) -> registry.LoadedModel:
+  """The U2S generator: ``config.generator.name``, else the model being tuned."""
+  name = config.generator.name
+  return load_model(config, name) if name and name != config.model.name else model
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes ``workdir/config.json`` (the resolved config of the run)."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  return path
+
+
+def stage_done(workdir: str, stage: str) -> dict | None:
+  """The summary a finished ``stage`` left in ``workdir/stages/``, or None."""
+  path = os.path.join(workdir, STAGES_DIR, f"{stage}.json")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  return None
+
+
+def mark_done(workdir: str, stage: str, summary: dict) -> None:
+  """Records ``stage`` as finished with ``summary`` (atomically)."""
+  os.makedirs(os.path.join(workdir, STAGES_DIR), exist_ok=True)
+  writer.atomic_write_json(os.path.join(workdir, STAGES_DIR, f"{stage}.json"), summary)
+
+
+def is_lead() -> bool:
+  """Whether this process writes reports and runs the host-only stages."""
+  return jax.process_index() == 0
+
+
+def lead_then_sync(fn: Callable[[], Any], tag: str) -> None:
+  """Runs ``fn`` on the lead process; every process waits until it is done.
+
+  Generation and other stages that write files once run on process 0 only;
+  the barrier keeps the others from reading those files early.
+  """
+  if is_lead():
+    fn()
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(tag)
+
+
+def run_stage(workdir: str, stage: str, fn: Callable[[], dict]) -> dict:
+  """``fn()``'s summary, computed once (on the lead process) and then read back.
+
+  A finished stage is skipped on a rerun: its marker in ``workdir/stages/``
+  holds what ``fn`` returned.
+  """
+  done = stage_done(workdir, stage)
+  if done is not None:
+    return done
+  lead_then_sync(lambda: mark_done(workdir, stage, fn()), f"stage_{stage}_{workdir}")
+  return stage_done(workdir, stage)
+
+
+# ----------------------------------------------------------------------------
+# Data.
+
+
+def record_to_example(record: dict, client_id: int) -> instructions.Example:
+  """A generated ``{instruction, response, piece_id}`` record as a training example."""
+  return instructions.Example(
+      messages=({"role": "user", "content": record["instruction"]},
+                {"role": "assistant", "content": record["response"]}),
+      meta={"client": client_id, "piece_id": record.get("piece_id")})
+
+
+def _tokenize_stats(s) -> dict:
+  return {k: int(v) for k, v in s.stats.items()} if hasattr(s, "stats") else {}
+
+
+# ----------------------------------------------------------------------------
+# Training and evaluation.
+
+
+def tune_and_export(config: ml_collections.ConfigDict, workdir: str,
+                    model: registry.LoadedModel, client_examples: Sequence[list],
+                    eval_examples: list) -> tuple[train.TrainResult, dict]:
+  """Tokenizes client data, runs federated training, exports the adapter.
+
+  Writes ``data_stats.json`` (per client and for the held-out set) before
+  training, and ``adapter/`` (PEFT) and ``merged/`` (HF safetensors) as
+  ``config.export`` asks, on the lead process.
+
+  Returns:
+    ``(training result, data stats)``.
+  """
+  system = config.data.system_prompt or None
+  tok = lambda exs: instructions.tokenize(exs, model.tokenizer, config.train.max_length,
+                                          system_prompt=system)
+  client_sets = [tok(exs) for exs in client_examples]
+  eval_set = tok(eval_examples) if eval_examples else None
+  stats = {"clients": [dict(client=i, examples=len(exs), **_tokenize_stats(s))
+                       for i, (exs, s) in enumerate(zip(client_examples, client_sets))]}
+  if eval_set is not None:
+    stats["eval"] = _tokenize_stats(eval_set)
+  with open(os.path.join(workdir, "data_stats.json"), "w", encoding="utf-8") as f:
+    json.dump(stats, f, indent=2)
+  result = train.train(config, workdir, model_config=model.config,
+                       base_params=model.params, client_sets=client_sets,
+                       eval_set=eval_set)
+  if is_lead():
+    if config.export.peft:
+      export.save_peft(os.path.join(workdir, "adapter"), result.lora,
+                       result.lora_config, base_model=config.model.name)
+    if config.export.merged:
+      export.save_merged(os.path.join(workdir, "merged"), model.config, model.params,
+                         result.lora, result.lora_config, model.tokenizer)
+  return result, stats
+
+
+def evaluate_cached(config: ml_collections.ConfigDict, model: registry.LoadedModel,
+                    suites: list, directory: str, name: str, lora=None,
+                    lora_config=None) -> dict:
+  """Scores one model on ``suites``; cached as ``directory/<name>.json``.
+
+  A rerun reads the file instead of scoring again (``<name>.md`` beside it is
+  the same results as a table).
+  """
+  path = os.path.join(directory, f"{name}.json")
+  if not os.path.exists(path):
+    res = runner.evaluate(model.config, model.params, model.tokenizer, suites,
+                          lora=lora, lora_config=lora_config,
+                          batch_size=config.evaluate.batch_size, seed=config.seed,
+                          unroll_layers=config.evaluate.unroll_layers)
+    report.write_results(res, directory, name)
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(path: str | None):
+  """JAX's persistent compilation cache in ``path`` for the block (None: as is).
+
+  Jobs that build the same jitted round many times (every arm and seed of an
+  experiment) turn most compiles into lookups; the previous settings are
+  restored afterwards.
+  """
+  if path is None:
+    yield
+    return
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  old = {n: getattr(jax.config, n) for n in names}
+  for n, v in zip(names, (path, 0.0, -1)):
+    jax.config.update(n, v)
+  compilation_cache.reset_cache()  # Re-initialized from the new settings at the next compile.
+  try:
+    yield
+  finally:
+    for n, v in old.items():
+      jax.config.update(n, v)
+    compilation_cache.reset_cache()
