@@ -69,6 +69,72 @@ def test_mismatched_state_names_the_checkpoint(tmp_path):
     ckpt.restore(checkpoint.abstract(other))
 
 
+def _empty_meta(step_dir):
+  open(step_dir / "meta" / "metadata", "w").close()
+
+
+def _truncate_array_data(step_dir):
+  """Halves the OCDBT data file the state's arrays are read from."""
+  data = [p for p in (step_dir / "state" / "d").iterdir() if p.is_file()]
+  big = max(data, key=lambda p: p.stat().st_size)
+  with open(big, "r+b") as f:
+    f.truncate(big.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("corrupt", [_empty_meta, _truncate_array_data])
+def test_unreadable_newest_checkpoint_is_moved_aside(tmp_path, corrupt):
+  d = tmp_path / "ckpt"
+  ckpt = checkpoint.Checkpointer(str(d), keep=3)
+  for r in (1, 2):
+    ckpt.save(r, _state(r), {"cursors": [r]})
+  ckpt.close()
+  corrupt(d / "2")
+  ckpt = checkpoint.Checkpointer(str(d), keep=3)
+  with pytest.raises(checkpoint.CorruptCheckpointError,
+                     match=r"ckpt/2 cannot be read: .*\w+Error: ") as e:
+    ckpt.restore(checkpoint.abstract(_state(0)))
+  assert "\n" not in str(e.value)  # One line, not a TensorStore spec dump.
+  state, meta, r = ckpt.restore_newest_intact(checkpoint.abstract(_state(0)))
+  assert r == 1 and meta == {"cursors": [1]}
+  np.testing.assert_array_equal(state.params["a"], _state(1).params["a"])
+  assert ckpt.all_rounds() == [1] and not (d / "2").exists()
+  (aside,) = os.listdir(tmp_path / "ckpt_corrupt")
+  assert aside.startswith("2-") and os.listdir(tmp_path / "ckpt_corrupt" / aside)
+  ckpt.save(2, _state(2), {})  # The round can be written again.
+  assert ckpt.all_rounds() == [1, 2]
+
+
+def test_all_unreadable_starts_from_scratch_keeping_them(tmp_path):
+  d = tmp_path / "ckpt"
+  ckpt = checkpoint.Checkpointer(str(d), keep=3)
+  for r in (1, 2):
+    ckpt.save(r, _state(r), {})
+  ckpt.close()
+  _empty_meta(d / "1")
+  _truncate_array_data(d / "2")
+  ckpt = checkpoint.Checkpointer(str(d), keep=3)
+  assert ckpt.restore_newest_intact(checkpoint.abstract(_state(0))) is None
+  assert ckpt.all_rounds() == []
+  assert sorted(p.split("-")[0] for p in os.listdir(tmp_path / "ckpt_corrupt")) == ["1", "2"]
+
+
+def test_other_config_is_an_error_not_a_fallback(tmp_path):
+  d = tmp_path / "ckpt"
+  ckpt = checkpoint.Checkpointer(str(d))
+  ckpt.save(1, _state(1), {})
+  other = _state(0).replace(params={"a": jnp.zeros((3, 8)),
+                                    "b": {"w": jnp.zeros(5)}})
+  with pytest.raises(checkpoint.CheckpointMismatchError,
+                     match=r"params\.a: saved \(3, 4\) float32, this run \(3, 8\)"):
+    ckpt.restore_newest_intact(checkpoint.abstract(other))
+  assert ckpt.all_rounds() == [1] and not (tmp_path / "ckpt_corrupt").exists()
+
+
+def test_keep_must_be_positive(tmp_path):
+  with pytest.raises(ValueError, match=r"config\.checkpoint\.keep=0"):
+    checkpoint.Checkpointer(str(tmp_path / "ckpt"), keep=0)
+
+
 def test_metric_writer_drops_rerun_rounds_and_torn_lines(tmp_path):
   w = metrics.MetricWriter(str(tmp_path), tensorboard=True)
   for r in (1, 2, 3):
