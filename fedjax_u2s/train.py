@@ -26,6 +26,7 @@ import jax
 from jax.sharding import NamedSharding
 import ml_collections
 import numpy as np
+from tqdm import tqdm
 
 from fedjax_u2s import checkpoint as checkpoint_lib
 from fedjax_u2s import lora as lora_lib
@@ -34,6 +35,7 @@ from fedjax_u2s.data import batching
 from fedjax_u2s.federated import objectives
 from fedjax_u2s.federated import parallel
 from fedjax_u2s.federated import sampling
+from fedjax_u2s.federated.config import AlgorithmConfig
 
 PyTree = Any
 
@@ -104,8 +106,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_config,
 
   Args:
     config: the experiment config; reads ``seed``, ``lora``, ``federated``,
-      ``train``, ``checkpoint``, ``eval``, ``mesh``.
-    workdir: checkpoints go to ``workdir/checkpoints``, metrics to
+      ``train``, ``checkpoint``, ``train_eval``, ``mesh``.
+    workdir: checkpoints go to ``workdir/checkpoints`` (unreadable ones are
+      moved to ``workdir/checkpoints_corrupt``), metrics to
       ``workdir/metrics.jsonl`` and ``workdir/tensorboard``, plots next to them.
     model_config: the base model's ``ModelConfig``.
     base_params: the frozen base parameters (shared by all clients).
@@ -116,8 +119,90 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_config,
   Returns:
     The final adapter and the metric rows.
   """
-  fed = config.federated
-  tcfg = config.train
+  fed = _validate(config, client_sets)
+  run, fresh = _setup(config, fed, model_config, base_params, client_sets,
+                      eval_set)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                     keep=config.checkpoint.keep)
+  server, cursors, start = _restore_or_init(run, ckpt, fresh)
+  del fresh
+  writer, progress = _open_outputs(run, workdir, start)
+  halt = config.train.halt_after_round or fed.num_rounds
+  r = start
+  try:
+    if start == 0 and run.eval_batch is not None and config.train_eval.every:
+      loss0 = _eval_loss(run, server)
+      if writer:
+        writer.write(0, {"eval_loss": loss0})
+    for r in range(start, min(fed.num_rounds, halt)):
+      server, row = _run_round(run, ckpt, server, cursors, r)
+      done = r + 1
+      if _eval_due(run, done):
+        row["eval_loss"] = _eval_loss(run, server)
+      if writer:
+        writer.write(done, row)
+      if done % config.checkpoint.every == 0 or done in (fed.num_rounds, halt):
+        ckpt.save(done, server, {"cursors": cursors, "round": done})
+      if progress:
+        progress.update(1)
+        progress.set_postfix(loss=f"{row['train_loss']:.3f}",
+                             tok_s=f"{row['tokens_per_s']:.0f}")
+      r = done
+  finally:
+    if progress:
+      progress.close()
+    if writer:
+      writer.close()
+    ckpt.close()
+  rows = _write_curves(run, workdir)
+  return TrainResult(lora=_to_host(server.params), lora_config=run.lora_config,
+                     rounds=int(r), metrics=rows)
+
+
+@dataclasses.dataclass
+class _Run:
+  """What the rounds of one :func:`train` call share (built by :func:`_setup`).
+
+  Attributes:
+    config: the experiment config.
+    fed: ``config.federated``, checked.
+    client_sets: the tokenized client datasets (index = client id).
+    lora_config: the adapter's static config.
+    algo: the algorithm, jitted over the client mesh.
+    replicated, by_client: shardings of replicated and per-client arrays.
+    multiple: the sampled clients are padded to a multiple of this.
+    base: the frozen base parameters, replicated.
+    eval_batch: the held-out micro-batches, replicated (None: no eval).
+    lora_bytes: bytes of one adapter (what a client downloads and uploads).
+    lead: this is process 0 (writes metrics, plots and progress).
+    executables: the round compiled ahead of time, per batch shape.
+  """
+  config: ml_collections.ConfigDict
+  fed: AlgorithmConfig
+  client_sets: Sequence[Any]
+  lora_config: lora_lib.LoraConfig
+  algo: Any
+  replicated: NamedSharding
+  by_client: NamedSharding
+  multiple: int
+  base: PyTree
+  eval_batch: PyTree | None
+  lora_bytes: int
+  lead: bool
+  executables: dict = dataclasses.field(default_factory=dict)
+
+
+def _validate(config: ml_collections.ConfigDict,
+              client_sets: Sequence[Any]) -> AlgorithmConfig:
+  """Checks the config and the data before any work; ``config.federated``."""
+  fed = AlgorithmConfig.from_config(config.federated)
+  for field in ("every", "keep"):
+    value = config.checkpoint[field]
+    if value < 1:
+      raise ValueError(f"config.checkpoint.{field}={value}: must be >= 1.")
+  if config.train.halt_after_round < 0:
+    raise ValueError(f"config.train.halt_after_round={config.train.halt_after_round}: "
+                     "must be >= 0 (0 = off).")
   num_clients = len(client_sets)
   if num_clients == 0:
     raise ValueError("No clients: the data produced zero client datasets.")
@@ -130,142 +215,162 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_config,
     raise ValueError(
         f"config.federated.clients_per_round={fed.clients_per_round} but only "
         f"{num_clients} clients exist; lower it to at most {num_clients}.")
+  return fed
 
+
+def _setup(config: ml_collections.ConfigDict, fed: AlgorithmConfig, model_config,
+           base_params: PyTree, client_sets: Sequence[Any],
+           eval_set: Any | None) -> tuple[_Run, PyTree]:
+  """The mesh, the algorithm, the replicated base and eval data, round-0 state."""
   lcfg = lora_config_from(config.lora)
   # train.logits_chunk_size > 0 computes the loss over chunks of positions,
-  # recomputed in the backward pass: on a GPU (H100) 128 with remat was the
-  # fastest and lightest setting; on a CPU full logits without remat was
-  # (docs/benchmarks.md).
+  # recomputed in the backward pass; which setting is fastest depends on the
+  # device (docs/benchmarks.md).
   loss_fn = functools.partial(objectives.causal_lm_loss, model_config=model_config,
                               lora_config=lcfg,
                               logits_chunk_size=config.train.logits_chunk_size)
-  lead = jax.process_index() == 0
-
   # Devices: the client axis is sharded over all of them; the rest replicated.
   mesh = parallel.make_mesh(config.mesh.num_devices or None)
   algo = parallel.build(fed, loss_fn, mesh)
   replicated = parallel.replicated_sharding(mesh)
-  by_client = parallel.client_sharding(mesh)
-  multiple = parallel.client_multiple(algo, mesh)
-
   base = jax.tree.map(lambda x: _global_array(np.asarray(x), replicated), base_params)
   rng = jax.random.key(config.seed)
   init_lora = lora_lib.init(jax.random.fold_in(rng, 0), model_config, lcfg)
+  num_clients = len(client_sets)
   fresh = jax.jit(lambda p: algo.init(p, jax.random.fold_in(rng, 1), num_clients),
                   out_shardings=replicated)(init_lora)
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                     keep=config.checkpoint.keep)
-  cursors = np.zeros(num_clients, np.int64)
-  restored = ckpt.restore(checkpoint_lib.abstract(fresh))
-  if restored is None:
-    server, start = fresh, 0
-  else:
-    server, meta, start = restored
-    cursors = np.asarray(meta["cursors"], np.int64)
-    if len(cursors) != num_clients:
-      raise ValueError(
-          f"{ckpt.directory}/{start} was written for {len(cursors)} clients, "
-          f"this run has {num_clients}: use a fresh --workdir.")
-    if lead:
-      print(f"Resuming from the checkpoint of round {start} in {ckpt.directory}")
-  del fresh
-
   eval_batch = None
   if eval_set is not None:
-    eval_batch = jax.tree.map(lambda x: _global_array(x, replicated),
-                              batching.eval_batches(eval_set, config.train_eval.batch_size))
+    eval_batch = jax.tree.map(
+        lambda x: _global_array(x, replicated),
+        batching.eval_batches(eval_set, config.train_eval.batch_size))
+  run = _Run(config=config, fed=fed, client_sets=client_sets, lora_config=lcfg,
+             algo=algo, replicated=replicated,
+             by_client=parallel.client_sharding(mesh),
+             multiple=parallel.client_multiple(algo, mesh), base=base,
+             eval_batch=eval_batch, lora_bytes=_tree_bytes(init_lora),
+             lead=jax.process_index() == 0)
+  return run, fresh
 
+
+def _restore_or_init(run: _Run, ckpt: checkpoint_lib.Checkpointer, fresh: PyTree
+                     ) -> tuple[PyTree, np.ndarray, int]:
+  """The newest intact checkpoint's state and data cursors, else round 0's."""
+  num_clients = len(run.client_sets)
+  restored = ckpt.restore_newest_intact(checkpoint_lib.abstract(fresh))
+  if restored is None:
+    return fresh, np.zeros(num_clients, np.int64), 0
+  server, meta, start = restored
+  cursors = np.asarray(meta["cursors"], np.int64)
+  if len(cursors) != num_clients:
+    raise ValueError(
+        f"{ckpt.directory}/{start} was written for {len(cursors)} clients, "
+        f"this run has {num_clients}: use a fresh --workdir.")
+  if run.lead:
+    print(f"Resuming from the checkpoint of round {start} in {ckpt.directory}")
+  return server, cursors, start
+
+
+def _open_outputs(run: _Run, workdir: str, start: int):
+  """The metric writer and progress bar (process 0 only; else None, None)."""
+  if not run.lead:
+    return None, None
   writer = metrics_lib.MetricWriter(workdir, resume_round=start,
-                                    tensorboard=config.train.tensorboard) if lead else None
-  lora_bytes = _tree_bytes(init_lora)
-  num_rounds = fed.num_rounds
-  halt = config.train.halt_after_round or num_rounds
-  progress = None
-  if lead:
-    from tqdm import tqdm
-    progress = tqdm(total=num_rounds, initial=start, desc="rounds", unit="round",
-                    dynamic_ncols=True)
+                                    tensorboard=run.config.train.tensorboard)
+  progress = tqdm(total=run.fed.num_rounds, initial=start, desc="rounds",
+                  unit="round", dynamic_ncols=True)
+  return writer, progress
 
-  def run_eval():
-    loss_sum, weight = algo.evaluate(server.params, base, eval_batch)
-    return float(loss_sum) / max(float(weight), 1.0)
 
-  # The round compiled ahead of time per batch shape, so a round's tokens/s
-  # never includes compilation (reported apart as compile_s).
-  executables = {}
+def _eval_loss(run: _Run, server: PyTree) -> float:
+  loss_sum, weight = run.algo.evaluate(server.params, run.base, run.eval_batch)
+  return float(loss_sum) / max(float(weight), 1.0)
 
-  def compiled_round(server, batches):
-    key = tuple((x.shape, x.dtype) for x in jax.tree.leaves(batches))
-    compile_s = 0.0
-    if key not in executables:
-      begin = time.perf_counter()
-      executables[key] = algo.apply.lower(server, base, batches).compile()
-      compile_s = time.perf_counter() - begin
-    return executables[key], compile_s
 
-  r = start
-  try:
-    if start == 0 and eval_set is not None and config.train_eval.every:
-      loss0 = run_eval()
-      if writer:
-        writer.write(0, {"eval_loss": loss0})
-    for r in range(start, min(num_rounds, halt)):
-      t0 = time.perf_counter()
-      ids = sampling.sample_clients(config.seed, r, num_clients, fed.clients_per_round)
-      host_batches, new_cursors = batching.round_batches(
-          [client_sets[i] for i in ids], ids, cursors[ids],
-          batch_size=tcfg.batch_size, grad_accum=tcfg.grad_accum,
-          local_steps=tcfg.local_steps or None,
-          local_epochs=tcfg.local_epochs or None,
-          max_local_steps=tcfg.max_local_steps or None, seed=config.seed)
-      host_batches = parallel.pad_clients(host_batches, multiple)
-      batches = jax.tree.map(lambda x: _global_array(x, by_client), host_batches)
-      step, compile_s = compiled_round(server, batches)
-      t1 = time.perf_counter()
-      server, m = step(server, base, batches)
-      loss = float(m["loss"])  # Syncs: the round is done.
-      seconds = time.perf_counter() - t0
-      if bool(m["nonfinite"]):
-        last = ckpt.latest_round()
-        where = (f"the last good checkpoint (round {last}) in {ckpt.directory} is "
-                 "intact and a rerun resumes from it" if last is not None else
-                 "no checkpoint had been written yet")
-        raise FloatingPointError(
-            f"Round {r + 1}: a client produced a non-finite loss or gradient "
-            f"(client losses {np.asarray(m['client_loss']).round(4).tolist()}). "
-            f"The update was not applied; {where}. Lower "
-            "config.federated.client_lr, enable grad_clip, or use float32.")
-      cursors[ids] = new_cursors
-      n_sampled = len(ids)
-      row = {"train_loss": loss, "num_tokens": int(m["num_tokens"]),
-             "tokens_per_s": float(m["num_tokens"]) / (time.perf_counter() - t1),
-             "seconds": seconds, "update_norm": float(m["update_norm"]),
-             **({"compile_s": compile_s} if compile_s else {}),
-             "clients": [int(i) for i in ids],
-             "bytes_down": n_sampled * lora_bytes, "bytes_up": n_sampled * lora_bytes}
-      done = r + 1
-      if eval_set is not None and config.train_eval.every and (
-          done % config.train_eval.every == 0 or done == num_rounds):
-        row["eval_loss"] = run_eval()
-      if writer:
-        writer.write(done, row)
-      if done % config.checkpoint.every == 0 or done == num_rounds or done == halt:
-        ckpt.save(done, server, {"cursors": cursors, "round": done})
-      if progress:
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-      r = done
-  finally:
-    if progress:
-      progress.close()
-    if writer:
-      writer.close()
-    ckpt.close()
+def _eval_due(run: _Run, done: int) -> bool:
+  """Whether the eval loss is measured after ``done`` rounds."""
+  every = run.config.train_eval.every
+  return bool(run.eval_batch is not None and every and (
+      done % every == 0 or done == run.fed.num_rounds))
 
-  rows = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if lead else []
-  if lead and rows:
+
+def _compiled_round(run: _Run, server: PyTree, batches: PyTree):
+  """The round compiled ahead of time per batch shape, and the seconds it took.
+
+  So a round's tokens/s never includes compilation (reported apart as
+  compile_s).
+  """
+  key = tuple((x.shape, x.dtype) for x in jax.tree.leaves(batches))
+  compile_s = 0.0
+  if key not in run.executables:
+    begin = time.perf_counter()
+    run.executables[key] = run.algo.apply.lower(server, run.base, batches).compile()
+    compile_s = time.perf_counter() - begin
+  return run.executables[key], compile_s
+
+
+def _run_round(run: _Run, ckpt: checkpoint_lib.Checkpointer, server: PyTree,
+               cursors: np.ndarray, r: int) -> tuple[PyTree, dict[str, Any]]:
+  """Round ``r`` (0-based): sample, batch, train, aggregate; advances ``cursors``.
+
+  Returns:
+    The new server state and the round's metric row.
+
+  Raises:
+    FloatingPointError: a client went non-finite (the update is not applied).
+  """
+  config, fed, tcfg = run.config, run.fed, run.config.train
+  t0 = time.perf_counter()
+  ids = sampling.sample_clients(config.seed, r, len(run.client_sets),
+                                fed.clients_per_round)
+  host_batches, new_cursors = batching.round_batches(
+      [run.client_sets[i] for i in ids], ids, cursors[ids],
+      batch_size=tcfg.batch_size, grad_accum=tcfg.grad_accum,
+      local_steps=tcfg.local_steps or None,
+      local_epochs=tcfg.local_epochs or None,
+      max_local_steps=tcfg.max_local_steps or None, seed=config.seed)
+  host_batches = parallel.pad_clients(host_batches, run.multiple)
+  batches = jax.tree.map(lambda x: _global_array(x, run.by_client), host_batches)
+  step, compile_s = _compiled_round(run, server, batches)
+  t1 = time.perf_counter()
+  server, m = step(server, run.base, batches)
+  loss = float(m["loss"])  # Syncs: the round is done.
+  seconds = time.perf_counter() - t0
+  if bool(m["nonfinite"]):
+    _raise_nonfinite(ckpt, r, m)
+  cursors[ids] = new_cursors
+  n_sampled = len(ids)
+  row = {"train_loss": loss, "num_tokens": int(m["num_tokens"]),
+         "tokens_per_s": float(m["num_tokens"]) / (time.perf_counter() - t1),
+         "seconds": seconds, "update_norm": float(m["update_norm"]),
+         **({"compile_s": compile_s} if compile_s else {}),
+         "clients": [int(i) for i in ids],
+         "bytes_down": n_sampled * run.lora_bytes,
+         "bytes_up": n_sampled * run.lora_bytes}
+  return server, row
+
+
+def _raise_nonfinite(ckpt: checkpoint_lib.Checkpointer, r: int,
+                     m: dict[str, Any]) -> None:
+  last = ckpt.latest_round()
+  where = (f"the last good checkpoint (round {last}) in {ckpt.directory} is "
+           "intact and a rerun resumes from it" if last is not None else
+           "no checkpoint had been written yet")
+  raise FloatingPointError(
+      f"Round {r + 1}: a client produced a non-finite loss or gradient "
+      f"(client losses {np.asarray(m['client_loss']).round(4).tolist()}). "
+      f"The update was not applied; {where}. Lower "
+      "config.federated.client_lr, enable grad_clip, or use float32.")
+
+
+def _write_curves(run: _Run, workdir: str) -> list[dict[str, Any]]:
+  """Process 0: the metric rows of the whole run, plotted to curves.png."""
+  if not run.lead:
+    return []
+  rows = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  if rows:
     metrics_lib.plot_curves(rows, ["train_loss", "eval_loss", "tokens_per_s"],
                             os.path.join(workdir, "curves.png"),
-                            title=f"{fed.algorithm}: {num_clients} clients")
-  return TrainResult(lora=_to_host(server.params), lora_config=lcfg,
-                     rounds=int(r), metrics=rows)
+                            title=f"{run.fed.algorithm}: "
+                                  f"{len(run.client_sets)} clients")
+  return rows
