@@ -21,7 +21,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.path = "builtin:wiki"       # builtin:wiki or a local JSON/JSONL/Parquet/CSV file.
-  c.data.format = "auto"             # auto | alpaca | dolly | messages.
+  c.data.format = "auto"             # auto | alpaca | dolly | chat (a "messages" list).
   c.data.topics = ("medicine", "math", "physics", "geography", "history", "technology")
   c.data.max_examples = 2000         # Cap on rows used (seeded sample); 0 = all.
   c.data.eval_fraction = 0.05        # Held out for the eval loss.

@@ -15,13 +15,17 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (get_config(arg)).", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for outputs and checkpoints; a rerun resumes.")
+_REDO = flags.DEFINE_list(
+    "redo", [], "Stages to start over in an existing workdir with this run's "
+    "inputs (e.g. generate, train, evaluate; later stages follow); their old "
+    "outputs are moved to WORKDIR/superseded/, not deleted.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  pipelines.run(_CONFIG.value, _WORKDIR.value)
+  pipelines.run(_CONFIG.value, _WORKDIR.value, redo=_REDO.value)
 
 
 if __name__ == "__main__":

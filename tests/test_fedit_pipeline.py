@@ -18,6 +18,8 @@ import pytest
 import safetensors.numpy
 
 from fedjax_u2s import pipelines
+from fedjax_u2s.pipelines import fedit
+from fedjax_u2s.pipelines import workdir as workdir_lib
 from fedjax_u2s import testing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,9 +162,15 @@ def test_nonfinite_loss_stops_with_checkpoint_intact(tiny_model, tmp_path):
                                      "federated.grad_clip": 0.0,
                                      "federated.lr_schedule": "constant",
                                      "federated.warmup_rounds": 0})
+  # Another learning rate is another run: refused before anything is touched.
+  with pytest.raises(workdir_lib.WorkdirMismatchError,
+                     match=r"config\.federated\.client_lr: 0\.0002 \(workdir\) -> 1e\+30"):
+    pipelines.run(diverging, workdir)
+  assert files() == saved
+  # The job itself (past the workdir guard) stops at the non-finite round.
   with pytest.raises(FloatingPointError,
                      match=r"Round 2: .*non-finite.*last good checkpoint \(round 1\)"):
-    pipelines.run(diverging, workdir)
+    fedit.run(diverging, workdir)
   assert checkpoint.Checkpointer(ckpt_dir).latest_round() == 1
   assert files() == saved  # The good checkpoint is untouched.
   # And the job goes on from it with a sane learning rate.
@@ -172,7 +180,8 @@ def test_nonfinite_loss_stops_with_checkpoint_intact(tiny_model, tmp_path):
 
 
 def test_bad_inputs_are_named(tiny_model, tmp_path):
-  with pytest.raises(ValueError, match=r"clients_per_round=9 but only 4 clients"):
+  with pytest.raises(ValueError, match=r"clients_per_round=9 exceeds "
+                     r"config\.partition\.num_clients=4"):
     pipelines.run(_config(tiny_model, **{"federated.clients_per_round": 9}),
                  str(tmp_path / "a"))
   bad = tmp_path / "bad.jsonl"

@@ -1,7 +1,8 @@
 """The jobs a config can name, and the one way to run them.
 
 ``config.pipeline`` picks a module from :data:`PIPELINES`; each has
-``run(config, workdir)``. The table is explicit and resolved by import name
+``run(config, workdir)`` and ``STAGES``, what determines each of its stages
+(:mod:`fedjax_u2s.pipelines.workdir`). The table is explicit and resolved by import name
 (big_vision picks its models the same way), so a job's dependencies load only
 when a config names it and nothing registers itself as an import side effect.
 A new job is a module here plus one line in the table.
@@ -11,11 +12,15 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Sequence
 
+from absl import logging
+import jax
 import ml_collections
 
 from fedjax_u2s import train
-from fedjax_u2s.pipelines import common
+from fedjax_u2s.pipelines import validate
+from fedjax_u2s.pipelines import workdir as workdir_lib
 
 PIPELINES: dict[str, str] = {
     "generate": "fedjax_u2s.pipelines.generate",  # Answer prompts (configs/generate.py).
@@ -32,14 +37,28 @@ def get(name: str | None) -> ModuleType:
   return importlib.import_module(PIPELINES[name])
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+def run(config: ml_collections.ConfigDict, workdir: str,
+        redo: Sequence[str] = ()) -> None:
   """Runs the job ``config.pipeline`` names in ``workdir``.
 
-  ``jax.distributed`` is initialized first (when ``config.multihost`` asks),
-  before anything touches the backend.
+  Before anything loads: every config field is validated, and the workdir's
+  record of what made each stage is compared with this run's (a rerun with
+  other inputs stops, naming them; ``redo`` names stages to start over).
+  ``jax.distributed`` is initialized before anything touches the backend.
+
+  Args:
+    config: the job's config.
+    workdir: where it writes; a rerun resumes.
+    redo: stages to start over with this run's inputs (each with every later
+      stage); their old outputs are moved to ``workdir/superseded/``.
   """
   job = get(config.get("pipeline"))
+  validate.validate(config)
   if "multihost" in config:
     train.maybe_initialize_distributed(config.multihost)
-  common.write_config(config, workdir)
+  moved = workdir_lib.check_and_record(config, workdir, job.STAGES, redo=tuple(redo),
+                                       lead=jax.process_index() == 0)
+  if moved:
+    logging.warning("--redo=%s: moved %s to %s/%s/", ",".join(redo), ", ".join(moved),
+                    workdir, workdir_lib.SUPERSEDED)
   job.run(config, workdir)

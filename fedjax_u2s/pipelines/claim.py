@@ -88,6 +88,14 @@ FEDERATED_ARMS = {"fedit_u2s": "retrieval", "fedit_random": "random",
 ARMS = ("base", "fedit_u2s", "local_only", "centralized", "fedit_random",
         "fedit_fixed")
 SCORES = "scores"
+# experiment.seeds and experiment.arms are left out: adding a seed or an arm
+# extends a finished experiment instead of invalidating it.
+STAGES = (
+    common.generation_stage(("generation",)),
+    common.train_stage(outputs=("arms/*/seed_*",)),
+    common.evaluate_stage(("arms/base", "results.json", "results.md", "results.png"),
+                          extra=("experiment.heldout_ppl",)),
+)
 
 
 # ----------------------------------------------------------------------------

@@ -22,12 +22,57 @@ import ml_collections
 from fedjax_u2s import export
 from fedjax_u2s import train
 from fedjax_u2s.data import instructions
+from fedjax_u2s.data import wiki
 from fedjax_u2s.evaluation import report
 from fedjax_u2s.evaluation import runner
 from fedjax_u2s.models import registry
+from fedjax_u2s.pipelines.workdir import Stage
+from fedjax_u2s.u2s import pool as pool_lib
 from fedjax_u2s.u2s import writer
 
 STAGES_DIR = "stages"
+
+
+# ----------------------------------------------------------------------------
+# What determines each stage (see workdir.py), shared by the jobs.
+
+MODEL_FIELDS = ("seed", "model.name", "model.dtype", "model.param_dtype")
+TRAIN_FIELDS = MODEL_FIELDS + ("lora", "federated", "train", "train_eval", "data",
+                               "partition")
+# Does not change what training computes: the simulated preemption.
+TRAIN_IGNORE = ("train.halt_after_round",)
+TRAIN_OUTPUTS = ("checkpoints", "checkpoints_corrupt", "metrics.jsonl", "tensorboard",
+                 "curves.png", "adapter", "merged", "data_stats.json")
+
+
+def model_file(config: ml_collections.ConfigDict) -> dict[str, str]:
+  return {"model": registry.resolve(config.model.name)}
+
+
+def generation_files(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """Model, generator, corpus and demonstration pool files of U2S generation."""
+  files = model_file(config)
+  if config.generator.name:
+    files["generator"] = registry.resolve(config.generator.name)
+  files["corpus"] = config.corpus.path or (
+      wiki.resolve_path() if config.corpus.kind == "wiki" else "")
+  files["pool"] = config.pool.path or pool_lib.DEFAULT_POOL
+  return files
+
+
+def generation_stage(outputs: tuple[str, ...]) -> Stage:
+  return Stage("generate", fields=MODEL_FIELDS + (
+      "generator", "embedder", "corpus", "chunking", "pool", "u2s", "u2s_sampler"),
+               files=generation_files, outputs=outputs)
+
+
+def train_stage(outputs: tuple[str, ...] = TRAIN_OUTPUTS, files=model_file) -> Stage:
+  return Stage("train", fields=TRAIN_FIELDS, ignore=TRAIN_IGNORE, files=files,
+               outputs=outputs)
+
+
+def evaluate_stage(outputs: tuple[str, ...], extra: tuple[str, ...] = ()) -> Stage:
+  return Stage("evaluate", fields=("seed", "evaluate") + extra, outputs=outputs)
 
 
 # ----------------------------------------------------------------------------
@@ -50,7 +95,7 @@ def load_generator(config: ml_collections.ConfigDict, model: registry.LoadedMode
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Writes ``workdir/config.json`` (the resolved config of the run)."""
+  """Writes ``workdir/config.json`` (the config of a sub-run, e.g. one arm)."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "config.json")
   with open(path, "w", encoding="utf-8") as f:
@@ -172,7 +217,7 @@ def evaluate_cached(config: ml_collections.ConfigDict, model: registry.LoadedMod
     res = runner.evaluate(model.config, model.params, model.tokenizer, suites,
                           lora=lora, lora_config=lora_config,
                           batch_size=config.evaluate.batch_size, seed=config.seed,
-                          unroll_layers=config.evaluate.unroll_layers)
+                          decode=config.evaluate.decode)
     report.write_results(res, directory, name)
   with open(path, encoding="utf-8") as f:
     return json.load(f)

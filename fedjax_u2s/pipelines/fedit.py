@@ -13,7 +13,17 @@ import numpy as np
 from fedjax_u2s.data import builtin
 from fedjax_u2s.data import instructions
 from fedjax_u2s.data import partition
+from fedjax_u2s.data import wiki
 from fedjax_u2s.pipelines import common
+
+
+def _data_files(config: ml_collections.ConfigDict) -> dict[str, str]:
+  path = config.data.path
+  return {**common.model_file(config),
+          "data": wiki.resolve_path() if path == "builtin:wiki" else path}
+
+
+STAGES = (common.train_stage(files=_data_files),)
 
 
 def load_instruction_data(cfg: ml_collections.ConfigDict, seed: int) -> list:

@@ -16,6 +16,8 @@ import ml_collections
 from fedjax_u2s import sampler
 from fedjax_u2s.pipelines import common
 
+# Nothing to resume: every run answers the prompts anew and rewrites its file.
+STAGES = ()
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Answers ``config.prompts`` with the model, through its chat template."""
@@ -28,8 +30,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   else:
     texts = prompts
   ids = [tok.encode(t) for t in texts]
-  smp = sampler.Sampler(model.config, tok,
-                        unroll_layers=config.sampling.unroll_layers)
+  smp = sampler.Sampler(model.config, tok, decode=config.sampling.decode)
   start = time.perf_counter()
   out = smp(model.params, ids, max_new_tokens=config.sampling.max_new_tokens,
             strategy=sampler.strategy_from_config(config.sampling),

@@ -25,6 +25,12 @@ from fedjax_u2s.models import bert
 from fedjax_u2s.pipelines import common
 from fedjax_u2s.u2s import stage
 
+STAGES = (
+    common.generation_stage(("generated", "stages/generate.json")),
+    common.train_stage(),
+    common.evaluate_stage(("eval", "report.md")),
+)
+
 
 def generate(config: ml_collections.ConfigDict, workdir: str, model) -> dict:
   """The ``generate`` stage: ``{"stats", "corpus"}``, run once per workdir."""

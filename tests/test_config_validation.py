@@ -1,0 +1,74 @@
+"""Every config field is checked before any work, and the error names it."""
+
+import os
+
+import pytest
+
+from fedjax_u2s import pipelines
+from fedjax_u2s import testing
+from fedjax_u2s.pipelines import validate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = {name: os.path.join(REPO, "configs", *name.split("/")) for name in
+           ("fedit_instructions.py", "u2s_wiki.py", "generate.py",
+            "experiments/u2s_claim.py")}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("arg", ["", "smoke"])
+def test_shipped_configs_are_valid(name, arg):
+  assert validate.problems(testing.load_config(CONFIGS[name], arg)) == []
+
+
+@pytest.mark.parametrize("field,value,says", [
+    ("checkpoint.keep", 0, "an integer >= 1"),
+    ("checkpoint.every", 0, "an integer >= 1"),
+    ("train.batch_size", 0, "an integer >= 1"),
+    ("train.grad_accum", -1, "an integer >= 1"),
+    ("model.dtype", "float8", "one of 'float32', 'bfloat16'"),
+    ("model.param_dtype", "fp16", "one of 'float32', 'bfloat16'"),
+    ("data.eval_fraction", 1.0, r"a number in \[0, 1\)"),
+    ("lora.rank", 0, "an integer >= 1"),
+    ("lora.dropout", 1.0, r"a number in \[0, 1\)"),
+    ("partition.method", "random", "one of 'iid', 'dirichlet', 'natural'"),
+    ("data.format", "fields", "one of 'auto', 'alpaca', 'dolly', 'chat'"),
+    ("train_eval.batch_size", 0, "an integer >= 1"),
+])
+def test_bad_field_is_named_before_the_model_loads(tmp_path, field, value, says):
+  # The model does not exist: a validation error proves nothing was loaded.
+  config = testing.load_config(CONFIGS["fedit_instructions.py"], "smoke", **{
+      "model.name": str(tmp_path / "no-such-model"), field: value})
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=rf"config\.{field}={value!r}: must be {says}"):
+    pipelines.run(config, str(workdir))
+  assert not workdir.exists()  # Nothing written.
+
+
+def test_every_problem_is_listed_at_once():
+  config = testing.load_config(CONFIGS["fedit_instructions.py"], "smoke", **{
+      "train.local_steps": 0, "train.local_epochs": 0.0, "checkpoint.keep": 0,
+      "federated.clients_per_round": 9})
+  found = validate.problems(config)
+  assert any("config.train.local_steps=0 and config.train.local_epochs=0" in p
+             for p in found)
+  assert any(p.startswith("config.checkpoint.keep=0") for p in found)
+  assert any("clients_per_round=9 exceeds config.partition.num_clients=4" in p
+             for p in found)
+
+
+def test_federated_block_is_checked_up_front():
+  config = testing.load_config(CONFIGS["u2s_wiki.py"], "smoke", **{
+      "federated.algorithm": "fedsgd"})
+  with pytest.raises(ValueError, match="config.federated.algorithm='fedsgd'"):
+    validate.validate(config)
+
+
+def test_sampler_blocks_are_checked():
+  config = testing.load_config(CONFIGS["u2s_wiki.py"], "smoke", **{
+      "u2s.sampling.top_p": 0.0})
+  assert validate.problems(config) == [
+      "config.u2s.sampling.top_p=0.0: must be a number in (0, 1]."]
+  config = testing.load_config(CONFIGS["generate.py"], "", **{
+      "sampling.strategy": "beam"})
+  with pytest.raises(ValueError, match="config.sampling.strategy='beam'"):
+    validate.validate(config)
