@@ -281,3 +281,29 @@ def test_long_single_line_identical_to_reference(monkeypatch):
   monkeypatch.setattr(chunking, "_is_sentence_end", _reference_is_sentence_end)
   assert _chunk_all([text], max_tokens=64) == new
   assert len(new[0]) > 30
+
+
+def test_each_span_counted_once_and_piece_tokens_exact():
+  import random
+  rng = random.Random(3)
+  texts = [_generated_text(rng, rng.randint(50, 300), single_line=False)
+           for _ in range(10)]
+  calls = []
+
+  def counting(text):
+    calls.append(text)
+    return words(text)
+
+  docs = [Document(f"d{i}", t) for i, t in enumerate(texts)]
+  pieces, _ = chunking.chunk_documents(docs, counting, 7, 1,
+                                       near_duplicate_threshold=1.1)
+  assert pieces and all(p.meta["tokens"] == words(p.text) for p in pieces)
+  # Per document, no span is counted twice (the pieces are not recounted).
+  per_doc = []
+  for t in texts:
+    calls.clear()
+    chunking.split_spans(t, counting, 7)
+    per_doc.append(len(calls))
+  calls.clear()
+  chunking.chunk_documents(docs, counting, 7, 1, near_duplicate_threshold=1.1)
+  assert len(calls) == sum(per_doc)

@@ -198,10 +198,28 @@ def _split_long_word(text: str, s: int, e: int,
 
 
 def split_spans(text: str, count_tokens: Callable[[str], int], max_tokens: int,
-                stats: dict | None = None) -> list[Span]:
-  """Token-bounded spans of ``text``: paragraphs, then sentences, then words."""
+                stats: dict | None = None,
+                counts: dict[Span, int] | None = None) -> list[Span]:
+  """Token-bounded spans of ``text``: paragraphs, then sentences, then words.
+
+  Args:
+    text: the document text.
+    count_tokens: text -> number of tokens (called once per distinct span).
+    max_tokens: the most tokens a span may hold.
+    stats: counts ``long_paragraphs`` / ``long_sentences`` / ``long_words``
+      into this dict.
+    counts: filled with ``(start, end) -> count_tokens(text[start:end])`` for
+      every span counted, so a caller need not count the returned spans again
+      (with a real tokenizer, counting is most of the time).
+  """
   stats = {} if stats is None else stats
-  fits = lambda s, e: count_tokens(text[s:e]) <= max_tokens
+  counts = {} if counts is None else counts
+
+  def fits(s: int, e: int) -> bool:
+    n = counts.get((s, e))
+    if n is None:
+      n = counts[(s, e)] = count_tokens(text[s:e])
+    return n <= max_tokens
   units: list[Span] = []
   for ps, pe in split_paragraphs(text):
     if fits(ps, pe):
@@ -348,11 +366,12 @@ def chunk_documents(docs: Sequence[Document] | ClientCorpus,
     if not doc.text.strip():
       stats["empty"] += 1
       continue
+    counts: dict[Span, int] = {}
     for index, (s, e) in enumerate(
-        split_spans(doc.text, count_tokens, max_tokens, stats)):
+        split_spans(doc.text, count_tokens, max_tokens, stats, counts)):
       stats["pieces"] += 1
       text = doc.text[s:e]
-      tokens = count_tokens(text)
+      tokens = counts[(s, e)] if (s, e) in counts else count_tokens(text)
       if tokens < min_tokens:
         stats["too_short"] += 1
         continue
