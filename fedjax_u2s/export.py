@@ -19,6 +19,7 @@ import numpy as np
 import safetensors.numpy
 
 from fedjax_u2s import lora as lora_lib
+from fedjax_u2s.models import hf_loader
 from fedjax_u2s.models.config import ModelConfig
 
 PyTree = Any
@@ -113,7 +114,6 @@ def load_peft(path: str, config: ModelConfig
 def save_merged(path: str, config: ModelConfig, params: PyTree, lora: PyTree,
                 lora_config: lora_lib.LoraConfig, tokenizer=None) -> None:
   """Writes base + adapter folded together as a HF safetensors model dir."""
-  from fedjax_u2s.models import hf_loader
   merged = lora_lib.merge(params, lora, lora_config)
   hf_loader.save_hf_dir(path, config, merged)
   if tokenizer is not None and hasattr(tokenizer, "save"):

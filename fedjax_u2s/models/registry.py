@@ -16,6 +16,10 @@ from typing import Any
 
 from absl import logging
 
+from fedjax_u2s import tokenizer as tokenizer_lib
+from fedjax_u2s.models import formats
+from fedjax_u2s.models import gguf_loader
+from fedjax_u2s.models import hf_loader
 from fedjax_u2s.models.config import ModelConfig
 
 PyTree = Any
@@ -101,12 +105,6 @@ def load(name_or_path: str, *, dtype: str = "float32", param_dtype: str = "float
     param_dtype: storage dtype of the parameters.
     remat: rematerialise layers in the backward pass (training memory).
   """
-  # Imported here: the loaders pull gguf/safetensors/tokenizers only when used.
-  from fedjax_u2s import tokenizer as tokenizer_lib
-  from fedjax_u2s.models import formats
-  from fedjax_u2s.models import gguf_loader
-  from fedjax_u2s.models import hf_loader
-
   path = resolve(name_or_path)
   start = time.perf_counter()
   overrides = dict(dtype=dtype, param_dtype=param_dtype, remat=remat)
