@@ -131,7 +131,7 @@ class DropReport:
     return out
 
   def reasons(self) -> str:
-    """"30 missing_response, 2 empty_response" (non-zero reasons only)."""
+    """The non-zero reasons: ``"30 missing_response, 2 empty_response"``."""
     return ", ".join(f"{v} {k}" for k, v in self.dropped.items() if v)
 
   def summary(self) -> str:

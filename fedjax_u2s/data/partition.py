@@ -28,9 +28,14 @@ import numpy as np
 
 
 def dropped_note(dropped: Any) -> str:
-  """" Before partitioning, <what was dropped and why>." ("" for nothing).
+  """The sentence an error adds about rows dropped before partitioning.
 
-  ``dropped``: a ``DropReport`` (its ``note()``), a string, or None.
+  Args:
+    dropped: a ``DropReport`` (its ``note()``), a string, or None.
+
+  Returns:
+    ``" Before partitioning, <what was dropped and why>."``, or "" when
+    nothing was dropped.
   """
   if dropped is None:
     return ""
