@@ -171,25 +171,11 @@ def generate_client(pieces: Sequence[Any], *, client_id: int, pool,
     :class:`ClientStats`; ``stats.json`` in ``out_dir`` is updated too.
   """
   start_time = time.perf_counter()
-  if config.prompt_style not in prompts_lib.STYLES:
-    raise ValueError(f"config.prompt_style={config.prompt_style!r} is not one of "
-                     f"{prompts_lib.STYLES}.")
-  if config.selection not in SELECTIONS:
-    raise ValueError(f"config.selection={config.selection!r} is not one of "
-                     f"{SELECTIONS}.")
-  if config.batch_size < 1:
-    raise ValueError(f"config.batch_size must be >= 1, got {config.batch_size}.")
   pieces = list(pieces)
   ids = [str(p.piece_id) for p in pieces]
-  if len(set(ids)) != len(ids):
-    dup = next(i for i in ids if ids.count(i) > 1)
-    raise ValueError(f"client {client_id}: piece_id {dup!r} appears more than once; "
-                     "piece ids must be unique within a client.")
   demos = list(pool)
   pool_embeddings = np.asarray(pool_embeddings, np.float32)
-  if len(demos) != len(pool_embeddings):
-    raise ValueError(f"pool has {len(demos)} demonstrations but pool_embeddings has "
-                     f"{len(pool_embeddings)} rows.")
+  _check_inputs(config, client_id, ids, demos, pool_embeddings)
   index_of = {str(d.id): i for i, d in enumerate(demos)}
 
   writer = writer_lib.ClientWriter(out_dir, client_id)
@@ -200,14 +186,10 @@ def generate_client(pieces: Sequence[Any], *, client_id: int, pool,
   generated = 0
 
   if skipped < len(pieces):
-    k = min(int(config.num_demonstrations), len(demos))
-    piece_emb = np.asarray(embedder.embed([p.text for p in pieces]), np.float32)
-    if k:
-      chosen = select_fn(piece_emb, k, selection_seed(seed, client_id))
-      rows = _pool_rows(chosen, index_of, len(pieces), k)
-    else:
-      rows = np.zeros((len(pieces), 0), np.int64)
-    retrieval = np.einsum("qd,qkd->qk", piece_emb, pool_embeddings[rows]) if k else rows
+    piece_emb, rows, retrieval = _retrieve(
+        pieces, embedder, select_fn, pool_embeddings, index_of,
+        min(int(config.num_demonstrations), len(demos)),
+        selection_seed(seed, client_id))
     strategy = sampler_lib.strategy_from_config(config.sampling)
     bs = int(config.batch_size)
     for b in range(0, -(-len(pieces) // bs)):
@@ -216,26 +198,13 @@ def generate_client(pieces: Sequence[Any], *, client_id: int, pool,
       if not members:
         continue
       bseed = batch_seed(seed, client_id, b)
-      prompts = {}
-      for i in members:
-        prompts[i] = prompts_lib.build_prompt(
-            tokenizer, pieces[i].text, [demos[j] for j in rows[i]],
-            style=config.prompt_style, prefill=config.prefill,
-            max_prompt_tokens=config.max_prompt_tokens)
+      prompts = {i: prompts_lib.build_prompt(
+          tokenizer, pieces[i].text, [demos[j] for j in rows[i]],
+          style=config.prompt_style, prefill=config.prefill,
+          max_prompt_tokens=config.max_prompt_tokens) for i in members}
       to_sample = [i for i in members if prompts[i].fits]
-      texts, reasons = {}, {}
-      if to_sample:
-        batch = [prompts[i].token_ids for i in to_sample]
-        row_seeds = [i - b * bs for i in to_sample]
-        if config.pad_batches:  # Same batch shape every call; extra rows dropped.
-          filler = bs - len(batch)
-          batch += [batch[-1]] * filler
-          row_seeds += list(range(bs, bs + filler))
-        out = sampler(params, batch, max_new_tokens=config.max_new_tokens,
-                      strategy=strategy, stop_strings=tuple(config.stop_strings),
-                      seed=bseed, row_seeds=row_seeds)
-        for i, text, reason in zip(to_sample, out.texts, out.stop_reasons):
-          texts[i], reasons[i] = prompts[i].prefix + text, reason
+      texts, reasons = _sample(sampler, params, prompts, to_sample, b * bs, bs, bseed,
+                               strategy, config)
       parsed = [parse_lib.parse_pair(texts[i]) for i in to_sample]
       verdicts = dict(zip(to_sample, filters_lib.apply_filters(
           parsed, piece_emb[to_sample],
@@ -246,11 +215,10 @@ def generate_client(pieces: Sequence[Any], *, client_id: int, pool,
       kept, rejected = [], []
       for i in members:
         p, pr = pieces[i], prompts[i]
-        n_demo = len(pr.demo_ids)
         base = {"client_id": int(client_id), "piece_id": ids[i],
                 "doc_id": str(p.doc_id), "start": int(p.start), "end": int(p.end)}
         prov = {"demo_ids": list(pr.demo_ids),
-                "retrieval_scores": [_r(s) for s in retrieval[i, :n_demo]],
+                "retrieval_scores": [_r(s) for s in retrieval[i, :len(pr.demo_ids)]],
                 "num_demos_dropped": pr.num_dropped,
                 "generator": generator_name, "seed": int(seed), "batch": b,
                 "batch_seed": bseed, "row_seed": i - b * bs,
@@ -259,19 +227,9 @@ def generate_client(pieces: Sequence[Any], *, client_id: int, pool,
           rejected.append({**base, "reason": PROMPT_TOO_LONG, "scores": {}, **prov,
                            "prompt_tokens": len(pr.token_ids)})
           continue
-        v = verdicts[i]
-        scores = {name: _r(s) for name, s in v.scores.items()}
-        extra = {"stop_reason": reasons[i]}
-        if config.keep_raw:
-          extra["raw"] = texts[i]
-        if v.kept:
-          kept.append({**base, "instruction": parsed[i].instruction,
-                       "response": parsed[i].response,
-                       "grounding": scores.get("grounding"), "scores": scores,
-                       **prov, **extra})
-        else:
-          rejected.append({**base, "reason": v.reason, "scores": scores, **prov,
-                           **extra})
+        is_kept, fields, extra = _record(verdicts[i], parsed[i], texts[i], reasons[i],
+                                         config)
+        (kept if is_kept else rejected).append({**base, **fields, **prov, **extra})
       writer.append(kept, rejected)
       generated += len(members)
       logging.info("client %d batch %d: %d kept, %d rejected", client_id, b,
@@ -288,3 +246,80 @@ def generate_client(pieces: Sequence[Any], *, client_id: int, pool,
                      rejected_by_reason=counts["rejected_by_reason"],
                      demos_dropped=counts["demos_dropped"],
                      seconds=time.perf_counter() - start_time)
+
+
+def _check_inputs(config, client_id: int, ids: list[str], demos: list,
+                  pool_embeddings: np.ndarray) -> None:
+  """Refuses settings and inputs :func:`generate_client` cannot honour."""
+  if config.prompt_style not in prompts_lib.STYLES:
+    raise ValueError(f"config.prompt_style={config.prompt_style!r} is not one of "
+                     f"{prompts_lib.STYLES}.")
+  if config.selection not in SELECTIONS:
+    raise ValueError(f"config.selection={config.selection!r} is not one of "
+                     f"{SELECTIONS}.")
+  if config.batch_size < 1:
+    raise ValueError(f"config.batch_size must be >= 1, got {config.batch_size}.")
+  if len(set(ids)) != len(ids):
+    dup = next(i for i in ids if ids.count(i) > 1)
+    raise ValueError(f"client {client_id}: piece_id {dup!r} appears more than once; "
+                     "piece ids must be unique within a client.")
+  if len(demos) != len(pool_embeddings):
+    raise ValueError(f"pool has {len(demos)} demonstrations but pool_embeddings has "
+                     f"{len(pool_embeddings)} rows.")
+
+
+def _retrieve(pieces: list, embedder, select_fn, pool_embeddings: np.ndarray,
+              index_of: Mapping[str, int], k: int, sel_seed: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Every piece's embedding, its k demonstrations' pool rows and their scores.
+
+  Returns:
+    ``(piece embeddings [N, D], pool rows [N, k], cosine scores [N, k])``.
+  """
+  piece_emb = np.asarray(embedder.embed([p.text for p in pieces]), np.float32)
+  if not k:
+    rows = np.zeros((len(pieces), 0), np.int64)
+    return piece_emb, rows, rows
+  rows = _pool_rows(select_fn(piece_emb, k, sel_seed), index_of, len(pieces), k)
+  return piece_emb, rows, np.einsum("qd,qkd->qk", piece_emb, pool_embeddings[rows])
+
+
+def _sample(sampler, params, prompts: Mapping[int, Any], to_sample: list[int],
+            first: int, bs: int, bseed: int, strategy, config
+            ) -> tuple[dict[int, str], dict[int, str]]:
+  """One sampler call for a batch's prompts that fit; texts and stop reasons.
+
+  Row seeds are the rows' positions in the batch (``i - first``), so a piece
+  draws the same text whichever other pieces of its batch are done already.
+  """
+  if not to_sample:
+    return {}, {}
+  batch = [prompts[i].token_ids for i in to_sample]
+  row_seeds = [i - first for i in to_sample]
+  if config.pad_batches:  # Same batch shape every call; extra rows dropped.
+    filler = bs - len(batch)
+    batch += [batch[-1]] * filler
+    row_seeds += list(range(bs, bs + filler))
+  out = sampler(params, batch, max_new_tokens=config.max_new_tokens,
+                strategy=strategy, stop_strings=tuple(config.stop_strings),
+                seed=bseed, row_seeds=row_seeds)
+  texts, reasons = {}, {}
+  for i, text, reason in zip(to_sample, out.texts, out.stop_reasons):
+    texts[i], reasons[i] = prompts[i].prefix + text, reason
+  return texts, reasons
+
+
+def _record(verdict, parsed, text: str, stop_reason: str, config
+            ) -> tuple[bool, dict[str, Any], dict[str, Any]]:
+  """``(kept, the record's verdict fields, its generation fields)`` of a sampled piece.
+
+  The caller places provenance between the two, the order of the written keys.
+  """
+  scores = {name: _r(s) for name, s in verdict.scores.items()}
+  extra = {"stop_reason": stop_reason}
+  if config.keep_raw:
+    extra["raw"] = text
+  if verdict.kept:
+    return True, {"instruction": parsed.instruction, "response": parsed.response,
+                  "grounding": scores.get("grounding"), "scores": scores}, extra
+  return False, {"reason": verdict.reason, "scores": scores}, extra
