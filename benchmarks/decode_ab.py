@@ -4,8 +4,10 @@ Random weights with SmolLM2-135M's shapes (no model file needed), fp32 CPU,
 greedy. Decode time per step is (time for N new tokens - time for 1) / (N - 1),
 so prefill is excluded; the prefill is reported as the time for 1 token.
 Variants alternate within each repeat, so machine drift hits all alike.
-``kernel`` is ``sample_tokens(cpu_sgemm=...)``: the CPU matmul kernel
-(fedjax_u2s/kernels/cpu_gemm.py) in the prefill and the decode steps.
+Each variant is a ``decoding.DecodePlan`` passed as ``sample_tokens(decode=...)``:
+``unroll`` its layers, ``kernel`` its ops (``ops.CPU_KERNEL``, the CPU matmul
+kernel in the prefill and the decode steps, or ``ops.XLA``), ``pack`` its
+packed decode weights (with the kernel and unrolled layers only).
 
   python benchmarks/decode_ab.py --batch_sizes=1,16
   python benchmarks/decode_ab.py --batch_sizes=8 --prompt_len=896 --new_tokens=64
@@ -20,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_u2s import decoding
+from fedjax_u2s import ops
 from fedjax_u2s import sampler as sampler_lib
 from fedjax_u2s.models import llama
 from fedjax_u2s.models.config import ModelConfig
@@ -28,9 +32,9 @@ _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "16"], "Batch sizes.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 40, "Prompt tokens per row.")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "New tokens per row.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Alternating repeats (median).")
-_UNROLL = flags.DEFINE_list("unroll", ["true", "false"], "unroll_layers values.")
-_KERNEL = flags.DEFINE_list("kernel", ["true", "false"], "cpu_sgemm values.")
-_PACK = flags.DEFINE_list("pack", ["true"], "pack_weights values (with the "
+_UNROLL = flags.DEFINE_list("unroll", ["true", "false"], "DecodePlan.unroll values.")
+_KERNEL = flags.DEFINE_list("kernel", ["true", "false"], "Kernel ops on/off.")
+_PACK = flags.DEFINE_list("pack", ["true"], "DecodePlan.packed values (with the "
                           "kernel and unrolled layers only).")
 
 SMOLLM2_SHAPES = ModelConfig(
@@ -53,8 +57,9 @@ def compiled_call(params, cfg, batch, new_tokens, unroll, kernel, pack):
   start = time.perf_counter()
   fn = sampler_lib.sample_tokens.lower(
       *args, config=cfg, strategy=sampler_lib.Greedy(), max_new_tokens=new_tokens,
-      eos_ids=(), pad_id=0, unroll_layers=unroll, cpu_sgemm=kernel,
-      pack_weights=pack).compile()
+      eos_ids=(), pad_id=0, decode=decoding.DecodePlan(
+          unroll=unroll, ops=ops.CPU_KERNEL if kernel else ops.XLA,
+          packed=pack)).compile()
   compile_s = time.perf_counter() - start
   return (lambda: fn(*args).tokens.block_until_ready()), compile_s
 

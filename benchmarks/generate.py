@@ -6,11 +6,11 @@ prompts, in the same process; we report new tokens per second (median of
 ``--repeats``), and our load and compile times separately.
 
 Ours runs three ways: ``ours``, as ``Sampler`` decodes by default, from
-``llama.decode_weights`` (made once per model, timed as ``decode_weights_s``:
+``decoding.decode_weights`` (made once per model, timed as ``decode_weights_s``:
 the GGUF's Q4_1/Q8_0 blocks kept where they hold the float32 weights
 exactly, so the same float32 products read fewer bytes); ``ours_f32``, from
 float32 panels packed in each call (the default before); ``ours_scan``, the
-layer scan (fast compile).
+layer scan (``decode="scan"``: fast compile).
 
   pip install torch==2.13.0          # optional peer (CPU build)
   python benchmarks/generate.py --batch_sizes=1,16 --new_tokens=128
@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_u2s import decoding
+from fedjax_u2s import ops
 from fedjax_u2s import sampler as sampler_lib
-from fedjax_u2s.kernels import cpu_gemm
-from fedjax_u2s.models import llama
 from fedjax_u2s.models import registry
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "Model name or path.")
@@ -72,7 +72,7 @@ def bench_ours(model, batch, new_tokens, repeats, variant, decode_params):
           lengths, None, decode_params if variant == "blocks" else None)
   static = dict(config=model.config, strategy=sampler_lib.Greedy(),
                 max_new_tokens=new_tokens, eos_ids=(), pad_id=int(tok.pad_id),
-                unroll_layers=variant != "scan")
+                decode="scan" if variant == "scan" else "auto")
   start = time.perf_counter()
   compiled = sampler_lib.sample_tokens.lower(*args, **static).compile()
   compile_s = time.perf_counter() - start
@@ -148,10 +148,10 @@ def main(argv):
   # After the peer: loading our kernel first (MKL set to its sequential
   # layer) left torch with one thread where it takes two.
   start = time.perf_counter()
-  decode_params = llama.decode_weights(model.params, model.config)
+  decode_params = decoding.decode_weights(model.params, model.config)
   jax.block_until_ready(decode_params)
   results["decode_weights_s"] = time.perf_counter() - start
-  is_packed = lambda x: isinstance(x, cpu_gemm.Packed)
+  is_packed = lambda x: isinstance(x, ops.Packed)
   formats = sorted({w.fmt for w in jax.tree.leaves(decode_params, is_leaf=is_packed)
                     if is_packed(w)})
   results["decode_formats"] = formats

@@ -55,6 +55,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from fedjax_u2s import decoding
 from fedjax_u2s import sampler as sampler_lib
 from fedjax_u2s.models import bert
 from fedjax_u2s.models import registry
@@ -77,8 +78,8 @@ _SELECTION = flags.DEFINE_enum("selection", "retrieval", list(generate_lib.SELEC
                                "config.selection.")
 _PAD = flags.DEFINE_integer("pad_multiple", 128, "Sampler prompt length bucket "
                             "(configs/u2s_wiki.py: 128).")
-_UNROLL = flags.DEFINE_bool("unroll_layers", True, "Sampler unroll_layers "
-                            "(configs/u2s_wiki.py: True).")
+_DECODE = flags.DEFINE_enum("decode", "auto", list(decoding.DECODES), "Sampler "
+                            "decode path (configs/u2s_wiki.py: auto).")
 _SEED = flags.DEFINE_integer("seed", 0, "Base seed of generate_client.")
 _KEEP = flags.DEFINE_string("keep_dir", "", "Keep each run's generated files under "
                             "this folder (default: temporary, deleted).")
@@ -264,7 +265,7 @@ def run_retrieval_benchmark() -> dict:
 def command() -> str:
   names = ("model", "embedder", "topic", "max_tokens", "min_tokens", "batch_sizes",
            "num_pieces", "max_new_tokens", "num_demonstrations", "selection",
-           "pad_multiple", "unroll_layers", "seed", "retrieval")
+           "pad_multiple", "decode", "seed", "retrieval")
   parts = []
   for name in names:
     v = flags.FLAGS[name].value
@@ -284,7 +285,7 @@ def print_table(results: dict) -> None:
         f"k={results['num_demonstrations']} demos by {results['selection']} from "
         f"{results['pool_size']}; top-p sampling; max_new_tokens "
         f"{results['max_new_tokens']}; prompt bucket {results['pad_multiple']}, "
-        f"unrolled layers {results['unroll_layers']}.\n")
+        f"decode {results['decode']}.\n")
   print("| batch | pieces | kept (yield) | mean new tok/piece | compile s | steady s "
         "| **pieces/min** (steady) | pieces/min incl. compile | new tok/s (stage) "
         "| tok/s (sampler only) | load avg before/after |")
@@ -327,7 +328,7 @@ def main(argv):
                  max_tokens=_MAX_TOKENS.value, min_tokens=_MIN_TOKENS.value,
                  max_new_tokens=_NEW.value, num_demonstrations=_K.value,
                  selection=_SELECTION.value, pad_multiple=_PAD.value,
-                 unroll_layers=_UNROLL.value, seed=_SEED.value,
+                 decode=_DECODE.value, seed=_SEED.value,
                  load_start=[round(x, 2) for x in os.getloadavg()], runs=[])
   start = time.perf_counter()
   model = registry.load(_MODEL.value)
@@ -357,7 +358,7 @@ def main(argv):
         f"load average {results['load_start']}", flush=True)
 
   smp = sampler_lib.Sampler(model.config, model.tokenizer, pad_multiple=_PAD.value,
-                            unroll_layers=_UNROLL.value)
+                            decode=_DECODE.value)
   start = time.perf_counter()  # One-off: stop-string automata over the vocabulary.
   smp.stop_tables(tuple(make_config(1).stop_strings))
   results["stop_tables_s"] = time.perf_counter() - start

@@ -113,7 +113,7 @@ def u2s_config() -> ml_collections.ConfigDict:
 
   c.u2s_sampler = ml_collections.ConfigDict()
   c.u2s_sampler.pad_multiple = 128     # Prompt length bucket (fewer recompiles).
-  c.u2s_sampler.unroll_layers = True   # Faster decode steps, slower compile.
+  c.u2s_sampler.decode = "auto"        # decoding.DECODES; auto: fastest decode here.
 
   c.data = ml_collections.ConfigDict()
   c.data.eval_fraction = 0.1           # Generated pairs held out for the eval loss.
@@ -131,5 +131,5 @@ def u2s_config() -> ml_collections.ConfigDict:
   c.evaluate.math_max_new_tokens = 48  # Decode budget per math answer.
   c.evaluate.batch_size = 8            # Rows per forward / sampler call.
   c.evaluate.seed = 0                  # Question sampling seed.
-  c.evaluate.unroll_layers = True      # Sampler layers unrolled (faster decode, slower compile).
+  c.evaluate.decode = "auto"           # Sampler decode path (decoding.DECODES).
   return c

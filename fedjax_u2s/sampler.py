@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_u2s import decoding
 from fedjax_u2s import lora as lora_lib
-from fedjax_u2s.kernels import cpu_gemm
 from fedjax_u2s.models import llama
 from fedjax_u2s.models.config import ModelConfig
 
@@ -109,8 +109,8 @@ def nucleus(probs: jax.Array, p: float) -> jax.Array:
   sorting the vocabulary: the mass above a threshold t falls as t rises, so
   the set is every token at or above the least t where that mass is < p,
   which a bisection on t's float32 bits finds exactly (positive floats
-  order like their bits) in 30 masked sums over the vocabulary. XLA:CPU's
-  sort of 49k logits took ~20 ms per row and step, 10x this
+  order like their bits) in 30 masked sums over the vocabulary: XLA:CPU's
+  sort of a whole vocabulary per row and step was many times slower
   (docs/benchmarks.md, "U2S generation stage"). Always keeps the top token.
   """
   def mass_above(bits):
@@ -144,6 +144,22 @@ def make_strategy(name: str, **kw) -> Strategy:
     raise ValueError(f"Unknown sampling strategy {name!r}; choose from "
                      f"{sorted(STRATEGIES)}.")
   return STRATEGIES[name](**kw)
+
+
+def strategy_from_config(cfg) -> Strategy:
+  """The strategy a sampling config block describes.
+
+  ``cfg`` has ``strategy`` (a :data:`STRATEGIES` name) and the parameters the
+  strategies read: ``temperature``, ``top_k``, ``top_p``; each strategy takes
+  only its own, so a block can carry all of them and switch by name.
+  """
+  kw = {"greedy": {}, "temperature": dict(temperature=cfg.temperature),
+        "top_k": dict(k=cfg.top_k, temperature=cfg.temperature),
+        "top_p": dict(p=cfg.top_p, temperature=cfg.temperature)}
+  if cfg.strategy not in kw:
+    raise ValueError(f"config.sampling.strategy={cfg.strategy!r} is not one of "
+                     f"{sorted(kw)}.")
+  return make_strategy(cfg.strategy, **kw[cfg.strategy])
 
 
 # ----------------------------------------------------------------------------
@@ -241,8 +257,7 @@ class SamplingState:
 
 @functools.partial(
     jax.jit, static_argnames=("config", "strategy", "max_new_tokens", "eos_ids",
-                              "pad_id", "lora_config", "unroll_layers",
-                              "cpu_sgemm", "pack_weights"))
+                              "pad_id", "lora_config", "decode"))
 def sample_tokens(params: PyTree, prompt_tokens: jax.Array, prompt_mask: jax.Array,
                   row_rngs: jax.Array, stop_tables: jax.Array,
                   stop_lengths: jax.Array, lora: PyTree | None = None,
@@ -250,9 +265,7 @@ def sample_tokens(params: PyTree, prompt_tokens: jax.Array, prompt_mask: jax.Arr
                   config: ModelConfig, strategy: Strategy, max_new_tokens: int,
                   eos_ids: tuple[int, ...], pad_id: int,
                   lora_config: lora_lib.LoraConfig | None = None,
-                  unroll_layers: bool = True,
-                  cpu_sgemm: bool = True,
-                  pack_weights: bool | None = None) -> SamplingState:
+                  decode: str | decoding.DecodePlan = "auto") -> SamplingState:
   """Generates up to ``max_new_tokens`` for a left-padded batch of prompts.
 
   Args:
@@ -265,72 +278,39 @@ def sample_tokens(params: PyTree, prompt_tokens: jax.Array, prompt_mask: jax.Arr
     stop_lengths: [N] byte length of each stop string (its "matched" state).
     lora: optional adapter applied during decoding.
     decode_params: the decode steps' weights made ahead of the call, by
-      ``llama.decode_weights(params, config)`` (a ``pack_weights`` layout,
-      in GGUF block formats where lossless); needs ``unroll_layers`` and no
-      ``lora`` (merge it into the params first). :class:`Sampler` makes them
-      once per params. None: the decode uses ``params`` (packed per call
-      as ``pack_weights`` says).
+      ``decoding.decode_weights(params, config)`` (packed, in GGUF block
+      formats where lossless), so that they are not packed again at every
+      call; needs a ``decode`` with unrolled layers and no ``lora`` (merge
+      it into the params first). :class:`Sampler` makes them once per
+      params. None: the decode steps' layout is made from ``params`` per
+      call (``decoding.decode_layout``).
     config, strategy, max_new_tokens, eos_ids, pad_id, lora_config: static.
-    unroll_layers: decode over unstacked, unrolled layers, each with its own
-      KV-cache buffers (static). Slower compile (~7-9 s vs ~1.5 s for SmolLM2
-      on 2 CPU cores); with the kernel its decode steps were 1.1-1.8x faster
-      than the layer scan's at batches 1 to 16 there
-      (docs/benchmarks.md): worth it for batches sampled often.
-    cpu_sgemm: run the float32 products (projections, attention, LM head)
-      through the CPU matmul kernel (``ModelConfig.cpu_sgemm``; static; a
-      no-op off the CPU or where the kernel is unavailable). On 2 cores it
-      made decode steps 1.3x faster at batch 1 and 16 and 1.7-3.2x at batch
-      8 with 900-token prompts, and prefills 1.3x faster
-      (docs/benchmarks.md, "Decoding kernels").
-    pack_weights: decode from a copy of the weights packed into column
-      panels (``llama.pack_weights``; made once per call, ~0.1 s for
-      SmolLM2 on 2 cores, and the weights are twice in memory while
-      sampling); static. None: on when the unrolled decode runs through the
-      kernel on the CPU, where it made decode steps 1.04-1.19x faster at
-      batch 1 and 16 on 2 cores (docs/benchmarks.md, "Decoding kernels").
+    decode: how the prefill and decode steps run (static): a name from
+      ``decoding.DECODES`` or a ``decoding.DecodePlan``; see
+      :mod:`fedjax_u2s.decoding`. "auto" (the default) is the fastest
+      measured on this kind of machine.
 
   Returns:
     The final :class:`SamplingState`.
   """
-  if decode_params is not None and (not unroll_layers or lora is not None):
-    raise ValueError("decode_params need unroll_layers=True and no lora "
-                     "(merge the adapter into the params they are made from).")
+  plan = decoding.resolve(decode, config)
+  if decode_params is not None and (not plan.unroll or lora is not None):
+    raise ValueError("decode_params need a decode with unrolled layers and no "
+                     "lora (merge the adapter into the params they are made from).")
   b, p = prompt_tokens.shape
-  config = config.replace(cpu_sgemm=cpu_sgemm)
-  # Prefill with the params as given (stacked: the layer scan, which compiles
-  # once per layer stack and measured as fast or faster than unrolled), into
-  # a cache of exactly the prompt's slots; only the last position's logits
-  # are needed, so the [B, P, V] LM-head product is skipped.
-  hidden, cache = llama.forward(params, prompt_tokens, config=config,
-                                input_mask=prompt_mask,
-                                cache=llama.init_cache(config, b, p),
-                                lora=lora, lora_config=lora_config,
-                                return_hidden=True, prefill=True)
-  logits = llama.logits_from_hidden(params, hidden[:, -1:], config=config)
+  # Prefill with the params as given (stacked: the layer scan), into a cache
+  # of exactly the prompt's slots; only the last position's logits are
+  # needed, so the [B, P, V] LM-head product is skipped.
+  hidden, cache = llama.prefill_hidden(params, prompt_tokens,
+                                       llama.init_cache(config, b, p), config=config,
+                                       input_mask=prompt_mask, lora=lora,
+                                       lora_config=lora_config, ops=plan.ops)
+  logits = llama.logits_from_hidden(params, hidden[:, -1:], config=config, ops=plan.ops)
   if decode_params is not None:
     params = decode_params
-  elif unroll_layers:
-    stacked = not isinstance(params["layers"], (list, tuple))
-    if pack_weights is None:
-      pack_weights = cpu_sgemm and cpu_gemm.runs_here() and (lora is None or stacked)
-    if pack_weights and lora is not None:
-      # The packed layers fuse q/k/v and gate/up, so the adapter is merged
-      # into the decode steps' copy of the weights (the prefill applied it
-      # unmerged; the two agree to float32 rounding).
-      if not stacked:
-        raise ValueError("pack_weights with a LoRA adapter needs stacked "
-                         "params (the adapter is merged into them).")
-      params = lora_lib.merge(params, lora, lora_config)
-      lora = None
-    # Unstacked once per call, outside the loop (see llama.unstack_layers).
-    params = llama.unstack_layers(params)
-    if pack_weights:
-      params = llama.pack_weights(params, config)
-  elif pack_weights:
-    raise ValueError("pack_weights needs unroll_layers=True.")
-  cache = llama.grow_cache(cache, p + max_new_tokens, per_layer=unroll_layers)
-  fwd = functools.partial(llama.forward, params, lora=lora,
-                          lora_config=lora_config)
+  else:
+    params, lora = decoding.decode_layout(params, plan, config, lora, lora_config)
+  cache = llama.grow_cache(cache, p + max_new_tokens, per_layer=plan.unroll)
   eos = jnp.asarray(eos_ids, jnp.int32)
   n_stop = stop_tables.shape[0]
 
@@ -370,8 +350,10 @@ def sample_tokens(params: PyTree, prompt_tokens: jax.Array, prompt_mask: jax.Arr
 
   def body(state):
     last = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1)
-    logits, cache = fwd(last, config=config, input_mask=~state.done[:, None],
-                        cache=state.cache)
+    hidden, cache = llama.decode_hidden(params, last, state.cache, config=config,
+                                        input_mask=~state.done[:, None], lora=lora,
+                                        lora_config=lora_config, ops=plan.ops)
+    logits = llama.logits_from_hidden(params, hidden, config=config, ops=plan.ops)
     return pick(state.replace(cache=cache), logits[:, -1])
 
   return jax.lax.while_loop(cond, body, state)
@@ -423,37 +405,41 @@ class Sampler:
     tokenizer: a :class:`fedjax_u2s.tokenizer.Tokenizer` (or anything with
       ``encode``, ``decode``, ``token_bytes``, ``eos_ids`` and ``pad_id``).
     pad_multiple: prompt lengths are rounded up to this, to bound recompiles.
-    unroll_layers: see :func:`sample_tokens`; False compiles ~8x faster.
-    decode_weights: without an adapter, decode from weights made once per
-      params by ``llama.decode_weights`` (packed panels, in the GGUF block
-      format the weights exactly came from where they did) and kept while
-      the same params are passed. None: where ``sample_tokens`` would pack
-      (the unrolled decode through the CPU kernel). The copy is kept between
-      calls: a sixth of the float32 weights for a Q4_1 GGUF, a whole second
-      copy for float32 ones (pass False where that does not fit).
+    decode: how prompts are prefilled and continued: a name from
+      ``decoding.DECODES`` ("auto", "cpu_kernel", "unrolled", "scan",
+      "scan_xla") or a ``decoding.DecodePlan``; see :mod:`fedjax_u2s.decoding`.
+      "auto" is the fastest measured on this kind of machine for many calls;
+      "scan" compiles several times faster, for a few. Resolved once, here.
+      Where it packs the weights (e.g. "cpu_kernel") and no adapter is
+      passed, the decode weights are made once per params by
+      ``decoding.decode_weights`` (in the GGUF block format the weights
+      exactly came from where they did) and kept while the same params are
+      passed: a sixth of the float32 weights for a Q4_1 GGUF, a whole second
+      copy for float32 ones (pick "unrolled" or "scan" where that does not
+      fit).
   """
 
   def __init__(self, config: ModelConfig, tokenizer, pad_multiple: int = 32,
-               unroll_layers: bool = True, decode_weights: bool | None = None):
+               decode: str | decoding.DecodePlan = "auto"):
     self.config = config
     self.tokenizer = tokenizer
     self.pad_multiple = pad_multiple
-    self.unroll_layers = unroll_layers
-    if decode_weights is None:
-      decode_weights = unroll_layers and cpu_gemm.runs_here()
-    elif decode_weights and not unroll_layers:
-      raise ValueError("decode_weights needs unroll_layers=True.")
-    self.decode_weights = decode_weights
+    self.plan = decoding.resolve(decode, config)
     self._tables: dict[tuple[str, ...], tuple[jax.Array, jax.Array]] = {}
     self._decode: tuple[list, PyTree] | None = None  # (params' leaves, weights)
 
+  @property
+  def keeps_decode_weights(self) -> bool:
+    """Whether calls without an adapter decode from :meth:`decode_params`."""
+    return self.plan.packed
+
   def decode_params(self, params: PyTree) -> PyTree:
-    """``llama.decode_weights(params)``, remade only for other params."""
+    """``decoding.decode_weights(params)``, remade only for other params."""
     leaves = jax.tree.leaves(params)
     if self._decode is None or len(self._decode[0]) != len(leaves) or any(
         a is not b for a, b in zip(self._decode[0], leaves)):
       self._decode = None  # Free the old copy first.
-      self._decode = (leaves, llama.decode_weights(params, self.config))
+      self._decode = (leaves, decoding.decode_weights(params, self.config))
     return self._decode[1]
 
   def stop_tables(self, stop_strings: Sequence[str]) -> tuple[jax.Array, jax.Array]:
@@ -504,13 +490,13 @@ class Sampler:
     rngs = jax.vmap(jax.random.fold_in, (None, 0))(base, jnp.asarray(row_seeds, jnp.uint32))
     tables, lengths = self.stop_tables(stop_strings)
     eos = tuple(int(e) for e in (tok.eos_ids if eos_ids is None else eos_ids))
-    decode = (self.decode_params(params) if self.decode_weights and lora is None
+    decode = (self.decode_params(params) if self.keeps_decode_weights and lora is None
               else None)
     state = sample_tokens(params, jnp.asarray(tokens), jnp.asarray(mask), rngs,
                           tables, lengths, lora, decode, config=self.config,
                           strategy=strategy, max_new_tokens=max_new_tokens,
                           eos_ids=eos, pad_id=int(tok.pad_id),
-                          lora_config=lora_config, unroll_layers=self.unroll_layers)
+                          lora_config=lora_config, decode=self.plan)
     out_tokens = np.asarray(state.tokens)
     out_lengths = np.asarray(state.lengths)
     out_reasons = np.asarray(state.reason)

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedjax_u2s import decoding
+from fedjax_u2s import ops as ops_lib
 from fedjax_u2s import sampler
 from fedjax_u2s.kernels import cpu_gemm
 from fedjax_u2s.models import llama
@@ -373,15 +375,17 @@ _TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
 
 def test_bf16_logits_accumulate_and_return_float32():
   """As before the kernel: no rounding of the logits to bf16 on the way out."""
-  cfg = _TINY.replace(dtype="bfloat16", cpu_sgemm=True)
+  cfg = _TINY.replace(dtype="bfloat16")
   params = llama.init_params(jax.random.PRNGKey(0), _TINY)
   x = _rand(1, 2, 3, 32)
   want = jnp.einsum("...d,vd->...v", x.astype(jnp.bfloat16),
                     params["embed"].astype(jnp.bfloat16),
                     preferred_element_type=jnp.float32)
-  got = jax.jit(lambda p, x: llama.logits_from_hidden(p, x, config=cfg))(params, x)
-  assert got.dtype == jnp.float32
-  np.testing.assert_array_equal(got, want)
+  for ops in (ops_lib.CPU_KERNEL, ops_lib.XLA):
+    got = jax.jit(lambda p, x: llama.logits_from_hidden(p, x, config=cfg, ops=ops))(
+        params, x)
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(got, want)
 
 
 @needs_kernel
@@ -390,15 +394,15 @@ def test_decoder_logits_and_grads_match_the_einsum_path():
   params = llama.init_params(jax.random.PRNGKey(0), _TINY)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 6), 0, 64)
 
-  def run(cpu_sgemm):
-    cfg = _TINY.replace(cpu_sgemm=cpu_sgemm)
+  def run(kernel):
+    ops = ops_lib.CPU_KERNEL if kernel else ops_lib.XLA
 
     def loss(p):
-      logits, _ = llama.forward(p, tokens, config=cfg)
+      logits, _ = llama.forward(p, tokens, config=_TINY, ops=ops)
       return jnp.mean(jax.nn.logsumexp(logits, -1)), logits
 
     text = jax.jit(loss).lower(params).as_text()
-    assert ("fedjax_u2s_cpu_gemm" in text) == cpu_sgemm
+    assert ("fedjax_u2s_cpu_gemm" in text) == kernel
     return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
   (l1, logits1), g1 = run(True)
@@ -406,6 +410,10 @@ def test_decoder_logits_and_grads_match_the_einsum_path():
   np.testing.assert_allclose(logits1, logits2, rtol=1e-5, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                g1, g2)
+
+
+# The kernel with row-major weights in the unrolled decode (no name covers it).
+_ROW_MAJOR = decoding.DecodePlan(unroll=True, ops=ops_lib.CPU_KERNEL, packed=False)
 
 
 @needs_kernel
@@ -418,33 +426,36 @@ def test_sampler_decodes_the_same_tokens_through_sgemm():
   out = [sampler.sample_tokens(params, prompts, mask, rngs, *no_stops,
                                config=_TINY, strategy=sampler.Greedy(),
                                max_new_tokens=8, eos_ids=(), pad_id=0,
-                               cpu_sgemm=flag, pack_weights=pack).tokens
-         for flag, pack in ((True, None), (True, False), (False, None))]
-  np.testing.assert_array_equal(out[0], out[2])
-  np.testing.assert_array_equal(out[1], out[2])
+                               decode=decode).tokens
+         for decode in ("auto", _ROW_MAJOR, "scan", "unrolled", "scan_xla")]
+  for tokens in out[:-1]:
+    np.testing.assert_array_equal(tokens, out[-1])
 
 
 @needs_kernel
-@pytest.mark.parametrize("cpu_sgemm,pack", [(None, None), (True, None), (True, False),
-                                            (False, None)])
-def test_sampler_uses_the_kernels_by_default(cpu_sgemm, pack):
+@pytest.mark.parametrize("decode", [None, "cpu_kernel", _ROW_MAJOR, "unrolled",
+                                    "scan", "scan_xla"])
+def test_sampler_uses_the_kernels_by_default(decode):
   params = llama.init_params(jax.random.PRNGKey(0), _TINY)
   prompts = jnp.zeros((3, 5), jnp.int32)
   no_stops = (jnp.zeros((0, 1, 64), jnp.int32), jnp.zeros((0,), jnp.int32))
-  kw = {} if cpu_sgemm is None else {"cpu_sgemm": cpu_sgemm}
+  kw = {} if decode is None else {"decode": decode}
   text = sampler.sample_tokens.lower(
       params, prompts, jnp.ones((3, 5), bool),
       jax.random.split(jax.random.PRNGKey(0), 3), *no_stops,
       config=_TINY, strategy=sampler.Greedy(), max_new_tokens=2, eos_ids=(),
-      pad_id=0, pack_weights=pack, **kw).as_text()
+      pad_id=0, **kw).as_text()
   calls = {name: text.count(f"@fedjax_u2s_cpu_{name}(")
            for name in ("gemm", "packed_gemm", "attention")}
   layers = _TINY.num_layers
-  if cpu_sgemm is False:
+  if decode in ("unrolled", "scan_xla"):
     assert calls == dict(gemm=0, packed_gemm=0, attention=0)
-  elif pack is False:  # Row-major weights in the decode layers too.
+  elif decode is _ROW_MAJOR:  # Row-major weights in the decode layers too.
     assert calls == dict(gemm=9 + 1 + 7 * layers + 1, packed_gemm=0,
                          attention=layers), calls
+  elif decode == "scan":  # Prefill as below; the decode's scan body: 7
+    # projections + scores and mix over the cache and over the new token.
+    assert calls == dict(gemm=9 + 1 + 11 + 1, packed_gemm=0, attention=0), calls
   else:  # Prefill: 7 projections + 2 attention products in the layer scan's
     # body, and the LM head; each decode layer: packed q/k/v, o, gate/up
     # (with SiLU) and down, and the fused attention; the packed LM head.
@@ -452,23 +463,44 @@ def test_sampler_uses_the_kernels_by_default(cpu_sgemm, pack):
                          attention=layers), calls
 
 
+def test_decode_settings_resolve_by_the_measured_rule():
+  """"auto": the packed kernel decode where the kernel runs here in float32,
+  plain XLA over unrolled layers elsewhere; "scan" takes the kernel by the
+  same rule."""
+  here = ops_lib.kernel_runs_here()
+  auto = decoding.resolve("auto", _TINY)
+  assert auto == (decoding.resolve("cpu_kernel", _TINY) if here
+                  else decoding.DecodePlan(unroll=True))
+  assert decoding.resolve("scan", _TINY) == decoding.DecodePlan(
+      unroll=False, ops=ops_lib.CPU_KERNEL if here else ops_lib.XLA)
+  bf16 = _TINY.replace(dtype="bfloat16")
+  assert decoding.resolve("auto", bf16) == decoding.DecodePlan(unroll=True)
+  assert decoding.resolve("scan", bf16) == decoding.resolve("scan_xla", bf16)
+  assert decoding.resolve("cpu_kernel", bf16).packed  # Asked for: as asked.
+  assert decoding.resolve(_ROW_MAJOR, _TINY) is _ROW_MAJOR
+  with pytest.raises(ValueError, match="Unknown decode setting"):
+    decoding.resolve("fast", _TINY)
+  with pytest.raises(ValueError, match="needs unroll"):
+    decoding.DecodePlan(unroll=False, packed=True)
+
+
 def test_packed_params_give_the_same_logits():
-  """llama.pack_weights: a decode step over packed weights (kernel or, where
+  """decoding.pack_weights: a decode step over packed weights (kernel or, where
   it is unavailable, the einsum fallback) equals one over the originals."""
-  cfg = _TINY.replace(cpu_sgemm=True)
+  cfg = _TINY
   params = llama.init_params(jax.random.PRNGKey(0), cfg, std=0.5)
   with pytest.raises(ValueError, match="unstack_layers"):
-    llama.pack_weights(params, cfg)
+    decoding.pack_weights(params, cfg)
   flat = llama.unstack_layers(params)
-  packed = llama.pack_weights(flat, cfg)
+  packed = decoding.pack_weights(flat, cfg)
   assert isinstance(packed["lm_head"], cpu_gemm.Packed)
   assert set(packed["layers"][0]) == {"attn_norm", "mlp_norm", "qkv", "o",
                                       "gate_up", "down"}
   assert packed["layers"][0]["gate_up"]["w"].glu
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 6), 0, cfg.vocab_size)
   cache = llama.init_cache(cfg, 2, 8, per_layer=True)
-  outs = [jax.jit(functools.partial(llama.forward, config=cfg))(p, tokens, cache=cache)[0]
-          for p in (flat, packed)]
+  step = jax.jit(functools.partial(llama.forward, config=cfg, ops=ops_lib.CPU_KERNEL))
+  outs = [step(p, tokens, cache=cache)[0] for p in (flat, packed)]
   np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
 
 
@@ -490,7 +522,7 @@ def test_decode_weights_keep_gguf_blocks_and_decode_the_same_tokens():
   cfg = _TINY.replace(hidden_size=64, intermediate_size=96, num_heads=4,
                       num_kv_heads=2, head_dim=16)
   params = _as_gguf(llama.init_params(jax.random.PRNGKey(0), cfg), cfg)
-  dec = llama.decode_weights(params, cfg)
+  dec = decoding.decode_weights(params, cfg)
   for lp in dec["layers"]:
     assert {lp[n]["w"].fmt for n in ("qkv", "o", "gate_up", "down")} == {"q4_1"}
   assert dec["lm_head"].fmt == "q8_0"
@@ -508,7 +540,7 @@ def test_decode_weights_keep_gguf_blocks_and_decode_the_same_tokens():
   text = jax.jit(lambda *a: run(*a)).lower(
       params, prompts, mask, rngs, *no_stops, None, dec).as_text()
   assert text.count("@fedjax_u2s_cpu_quant_gemm(") == 4 * cfg.num_layers + 1
-  for kw in (dict(), dict(pack_weights=False), dict(cpu_sgemm=False)):
+  for kw in (dict(), dict(decode=_ROW_MAJOR), dict(decode="unrolled")):
     np.testing.assert_array_equal(
         with_blocks.tokens, run(params, prompts, mask, rngs, *no_stops, **kw).tokens)
   lora = {"q": {"a": jnp.zeros((cfg.num_layers, 64, 2)),
@@ -525,7 +557,7 @@ def test_sampler_makes_decode_weights_once_per_params():
                       intermediate_size=96, head_dim=16)
   params = _as_gguf(llama.init_params(jax.random.PRNGKey(0), cfg), cfg)
   smp = sampler.Sampler(cfg, tok)
-  assert smp.decode_weights  # The unrolled decode through the kernel.
+  assert smp.keeps_decode_weights  # The unrolled decode through the kernel.
   out = smp(params, ["ab", "xyz"], max_new_tokens=6)
   dec = smp.decode_params(params)
   assert dec["lm_head"].fmt == "q8_0"
@@ -533,7 +565,9 @@ def test_sampler_makes_decode_weights_once_per_params():
   assert smp.decode_params(params) is dec  # Same leaves: kept.
   other = jax.tree.map(lambda x: x + 0, params)
   assert smp.decode_params(other) is not dec  # New leaves: remade.
-  plain = sampler.Sampler(cfg, tok, decode_weights=False)
-  assert plain(params, ["ab", "xyz"], max_new_tokens=6).tokens == out.tokens
-  with pytest.raises(ValueError, match="unroll_layers"):
-    sampler.Sampler(cfg, tok, unroll_layers=False, decode_weights=True)
+  for decode in (_ROW_MAJOR, "unrolled", "scan"):  # Nothing kept.
+    plain = sampler.Sampler(cfg, tok, decode=decode)
+    assert not plain.keeps_decode_weights
+    assert plain(params, ["ab", "xyz"], max_new_tokens=6).tokens == out.tokens
+  with pytest.raises(ValueError, match="Unknown decode setting"):
+    sampler.Sampler(cfg, tok, decode="unroll")

@@ -324,7 +324,7 @@ def fixture_tasks():
 
 # One padded length (256) for every scored row and every prompt: one compile
 # of the scorer and one of the sampler per model variant.
-RUN = dict(batch_size=4, max_length=256, length_multiple=256, unroll_layers=False,
+RUN = dict(batch_size=4, max_length=256, length_multiple=256, decode="scan",
            progress=False)
 
 

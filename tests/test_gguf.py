@@ -482,7 +482,7 @@ def test_smollm2_sampler_and_chat_answer(smollm2_path):
   out = s(model.params, [chat], max_new_tokens=32)  # tokenizer EOS: <|im_end|>
   assert out.stop_reasons == ["eos"] and out.tokens[0][-1] == 2
   assert "Paris" in out.texts[0]
-  if s.decode_weights:  # The decode read the GGUF's own blocks, losslessly.
+  if s.keeps_decode_weights:  # The decode read the GGUF's own blocks, losslessly.
     dec = s.decode_params(model.params)
     layer = dec["layers"][0]
     assert {layer[n]["w"].fmt for n in ("qkv", "o", "gate_up", "down")} == {"q4_1"}

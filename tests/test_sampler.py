@@ -212,11 +212,13 @@ def test_left_pad():
   np.testing.assert_array_equal(mask, [[0, 1, 1, 1], [0, 0, 0, 1]])
 
 
-def test_scanned_and_unrolled_layers_sample_the_same(model):
+@pytest.mark.parametrize("decode", ["scan", "unrolled", "scan_xla", "cpu_kernel"])
+def test_every_decode_path_samples_the_same(model, decode):
+  """Unrolled or scanned layers, kernel or XLA, packed or row-major weights:
+  the same greedy tokens as the default ("auto")."""
   cfg, params, tok = model
   prompts = [[5, 17, 33], [7]]
-  a = sampler_lib.Sampler(cfg, tok, unroll_layers=True)(
-      params, prompts, max_new_tokens=10, eos_ids=())
-  b = sampler_lib.Sampler(cfg, tok, unroll_layers=False)(
+  a = sampler_lib.Sampler(cfg, tok)(params, prompts, max_new_tokens=10, eos_ids=())
+  b = sampler_lib.Sampler(cfg, tok, decode=decode)(
       params, prompts, max_new_tokens=10, eos_ids=())
   assert a.tokens == b.tokens

@@ -317,7 +317,7 @@ def test_real_sampler_tiny_model_plumbing(tmp_path):
   rng = np.random.default_rng(0)  # Numpy weights: no init compile.
   params = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype),
                         llama.param_shapes(cfg))
-  smp = sampler_lib.Sampler(cfg, tok, pad_multiple=256, unroll_layers=False)
+  smp = sampler_lib.Sampler(cfg, tok, pad_multiple=256, decode="scan")
   out = str(tmp_path)
   emb = KeywordEmbedder()
   pool_emb = emb.embed([d.text for d in DEMOS])
@@ -394,7 +394,7 @@ def test_smollm2_follows_the_prompt_format(tmp_path, smollm2_path):
   stats = generate.generate_client(
       pieces, client_id=0, pool=demos, pool_embeddings=pool_emb,
       select_fn=top_k_select(pool_emb), embedder=emb,
-      sampler=sampler_lib.Sampler(model.config, model.tokenizer, unroll_layers=False),
+      sampler=sampler_lib.Sampler(model.config, model.tokenizer, decode="scan"),
       params=model.params, tokenizer=model.tokenizer, config=cfg,
       out_dir=str(tmp_path), generator_name="smollm2-135m-instruct", seed=0)
   kept = read_lines(writer.client_path(str(tmp_path), 0))

@@ -59,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.evaluate.num_wiki_questions = 40   # Per split (known / unseen).
   c.evaluate.num_math_questions = 20   # Arithmetic with exact answers.
-  c.evaluate.unroll_layers = False     # Few decode calls per eval: compile dominates.
+  c.evaluate.decode = "scan"           # Few decode calls per eval: compile dominates (layer scan).
 
   if arg == "smoke":
     c.experiment.seeds = (0, 1)
@@ -67,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.chunking.max_pieces_per_client = 4
     c.u2s.max_new_tokens = 96
     c.u2s.batch_size = 4
-    c.u2s_sampler.unroll_layers = False  # Few calls: compile time dominates.
+    c.u2s_sampler.decode = "scan"      # Few calls: compile time dominates (layer scan).
     c.federated.num_rounds = 2
     c.train.max_length = 256
     c.train.local_steps = 1
@@ -82,7 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.chunking.max_pieces_per_client = 0
     c.u2s.batch_size = 32
     c.u2s.max_new_tokens = 192
-    c.u2s_sampler.unroll_layers = True
+    c.u2s_sampler.decode = "auto"      # Many calls: the fastest decode steps here.
     c.experiment.seeds = (0, 1, 2)
     c.federated.num_rounds = 30
     c.federated.clients_per_round = 3
@@ -93,7 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.evaluate.num_wiki_questions = 200
     c.evaluate.num_math_questions = 100
     c.evaluate.batch_size = 32
-    c.evaluate.unroll_layers = True
+    c.evaluate.decode = "auto"         # Many calls: the fastest decode steps here.
     c.model.remat = True               # On a GPU: remat + chunked logits + all
     c.train.logits_chunk_size = 128    # clients in one step were fastest and
     c.federated.clients_per_chunk = 0  # lightest (docs/benchmarks.md).

@@ -41,7 +41,7 @@ def evaluate(model_config: ModelConfig, params: PyTree, tokenizer, suites: Seque
              lora: PyTree | None = None,
              lora_config: lora_lib.LoraConfig | None = None, batch_size: int = 8,
              seed: int = 0, max_length: int | None = 1024, length_multiple: int = 32,
-             unroll_layers: bool = True, progress: bool = True,
+             decode: str = "auto", progress: bool = True,
              logprob_fn: scoring.LogprobFn | None = None) -> dict:
   """Runs every suite; results by task name.
 
@@ -57,7 +57,8 @@ def evaluate(model_config: ModelConfig, params: PyTree, tokenizer, suites: Seque
     seed: sampler seed (decoding is greedy, so results do not depend on it).
     max_length: longest scored row; longer contexts are cut from the left.
     length_multiple: padded lengths are multiples of this (bounds recompiles).
-    unroll_layers: passed to the sampler (faster decoding, slower compile).
+    decode: the sampler's decode path (see :mod:`fedjax_u2s.decoding`):
+      "auto" decodes fastest, "scan" compiles fastest.
     progress: show tqdm bars.
     logprob_fn: replaces the decoder for log-likelihood tasks (tests).
 
@@ -98,7 +99,7 @@ def evaluate(model_config: ModelConfig, params: PyTree, tokenizer, suites: Seque
         if sampler is None:
           sampler = sampler_lib.Sampler(model_config, tokenizer,
                                         pad_multiple=length_multiple,
-                                        unroll_layers=unroll_layers)
+                                        decode=decode)
         res = tasks_lib.run_generation(task, sampler, params, lora=lora,
                                        lora_config=lora_config, seed=seed, **common)
       else:

@@ -4,14 +4,13 @@ Decoding is made of skinny products ([B, D] x [D, F] with B of 1 to 16, and
 attention's few query rows against the cache), where XLA:CPU's dot kernels
 do poorly. ``cpu_gemm.cc`` runs products of up to 32 rows through its own
 loops, which stream each weight once from memory with the output tile in
-registers, and larger ones through MKL's ``sgemm``. On the 2-core dev VM that
-made SmolLM2-135M's decode steps 1.3x faster at batch 1 and 16, and 1.7-3.2x
-at batch 8 with 900-token prompts, where attention over the cache weighs most;
-prefills were 1.3x faster (docs/benchmarks.md, "Decoding kernels"). So the
-sampler uses it (``sample_tokens(cpu_sgemm=True)``). LoRA training does not:
+registers, and larger ones through MKL's ``sgemm``. That made decode steps
+and prefills faster (docs/benchmarks.md, "Decoding kernels", has the
+numbers), so the sampler's decode paths use it. LoRA training does not:
 there M = B*T is large, XLA's dots fuse their neighbours and the custom call
-cannot, and it was no faster at +18% XLA temp memory
-(:class:`ModelConfig.cpu_sgemm` is off by default).
+cannot, and it was no faster for more XLA temp memory. Only
+``fedjax_u2s.ops`` calls this module: the model asks its ``Ops`` for a
+product, and ``ops.CPU_KERNEL`` routes it here.
 
 Two more calls serve decoding only (no gradient): :func:`matmul` on a
 :class:`Packed` weight (made by :func:`pack`: the weight as contiguous
@@ -21,7 +20,7 @@ sum of values over a KV cache in one call that reads only the slots the
 mask allows. A packed weight whose float32 values are exactly a GGUF Q4_1
 or Q8_0 dequantisation (``pack(w, formats=...)``) keeps those blocks; the
 kernel expands them to the same float32 values, so its products are the
-float32 panels' products, bit for bit, from 6.4x (3.8x) fewer bytes.
+float32 panels' products, bit for bit, from several times fewer bytes.
 
 :func:`matmul` routes a product through ``cpu_gemm.cc`` when all of these
 hold, and through ``jnp.einsum`` otherwise:
@@ -30,12 +29,14 @@ hold, and through ``jnp.einsum`` otherwise:
 * the computation is lowered for the CPU (``lax.platform_dependent``: the same
   jitted function compiled for a GPU or TPU never sees the custom call);
 * both operands are float32;
-* the kernel is available: a C++ compiler built ``cpu_gemm.cc`` against the
-  FFI headers that ship with jaxlib (once, cached under
-  ``$FEDJAX_U2S_CACHE`` or ``~/.cache/fedjax_u2s``), and a CBLAS library was
-  found: ``$FEDJAX_U2S_CBLAS`` if set, else ``libmkl_rt`` from the ``mkl``
-  wheel (a dependency on x86-64 Linux);
-* ``$FEDJAX_U2S_CPU_GEMM`` is not ``0`` (the switch for A/B runs).
+* the kernel is available (:func:`available`): a C++ compiler built
+  ``cpu_gemm.cc`` against the FFI headers that ship with jaxlib (once, cached
+  under ``$FEDJAX_U2S_CACHE`` or ``~/.cache/fedjax_u2s``), and a CBLAS
+  library was found: ``$FEDJAX_U2S_CBLAS`` if set, else ``libmkl_rt`` from
+  the ``mkl`` wheel (a dependency on x86-64 Linux). ``FEDJAX_U2S_CPU_GEMM=0``
+  declares it unavailable, as on a machine without it (for A/B runs across
+  processes); the sampler's ``decode`` setting, not this variable, is the
+  switch that chooses the kernel where it is available.
 
 The kernel's loops and the sgemms are single-threaded (MKL's sequential
 layer); each product is split into blocks run on XLA's own intra-op threads
@@ -193,13 +194,14 @@ def _load() -> str:
 
 
 def available() -> bool:
-  """Whether float32 CPU matmuls go through the sgemm kernel."""
+  """Whether the kernel is built and loaded here (False where
+  ``FEDJAX_U2S_CPU_GEMM=0``: the override that makes it unavailable)."""
   return not _load()
 
 
 def runs_here() -> bool:
   """Whether the kernel is available and JAX computes on the CPU by default
-  (where the sampler lays its decode weights out for it)."""
+  (where the sampler's "auto" decode runs through it)."""
   return available() and jax.default_backend() == "cpu"
 
 
@@ -431,8 +433,8 @@ def pack(w: jax.Array, *, transpose: bool = False,
   ``formats``: block formats (of :data:`FORMATS`) to try in order; the
   first that holds every value of w exactly is used, else float32 panels.
   This reads w on the host: call it outside ``jit``, once per model
-  (``llama.decode_weights``). A float32 w dequantised from a GGUF in one of
-  these formats fits; one trained or merged with an adapter does not (the
+  (``fedjax_u2s.decoding.decode_weights``). A float32 w dequantised from a
+  GGUF in one of these formats fits; one trained or merged with an adapter does not (the
   check stops at its first block), and stays float32.
   """
   if w.ndim != 2:
@@ -441,7 +443,7 @@ def pack(w: jax.Array, *, transpose: bool = False,
   if formats and w.dtype == np.float32 and k % QROWS == 0 and available():
     if isinstance(w, jax.core.Tracer):
       raise ValueError("pack(formats=...) reads the weight on the host: call "
-                       "it outside jit (llama.decode_weights)")
+                       "it outside jit (decoding.decode_weights)")
     host = np.asarray(w)
     for fmt in formats:
       blocks = _encode_blocks(host, transpose, fmt)

@@ -63,11 +63,6 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False         # Rematerialise each layer in the backward pass.
-  # float32 products (projections, attention, LM head) on XLA:CPU through
-  # kernels/cpu_gemm.py. The sampler turns it on (decoding 1.3-3x faster on
-  # 2 cores); training leaves it off (same speed, +18% XLA temp memory). Off
-  # the CPU: a no-op.
-  cpu_sgemm: bool = False
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int | None = None

@@ -6,7 +6,7 @@ scaling), grouped-query attention, SwiGLU, tied or untied embeddings.
 Parameters are a plain pytree with the layers stacked on a leading axis ``L`` so
 the forward pass is one ``lax.scan`` (compile time independent of depth); for
 decoding, :func:`unstack_layers` turns them into a tuple of per-layer pytrees
-that :func:`forward` unrolls::
+that the passes unroll::
 
     {"embed": [V, D],
      "layers": {"attn_norm": [L, D],
@@ -23,6 +23,20 @@ Kernels are ``[in, out]`` (``y = x @ w``); loaders transpose HF's ``[out, in]``.
 RoPE uses the Hugging Face half-split layout; loaders undo llama.cpp's
 interleaving of Q/K rows.
 
+Inference may fuse products: a layer may hold ``qkv`` (q, k and v weights
+side by side, biases too) instead of ``q``/``k``/``v``, and ``gate_up`` (for
+the gated MLP in one op) instead of ``gate``/``up``; an ``lm_head`` beside a
+tied embedding is used for the logits. ``fedjax_u2s.decoding`` builds that
+layout, with weights in whatever form the :class:`~fedjax_u2s.ops.Ops` it
+decodes with multiply by: this module only multiplies, through the ``ops``
+each pass is given (:data:`~fedjax_u2s.ops.XLA`, plain jnp, by default).
+
+Three passes, each read top to bottom, share one layer's pieces (:func:`_qkv`,
+:func:`_attention`, :func:`_out_and_mlp`): :func:`sequence_hidden` (training,
+scoring: no cache), :func:`prefill_hidden` (the same, writing a KV cache) and
+:func:`decode_hidden` (new tokens against a filled cache). :func:`forward`
+picks one and adds the logits.
+
 Decoding state is the explicit :class:`KVCache` pytree. All rows of a batch
 share one write index (prompts are left-padded), so each step writes the cache
 with a single ``dynamic_update_slice`` (per layer, for a per-layer cache);
@@ -33,7 +47,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -41,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_u2s import lora as lora_lib
-from fedjax_u2s.kernels import cpu_gemm
+from fedjax_u2s import ops as ops_lib
 from fedjax_u2s.models.config import ModelConfig
 
 PyTree = Any
@@ -154,7 +168,7 @@ def init_params(rng: jax.Array, config: ModelConfig, std: float = 0.02) -> PyTre
 def unstack_layers(params: PyTree) -> PyTree:
   """Params with ``layers`` as a tuple of per-layer pytrees (no L axis).
 
-  :func:`forward` then unrolls the layers over separate buffers instead of
+  The passes then unroll the layers over separate buffers instead of
   scanning. Decoding wants this: inside a loop, XLA:CPU copies each layer's
   slice of the stacked weights before every matmul, every step (the weights
   once over per token). Training keeps the stacked layout (one scan: compile
@@ -166,76 +180,6 @@ def unstack_layers(params: PyTree) -> PyTree:
   n = jax.tree.leaves(layers)[0].shape[0]
   return {**params,
           "layers": tuple(jax.tree.map(lambda w, i=i: w[i], layers) for i in range(n))}
-
-
-def pack_weights(params: PyTree, config: ModelConfig, *,
-                 formats: tuple[str, ...] = ()) -> PyTree:
-  """Unstacked params laid out for the CPU decode kernel (inference only).
-
-  Each layer's q/k/v weights become one :class:`cpu_gemm.Packed` ``qkv``
-  (biases concatenated too), gate/up one ``gate_up`` for
-  :func:`cpu_gemm.swiglu` (where neither has a bias), o and down packed
-  alone, and the LM head a packed ``lm_head`` (the tied embedding stays
-  for the lookup): fewer, larger calls over contiguous panels (see
-  cpu_gemm.cc). A copy of the weights; :func:`forward` and
-  :func:`logits_from_hidden` take it like the original, but a LoRA
-  adapter must be merged in first (``lora.merge``): the fused products
-  leave no place to add its q/k/v, gate and up terms.
-
-  ``formats``: GGUF block formats each weight is stored in where it holds
-  that weight exactly (:func:`cpu_gemm.pack`); not under ``jit``. See
-  :func:`decode_weights`.
-  """
-  layers = params["layers"]
-  if not isinstance(layers, (list, tuple)):
-    raise ValueError("pack_weights takes unstacked layers: pass "
-                     "unstack_layers(params) first.")
-  pack = functools.partial(cpu_gemm.pack, formats=formats)
-
-  def pack_layer(lp):
-    lp = dict(lp)
-    q, k, v = (lp.pop(name) for name in ("q", "k", "v"))
-    qkv = {"w": pack(jnp.concatenate([q["w"], k["w"], v["w"]], axis=1))}
-    if "b" in q:
-      qkv["b"] = jnp.concatenate([q["b"], k["b"], v["b"]])
-    lp["qkv"] = qkv
-    if "b" not in lp["gate"] and "b" not in lp["up"]:
-      gate, up = lp.pop("gate"), lp.pop("up")
-      lp["gate_up"] = {"w": cpu_gemm.pack_swiglu(gate["w"], up["w"], formats=formats)}
-    return {name: ({**p, "w": pack(p["w"])}
-                   if isinstance(p, dict) and not isinstance(p["w"], cpu_gemm.Packed)
-                   else p)
-            for name, p in lp.items()}
-
-  head = (pack(params["embed"], transpose=True)
-          if config.tie_word_embeddings else pack(params["lm_head"]))
-  return {**params, "layers": tuple(pack_layer(lp) for lp in layers),
-          "lm_head": head}
-
-
-# GGUF block formats the decode weights may be stored in (cpu_gemm.FORMATS),
-# tried in this order.
-DECODE_FORMATS = ("q4_1", "q8_0")
-
-
-def decode_weights(params: PyTree, config: ModelConfig) -> PyTree:
-  """:func:`pack_weights` of ``params`` for decoding, made once per model.
-
-  Each weight whose float32 values are exactly a GGUF block format's
-  dequantisation (a model loaded from such a GGUF) is kept in that format
-  (:data:`DECODE_FORMATS`): the decode steps' products are the same float32
-  products of the same weights, reading 6.4x (Q4_1) or 3.8x (Q8_0) fewer
-  bytes, and the copy is that much smaller. Others (safetensors models,
-  merged adapters) get float32 panels. Reads the weights back to check
-  (host syncs): call it outside ``jit``; :class:`fedjax_u2s.sampler.Sampler`
-  does, once per params, and passes the result to ``sample_tokens``.
-  """
-  # Layers as host views (np.asarray of a CPU array does not copy), so
-  # unstacking slices views of the stacked weights rather than copying them.
-  host = {**params, "layers": jax.tree.map(np.asarray, params["layers"])}
-  packed = pack_weights(unstack_layers(host), config, formats=DECODE_FORMATS)
-  # Norms and biases onto the device once, not at every call.
-  return jax.tree.map(jnp.asarray, packed)
 
 
 def param_shapes(config: ModelConfig) -> PyTree:
@@ -277,8 +221,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
   return out.astype(x.dtype)
 
 
-def _attention(q, k, v, mask, config: ModelConfig, k_old=None, v_old=None,
-               mask_old=None):
+def _attention(q, k, v, mask, config: ModelConfig, ops: ops_lib.Ops = ops_lib.XLA,
+               k_old=None, v_old=None, mask_old=None):
   """Grouped-query attention, optionally also over a cache of older keys.
 
   Keys and values are head-major ([B, K, S, hd], the cache layout) so both
@@ -288,6 +232,7 @@ def _attention(q, k, v, mask, config: ModelConfig, k_old=None, v_old=None,
 
   Args:
     q: [B, T, H, hd]; k, v: [B, K, T, hd]; mask: [B, T, T] bool.
+    config: the model's config; ops: how the two products run.
     k_old, v_old: [B, K, S, hd] cached keys/values, or None.
     mask_old: [B, T, S] bool, which cached slots each query may see.
   Returns:
@@ -298,25 +243,11 @@ def _attention(q, k, v, mask, config: ModelConfig, k_old=None, v_old=None,
   g = h // kh
   q = q.reshape(b, t, kh, g, hd).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, hd]
 
-  # With cfg.cpu_sgemm (decoding), both products go through the sgemm kernel
-  # as one batch of [G*T, hd] x [S, hd]^T and [G*T, S] x [S, hd] products
-  # per (row, KV head): 2-3x faster than XLA's dot on these small shapes.
-  def scores(keys, m):
-    if config.cpu_sgemm:
-      s = cpu_gemm.batched_matmul(q.reshape(b, kh, g * t, hd), keys,
-                                  transpose_b=True, out_dtype=jnp.float32)
-      s = s.reshape(b, kh, g, t, keys.shape[2])
-    else:
-      s = jnp.einsum("bkgtd,bksd->bkgts", q, keys, preferred_element_type=jnp.float32)
-    return jnp.where(m[:, None, None], s / math.sqrt(hd), _NEG_INF)
+  def scores(keys, m):  # -> [B, K, G, T, S]
+    return jnp.where(m[:, None, None], ops.scores(q, keys) / math.sqrt(hd), _NEG_INF)
 
-  def mix(probs, values):  # [B, K, G, T, S] x [B, K, S, hd] -> [B, K, G, T, hd]
-    probs = probs.astype(values.dtype)
-    if config.cpu_sgemm:
-      out = cpu_gemm.batched_matmul(probs.reshape(b, kh, g * t, probs.shape[-1]),
-                                    values)
-      return out.reshape(b, kh, g, t, hd)
-    return jnp.einsum("bkgts,bksd->bkgtd", probs, values)
+  def mix(probs, values):  # -> [B, K, G, T, hd]
+    return ops.mix(probs.astype(values.dtype), values)
 
   s_new = scores(k, mask)
   if k_old is None:
@@ -330,6 +261,284 @@ def _attention(q, k, v, mask, config: ModelConfig, k_old=None, v_old=None,
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
 
 
+# ----------------------------------------------------------------------------
+# One layer's pieces, shared by the three passes.
+
+
+class _Call(NamedTuple):
+  """What every layer of one pass shares."""
+  config: ModelConfig
+  ops: ops_lib.Ops
+  positions: jax.Array  # [B, T] RoPE positions of the new tokens.
+  inv_freq: np.ndarray  # [hd/2] RoPE frequencies.
+  lora_config: lora_lib.LoraConfig | None
+  dropout_rng: jax.Array | None  # LoRA dropout (training only).
+
+
+def _inputs(tokens, input_mask, positions, cache):
+  """Defaults: every token real; positions count the real tokens before each
+  one (in the cache too), which handles left padding."""
+  b, t = tokens.shape
+  if input_mask is None:
+    input_mask = jnp.ones((b, t), bool)
+  input_mask = input_mask.astype(bool)
+  if positions is None:
+    positions = jnp.maximum(jnp.cumsum(input_mask, axis=1, dtype=jnp.int32) - 1, 0)
+    if cache is not None:  # Continue after the real tokens already cached.
+      positions += jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
+  return input_mask, positions
+
+
+def _causal_mask(input_mask):
+  """[B, T, T]: each new token sees the real new tokens up to itself."""
+  slot = jnp.arange(input_mask.shape[1])
+  return input_mask[:, None, :] & (slot[None, :, None] >= slot[None, None, :])
+
+
+def _embed(params, tokens, config):
+  return jnp.take(params["embed"], tokens, axis=0).astype(config.compute_dtype)
+
+
+def _layer_rng(call: _Call, i):
+  return None if call.dropout_rng is None else jax.random.fold_in(call.dropout_rng, i)
+
+
+def _linear(call: _Call, lp, ll, name: str, x, rng, j: int):
+  """``x @ w (+ b)`` of projection ``name``, plus its LoRA update if any.
+
+  j: the projection's index, so each gets its own dropout key.
+  """
+  dt = call.config.compute_dtype
+  p = lp[name]
+  y = call.ops.matmul(x, p["w"].astype(dt))
+  if "b" in p:
+    y = y + p["b"].astype(dt)
+  if ll is not None and name in ll:
+    r = None if rng is None else jax.random.fold_in(rng, j)
+    y = y + lora_lib.apply(x, ll[name], call.lora_config.scale,
+                           dropout=call.lora_config.dropout, rng=r)
+  return y
+
+
+def _qkv(call: _Call, lp, ll, x, rng):
+  """A layer's input -> q [B, T, H, hd] and k, v [B, K, T, hd], RoPE applied."""
+  cfg = call.config
+  b, t, _ = x.shape
+  hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+  h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+  if "qkv" in lp:  # Fused for inference: one product for q, k and v.
+    if ll is not None and any(n in ll for n in ("q", "k", "v", "gate", "up")):
+      raise ValueError("Fused q/k/v and gate/up weights leave no place for their "
+                       "LoRA terms: merge the adapter into the params "
+                       "(lora.merge) before fusing.")
+    q, k, v = jnp.split(_linear(call, lp, ll, "qkv", h, rng, 0),
+                        [nh * hd, (nh + nkv) * hd], axis=-1)
+  else:
+    q, k, v = (_linear(call, lp, ll, n, h, rng, j) for j, n in enumerate("qkv"))
+  q = apply_rope(q.reshape(b, t, nh, hd), call.positions, call.inv_freq)
+  k = apply_rope(k.reshape(b, t, nkv, hd), call.positions, call.inv_freq)
+  return q, k.transpose(0, 2, 1, 3), v.reshape(b, t, nkv, hd).transpose(0, 2, 1, 3)
+
+
+def _out_and_mlp(call: _Call, lp, ll, x, attn, rng):
+  """The attention's output projection, then the gated MLP, each a residual."""
+  cfg = call.config
+  x = x + _linear(call, lp, ll, "o", attn, rng, 3)
+  h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+  if "gate_up" in lp:  # Fused for inference: both products and SiLU in one op.
+    mlp = call.ops.swiglu(h, lp["gate_up"]["w"].astype(cfg.compute_dtype))
+  else:
+    mlp = jax.nn.silu(_linear(call, lp, ll, "gate", h, rng, 4)) * _linear(
+        call, lp, ll, "up", h, rng, 5)
+  return x + _linear(call, lp, ll, "down", mlp, rng, 6)
+
+
+def _over_layers(layer, x, layers, lora, per_layer, num_layers: int):
+  """Runs ``layer(x, lp, ll, i, per_layer_i) -> (x, out)`` over every layer.
+
+  Stacked layers: one ``lax.scan``, so compile time does not grow with
+  depth; the weights (and ``per_layer``) are scanned over, not closed over
+  and indexed, so autodiff forwards each layer's slice to the backward pass
+  instead of saving a stacked copy of every weight; outs come back stacked
+  on L. A tuple of layers (:func:`unstack_layers`): unrolled, so no layer's
+  weights are sliced (= copied by XLA:CPU) inside a decode loop; outs come
+  back as a list. ``per_layer``: a tuple of arrays or of per-layer tuples,
+  indexed by layer, or None.
+  """
+  if isinstance(layers, (list, tuple)):
+    outs = []
+    for i, lp in enumerate(layers):
+      ll = None if lora is None else jax.tree.map(lambda w, i=i: w[i], lora)
+      mine = None if per_layer is None else tuple(a[i] for a in per_layer)
+      x, out = layer(x, lp, ll, i, mine)
+      outs.append(out)
+    return x, outs
+
+  def body(x, xs):
+    lp, ll, i, mine = xs
+    return layer(x, lp, ll, i, mine)
+
+  return jax.lax.scan(body, x, (layers, lora, jnp.arange(num_layers), per_layer))
+
+
+def _stacked(outs):
+  """Per-layer (k, v) outs -> ([L, ...] keys, [L, ...] values)."""
+  if isinstance(outs, list):
+    return jnp.stack([k for k, _ in outs]), jnp.stack([v for _, v in outs])
+  return outs
+
+
+def _check_lora(lora, lora_config):
+  if lora is not None and lora_config is None:
+    raise ValueError("forward(lora=...) needs lora_config.")
+
+
+# ----------------------------------------------------------------------------
+# The passes.
+
+
+def _self_attention_layers(params, tokens, *, config, input_mask, positions, lora,
+                           lora_config, dropout_rng, ops, cache=None):
+  """The new tokens attend only to each other: the layers of a full-sequence
+  pass or a prefill. Returns the final hidden states (normed), the input
+  mask, and every layer's keys and values ([L, B, K, T, hd] each, or a list
+  of per-layer pairs)."""
+  _check_lora(lora, lora_config)
+  input_mask, positions = _inputs(tokens, input_mask, positions, cache)
+  call = _Call(config, ops, positions, rope_frequencies(config), lora_config,
+               dropout_rng)
+  mask = _causal_mask(input_mask)
+
+  def layer(x, lp, ll, i, _):
+    rng = _layer_rng(call, i)
+    q, k, v = _qkv(call, lp, ll, x, rng)
+    attn = _attention(q, k, v, mask, config, ops)
+    return _out_and_mlp(call, lp, ll, x, attn, rng), (k, v)
+
+  if config.remat:
+    layer = jax.checkpoint(layer, prevent_cse=False)
+  x, kv = _over_layers(layer, _embed(params, tokens, config), params["layers"],
+                       lora, None, config.num_layers)
+  return rms_norm(x, params["final_norm"], config.rms_norm_eps), input_mask, kv
+
+
+def sequence_hidden(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
+                    input_mask: jax.Array | None = None,
+                    positions: jax.Array | None = None,
+                    lora: PyTree | None = None,
+                    lora_config: lora_lib.LoraConfig | None = None,
+                    dropout_rng: jax.Array | None = None,
+                    ops: ops_lib.Ops = ops_lib.XLA) -> jax.Array:
+  """The full-sequence pass (training, scoring): [B, T] -> [B, T, D] final
+  normed hidden states. Arguments as for :func:`forward`."""
+  x, _, _ = _self_attention_layers(
+      params, tokens, config=config, input_mask=input_mask, positions=positions,
+      lora=lora, lora_config=lora_config, dropout_rng=dropout_rng, ops=ops)
+  return x
+
+
+def prefill_hidden(params: PyTree, tokens: jax.Array, cache: KVCache, *,
+                   config: ModelConfig, input_mask: jax.Array | None = None,
+                   positions: jax.Array | None = None,
+                   lora: PyTree | None = None,
+                   lora_config: lora_lib.LoraConfig | None = None,
+                   ops: ops_lib.Ops = ops_lib.XLA) -> tuple[jax.Array, KVCache]:
+  """The first tokens into an empty ``cache``: ``(hidden [B, T, D], cache)``.
+
+  The tokens attend only to each other (no S x T masked work over the
+  empty slots), as in :func:`sequence_hidden`; their keys and values are
+  then written at ``cache.index``.
+  """
+  x, input_mask, kv = _self_attention_layers(
+      params, tokens, config=config, input_mask=input_mask, positions=positions,
+      lora=lora, lora_config=lora_config, dropout_rng=None, ops=ops, cache=cache)
+  valid = jax.lax.dynamic_update_slice(cache.valid, input_mask, (0, cache.index))
+  t = tokens.shape[1]
+  if cache.per_layer:  # One write per layer's buffers.
+    at = (0, 0, cache.index, 0)
+    if not isinstance(kv, list):  # Scanned: [L, ...] keys and values.
+      kv = [(kv[0][i], kv[1][i]) for i in range(config.num_layers)]
+    k = tuple(jax.lax.dynamic_update_slice(buf, k_new.astype(buf.dtype), at)
+              for buf, (k_new, _) in zip(cache.k, kv))
+    v = tuple(jax.lax.dynamic_update_slice(buf, v_new.astype(buf.dtype), at)
+              for buf, (_, v_new) in zip(cache.v, kv))
+    return x, KVCache(k=k, v=v, valid=valid, index=cache.index + t)
+  return x, _write_stacked(cache, *_stacked(kv), valid, t)
+
+
+def _write_stacked(cache, k_new, v_new, valid, t):
+  """One in-place write of the T new slots of every layer ([L, B, K, T, hd])."""
+  at = (0, 0, 0, cache.index, 0)
+  return KVCache(
+      k=jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), at),
+      v=jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), at),
+      valid=valid, index=cache.index + t)
+
+
+def decode_hidden(params: PyTree, tokens: jax.Array, cache: KVCache, *,
+                  config: ModelConfig, input_mask: jax.Array | None = None,
+                  positions: jax.Array | None = None,
+                  lora: PyTree | None = None,
+                  lora_config: lora_lib.LoraConfig | None = None,
+                  ops: ops_lib.Ops = ops_lib.XLA) -> tuple[jax.Array, KVCache]:
+  """New tokens against a filled ``cache``: ``(hidden [B, T, D], cache)``.
+
+  The T tokens go to slots ``cache.index..index+T-1`` and attend to every
+  valid slot before them and to each other. A per-layer cache (with
+  unstacked layers) is written first and read in place by ``ops.attention``
+  (one fused kernel call per layer where enabled); a stacked one is read as
+  it was, with the new keys beside it, and written after all layers.
+  """
+  _check_lora(lora, lora_config)
+  input_mask, positions = _inputs(tokens, input_mask, positions, cache)
+  call = _Call(config, ops, positions, rope_frequencies(config), lora_config, None)
+  dt = config.compute_dtype
+  b, t = tokens.shape
+  slot, k_slot = jnp.arange(t), jnp.arange(cache.max_length)
+  valid = jax.lax.dynamic_update_slice(cache.valid, input_mask, (0, cache.index))
+  x = _embed(params, tokens, config)
+
+  if cache.per_layer:
+    if not isinstance(params["layers"], (list, tuple)):
+      raise ValueError("A per-layer KV cache needs unstacked layers: pass "
+                       "unstack_layers(params), or use init_cache(per_layer=False).")
+    # Each new token sees the real tokens up to and including its own slot.
+    mask = valid[:, None, :] & (k_slot[None, None, :] <= cache.index + slot[None, :, None])
+    reference = functools.partial(_attention, config=config, ops=ops)
+
+    def layer(x, lp, ll, i, bufs):
+      k_buf, v_buf = bufs
+      q, k, v = _qkv(call, lp, ll, x, None)
+      at = (0, 0, cache.index, 0)
+      k_buf = jax.lax.dynamic_update_slice(k_buf, k.astype(k_buf.dtype), at)
+      v_buf = jax.lax.dynamic_update_slice(v_buf, v.astype(v_buf.dtype), at)
+      attn = ops.attention(q, k_buf.astype(dt), v_buf.astype(dt), mask,
+                           reference=reference)
+      return _out_and_mlp(call, lp, ll, x, attn, None), (k_buf, v_buf)
+
+    x, bufs = _over_layers(layer, x, params["layers"], lora, (cache.k, cache.v),
+                           config.num_layers)
+    new_cache = KVCache(k=tuple(k for k, _ in bufs), v=tuple(v for _, v in bufs),
+                        valid=valid, index=cache.index + t)
+  else:
+    mask = _causal_mask(input_mask)
+    # The real slots before the write index.
+    seen = cache.valid & (k_slot[None, :] < cache.index)  # [B, S]
+    mask_old = jnp.broadcast_to(seen[:, None, :], (b, t, cache.max_length))
+
+    def layer(x, lp, ll, i, old):
+      k_old, v_old = old
+      q, k, v = _qkv(call, lp, ll, x, None)
+      attn = _attention(q, k, v, mask, config, ops, k_old.astype(dt),
+                        v_old.astype(dt), mask_old)
+      return _out_and_mlp(call, lp, ll, x, attn, None), (k, v)
+
+    x, kv = _over_layers(layer, x, params["layers"], lora, (cache.k, cache.v),
+                         config.num_layers)
+    new_cache = _write_stacked(cache, *_stacked(kv), valid, t)
+  return rms_norm(x, params["final_norm"], config.rms_norm_eps), new_cache
+
+
 def forward(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
             input_mask: jax.Array | None = None,
             positions: jax.Array | None = None,
@@ -338,8 +547,9 @@ def forward(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
             lora_config: lora_lib.LoraConfig | None = None,
             dropout_rng: jax.Array | None = None,
             return_hidden: bool = False,
-            prefill: bool = False):
-  """Runs the decoder.
+            prefill: bool = False,
+            ops: ops_lib.Ops = ops_lib.XLA):
+  """Runs the decoder: one of the three passes, then the LM head.
 
   Args:
     params: base parameters (layout in the module docstring).
@@ -349,175 +559,43 @@ def forward(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
     positions: [B, T] RoPE positions. Defaults to the count of real tokens
       before each one (in the cache too), which handles left padding.
     cache: if given, the T tokens are written at ``cache.index`` and attend to
-      everything valid in the cache; the updated cache is returned. A
-      per-layer cache (``init_cache(per_layer=True)``) needs unstacked layers.
+      everything valid in the cache (:func:`decode_hidden`); the updated cache
+      is returned. A per-layer cache (``init_cache(per_layer=True)``) needs
+      unstacked layers.
     lora: optional adapter pytree (see :mod:`fedjax_u2s.lora`).
     lora_config: required with ``lora``.
-    dropout_rng: enables LoRA dropout (training only).
+    dropout_rng: enables LoRA dropout (training only; no cache).
     return_hidden: return the final normed hidden states [B, T, D] instead of
       logits (for chunked losses).
     prefill: promise that ``cache`` holds nothing yet, so the tokens attend
-      only to each other (skips S x T masked work); the cache is still filled.
+      only to each other (:func:`prefill_hidden`); the cache is still filled.
+    ops: how the products run (static): :data:`fedjax_u2s.ops.XLA`, or
+      :data:`fedjax_u2s.ops.CPU_KERNEL` for decoding on the CPU.
 
   Returns:
     ``(logits [B, T, V] float32, cache)``; ``cache`` is None if none was given.
   """
-  cfg = config
-  b, t = tokens.shape
-  dt = cfg.compute_dtype
-  if input_mask is None:
-    input_mask = jnp.ones((b, t), bool)
-  input_mask = input_mask.astype(bool)
-  if positions is None:
-    positions = jnp.maximum(jnp.cumsum(input_mask, axis=1, dtype=jnp.int32) - 1, 0)
-    if cache is not None:  # Continue after the real tokens already cached.
-      positions += jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
-
-  attend_cache = cache is not None and not prefill
-  per_layer_cache = cache is not None and cache.per_layer
-  slot = jnp.arange(t)
-  mask = input_mask[:, None, :] & (slot[None, :, None] >= slot[None, None, :])
-  mask_old = mask_all = None
-  if cache is not None:
-    k_slot = jnp.arange(cache.max_length)
-    valid = jax.lax.dynamic_update_slice(cache.valid, input_mask, (0, cache.index))
-  if attend_cache and per_layer_cache:
-    # The T new tokens are written first (slots index..index+T-1); each then
-    # attends to the real tokens up to and including its own slot.
-    mask_all = valid[:, None, :] & (k_slot[None, None, :]
-                                    <= cache.index + slot[None, :, None])
-  elif attend_cache:
-    # Slots before the write index that hold real tokens; the T new tokens
-    # go to slots index..index+T-1 after the layer scan.
-    seen = cache.valid & (k_slot[None, :] < cache.index)  # [B, S]
-    mask_old = jnp.broadcast_to(seen[:, None, :], (b, t, cache.max_length))
-
-  if lora is not None and lora_config is None:
-    raise ValueError("forward(lora=...) needs lora_config.")
-  inv_freq = rope_frequencies(cfg)
-  lora_scale = lora_config.scale if lora is not None else 0.0
-  lora_dropout = lora_config.dropout if lora is not None else 0.0
-  hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-
-  layers = params["layers"]
-
-  def layer(x, lp, ll, i, k_old, v_old, k_buf=None, v_buf=None):
-    """One block. lp, ll: this layer's base / LoRA params; i: its index.
-
-    k_old, v_old: a stacked cache's slice for this layer (read only; the new
-    keys and values are returned and written after all layers); k_buf, v_buf:
-    instead, this layer's own cache buffers, updated and returned.
-    """
-    rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-
-    def proj(name, h, j):
-      p = lp[name]
-      y = cpu_gemm.matmul(h, p["w"].astype(dt), sgemm=cfg.cpu_sgemm)
-      if "b" in p:
-        y = y + p["b"].astype(dt)
-      if ll is not None and name in ll:
-        r = None if rng is None else jax.random.fold_in(rng, j)
-        y = y + lora_lib.apply(h, ll[name], lora_scale, dropout=lora_dropout, rng=r)
-      return y
-
-    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    if "qkv" in lp:  # pack_weights: one product for q, k and v.
-      if ll is not None and any(n in ll for n in ("q", "k", "v", "gate", "up")):
-        raise ValueError("pack_weights fused q/k/v and gate/up: merge the LoRA "
-                         "adapter into the params (lora.merge) before packing.")
-      q, k, v = jnp.split(proj("qkv", h, 0), [nh * hd, (nh + nkv) * hd], axis=-1)
-    else:
-      q, k, v = proj("q", h, 0), proj("k", h, 1), proj("v", h, 2)
-    q = q.reshape(b, t, nh, hd)
-    k = k.reshape(b, t, nkv, hd)
-    v = v.reshape(b, t, nkv, hd)
-    q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq).transpose(0, 2, 1, 3)  # [B, K, T, hd]
-    v = v.transpose(0, 2, 1, 3)
-    if k_buf is not None:
-      at = (0, 0, cache.index, 0)
-      k_buf = jax.lax.dynamic_update_slice(k_buf, k.astype(k_buf.dtype), at)
-      v_buf = jax.lax.dynamic_update_slice(v_buf, v.astype(v_buf.dtype), at)
-    if k_buf is not None and attend_cache:  # Decoding: the fused kernel.
-      attn = cpu_gemm.attention(q, k_buf.astype(dt), v_buf.astype(dt), mask_all,
-                                reference=functools.partial(_attention, config=cfg),
-                                enabled=cfg.cpu_sgemm)
-    elif k_old is not None:
-      attn = _attention(q, k, v, mask, cfg, k_old.astype(dt), v_old.astype(dt),
-                        mask_old)
-    else:  # No cache, or a prefill: the new tokens attend to each other.
-      attn = _attention(q, k, v, mask, cfg)
-    if k_buf is not None:
-      k, v = k_buf, v_buf  # Returned: the updated buffers.
-    x = x + proj("o", attn, 3)
-    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    if "gate_up" in lp:  # pack_weights: both products and SiLU in one call.
-      mlp = cpu_gemm.swiglu(h, lp["gate_up"]["w"].astype(dt), sgemm=cfg.cpu_sgemm)
-    else:
-      mlp = jax.nn.silu(proj("gate", h, 4)) * proj("up", h, 5)
-    x = x + proj("down", mlp, 6)
-    return x, (k, v)
-
-  if cfg.remat:
-    layer = jax.checkpoint(layer, prevent_cse=False)
-
-  x = jnp.take(params["embed"], tokens, axis=0).astype(dt)
-  if isinstance(layers, (list, tuple)):
-    # Unstacked (see unstack_layers): unrolled over separate buffers, so no
-    # layer's weights are sliced (= copied by XLA:CPU) inside a decode loop.
-    k_new, v_new = [], []
-    for i, lp in enumerate(layers):
-      ll = None if lora is None else jax.tree.map(lambda w, i=i: w[i], lora)
-      if per_layer_cache:
-        x, (k, v) = layer(x, lp, ll, i, None, None, cache.k[i], cache.v[i])
-      else:
-        kv_old = (cache.k[i], cache.v[i]) if attend_cache else (None, None)
-        x, (k, v) = layer(x, lp, ll, i, *kv_old)
-      k_new.append(k)
-      v_new.append(v)
-    if not per_layer_cache:
-      k_new, v_new = jnp.stack(k_new), jnp.stack(v_new)
-  elif per_layer_cache:
-    raise ValueError("A per-layer KV cache needs unstacked layers: pass "
-                     "unstack_layers(params), or use init_cache(per_layer=False).")
+  kw = dict(config=config, input_mask=input_mask, positions=positions, lora=lora,
+            lora_config=lora_config, ops=ops)
+  if cache is not None and dropout_rng is not None:
+    raise ValueError("forward(dropout_rng=...) is for training: not with a cache.")
+  if cache is None:
+    x, new_cache = sequence_hidden(params, tokens, dropout_rng=dropout_rng, **kw), None
+  elif prefill:
+    x, new_cache = prefill_hidden(params, tokens, cache, **kw)
   else:
-    # Stacked: one scan, so compile time does not grow with depth. The
-    # weights are scanned over (xs), not closed over and indexed: autodiff
-    # then forwards each layer's slice to the backward pass instead of
-    # saving a stacked copy of every weight as a residual.
-    def body(x, xs):
-      lp, ll, i, kv_old = xs
-      return layer(x, lp, ll, i, *kv_old)
-
-    kv_old = (cache.k, cache.v) if attend_cache else (None, None)
-    x, (k_new, v_new) = jax.lax.scan(
-        body, x, (layers, lora, jnp.arange(cfg.num_layers), kv_old))
-  # k_new, v_new: [L, B, K, T, hd]
-  x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-
-  new_cache = None
-  if per_layer_cache:  # Each layer has written its own buffers.
-    new_cache = KVCache(k=tuple(k_new), v=tuple(v_new), valid=valid,
-                        index=cache.index + t)
-  elif cache is not None:
-    # One in-place write of the T new slots of every layer.
-    at = (0, 0, 0, cache.index, 0)
-    new_cache = KVCache(
-        k=jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), at),
-        v=jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), at),
-        valid=valid, index=cache.index + t)
+    x, new_cache = decode_hidden(params, tokens, cache, **kw)
   if return_hidden:
     return x, new_cache
-  return logits_from_hidden(params, x, config=cfg), new_cache
+  return logits_from_hidden(params, x, config=config, ops=ops), new_cache
 
 
-def logits_from_hidden(params: PyTree, x: jax.Array, *, config: ModelConfig) -> jax.Array:
+def logits_from_hidden(params: PyTree, x: jax.Array, *, config: ModelConfig,
+                       ops: ops_lib.Ops = ops_lib.XLA) -> jax.Array:
   """[..., D] final hidden states -> [..., V] float32 logits."""
   dt = config.compute_dtype
-  if config.tie_word_embeddings and not isinstance(params.get("lm_head"),
-                                                   cpu_gemm.Packed):
-    w, transpose_w = params["embed"], True
-  else:
+  if "lm_head" in params:  # Untied, or laid out for decoding beside a tied embedding.
     w, transpose_w = params["lm_head"], False
-  return cpu_gemm.matmul(x.astype(dt), w.astype(dt), transpose_w=transpose_w,
-                         sgemm=config.cpu_sgemm, out_dtype=jnp.float32)
+  else:  # Tied: the embedding, transposed.
+    w, transpose_w = params["embed"], True
+  return ops.logits(x.astype(dt), w.astype(dt), transpose_w=transpose_w)

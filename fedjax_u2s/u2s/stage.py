@@ -107,7 +107,7 @@ def run_generation(config: ml_collections.ConfigDict, workdir: str, *, model,
   select = generate_lib.make_select_fn(config.u2s.selection, pool_emb)
   smp = sampler_lib.Sampler(model.config, model.tokenizer,
                             pad_multiple=config.u2s_sampler.pad_multiple,
-                            unroll_layers=config.u2s_sampler.unroll_layers)
+                            decode=config.u2s_sampler.decode)
   out_dir = writer_lib.generated_dir(workdir)
   all_stats = []
   for cid, pieces in enumerate(per_client):
