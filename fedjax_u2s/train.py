@@ -11,6 +11,12 @@ server state (adapter, optimizer state, controls, round, rng) or a pure
 function of ``(seed, round)`` (client sampling) or of the checkpointed data
 cursors (which examples each client sees next). A run killed at any point and
 started again with the same command ends with bit-identical adapters.
+
+With ``config.federated.dp.enabled`` every metrics row carries ``dp_epsilon``,
+the cumulative epsilon after that round at ``dp.delta``
+(:func:`fedjax_u2s.federated.privacy.epsilon`), and ``dp_clipped_fraction``.
+The accountant is a pure function of the rounds completed, so nothing of it
+is checkpointed; the DP noise comes from the checkpointed rng.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from fedjax_u2s import metrics as metrics_lib
 from fedjax_u2s.data import batching
 from fedjax_u2s.federated import objectives
 from fedjax_u2s.federated import parallel
+from fedjax_u2s.federated import privacy
 from fedjax_u2s.federated import sampling
 from fedjax_u2s.federated.config import AlgorithmConfig
 
@@ -215,6 +222,8 @@ def _validate(config: ml_collections.ConfigDict,
     raise ValueError(
         f"config.federated.clients_per_round={fed.clients_per_round} but only "
         f"{num_clients} clients exist; lower it to at most {num_clients}.")
+  if fed.dp.enabled:
+    privacy.check_accountant()
   return fed
 
 
@@ -347,6 +356,13 @@ def _run_round(run: _Run, ckpt: checkpoint_lib.Checkpointer, server: PyTree,
          "clients": [int(i) for i in ids],
          "bytes_down": n_sampled * run.lora_bytes,
          "bytes_up": n_sampled * run.lora_bytes}
+  if fed.dp.enabled:
+    row["dp_clipped_fraction"] = float(m["dp_clipped_fraction"])
+    row["dp_epsilon"] = privacy.epsilon(
+        noise_multiplier=fed.dp.noise_multiplier,
+        sampling_rate=privacy.sampling_rate(fed.clients_per_round,
+                                            len(run.client_sets)),
+        rounds=r + 1, delta=fed.dp.delta)
   return server, row
 
 

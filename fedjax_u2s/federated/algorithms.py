@@ -15,6 +15,15 @@ so memory stays bounded by one chunk; the example-weighted sum of deltas is accu
 carry. Client ``i`` of round ``r`` draws its randomness from
 ``fold_in(fold_in(key, r), i)``, so results depend neither on the chunk size
 nor on the number of devices (up to float summation order).
+
+With ``config.federated.dp.enabled`` the round is DP-FedAvg
+(:mod:`fedjax_u2s.federated.privacy`): each client's delta is clipped to
+``dp.clip_norm`` (folded into its aggregation weight), the clipped deltas are
+summed with uniform weights (example counts are ignored), Gaussian noise is
+added to the sum, which is divided by ``clients_per_round``, and the result
+goes to the server optimizer as usual. The noise of round ``r`` comes from
+``privacy.noise_key(root, r)``, so it is fresh every round and identical on
+resume.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import optax
 from fedjax_u2s.federated import aggregation
 from fedjax_u2s.federated import client as client_lib
 from fedjax_u2s.federated import objectives
+from fedjax_u2s.federated import privacy
 from fedjax_u2s.federated import state as state_lib
 from fedjax_u2s.federated.config import (ALGORITHMS, LR_SCHEDULES,
                                          AlgorithmConfig, AlgorithmSpec)
@@ -96,14 +106,18 @@ class _Sums(NamedTuple):
   """The scan carry of a round: what the chunks of clients add up.
 
   Attributes:
-    delta: example-weighted sum of client deltas (a params tree).
-    weight: sum of client weights (examples).
+    delta: example-weighted sum of client deltas (a params tree); with DP the
+      plain sum of clipped deltas.
+    weight: sum of client weights (examples); with DP the number of real
+      (non-padding) clients.
+    clipped: with DP, how many clients' deltas were clipped (else 0).
     nonfinite: some client produced a non-finite loss or gradient.
     control_delta: SCAFFOLD: sum of client control deltas (else None).
     client_controls: SCAFFOLD: the controls of all clients [N, ...] (else None).
   """
   delta: PyTree
   weight: jax.Array
+  clipped: jax.Array
   nonfinite: jax.Array
   control_delta: PyTree | None
   client_controls: PyTree | None
@@ -178,7 +192,10 @@ def _apply(server_state: ServerState, frozen: PyTree,
                                                 sums.nonfinite)
   c_loss = _unchunked(c_loss)[:num_real]
   c_tokens = _unchunked(c_tokens)[:num_real]
-  return new_state, _round_metrics(c_loss, c_tokens, mean_delta, nonfinite)
+  metrics = _round_metrics(c_loss, c_tokens, mean_delta, nonfinite)
+  if cfg.dp.enabled:
+    metrics["dp_clipped_fraction"] = sums.clipped / jnp.maximum(sums.weight, 1.0)
+  return new_state, metrics
 
 
 def _chunk_clients(cfg: AlgorithmConfig, client_batches: ClientBatches,
@@ -238,8 +255,18 @@ def _train_clients(cfg: AlgorithmConfig, loss_fn: objectives.LossFn,
     ci = (jax.tree.map(lambda t: t[ids], sums.client_controls)
           if spec.scaffold else None)
     out = jax.vmap(one_client)(batch, step_mask, ids, ci)
+    clipped = sums.clipped
+    if cfg.dp.enabled:
+      # Uniform weights: 1 per real client (0 for padding), times its clip
+      # factor, so the accumulated sum is that of the clipped deltas.
+      real = (weights > 0).astype(jnp.float32)
+      factors, norms = privacy.clip_factors(out.delta, cfg.dp.clip_norm)
+      weights = real * factors
+      clipped = clipped + jnp.sum(real * (norms > cfg.dp.clip_norm))
+      weight = sums.weight + jnp.sum(real)
+    else:
+      weight = sums.weight + jnp.sum(weights)
     delta = aggregation.accumulate(sums.delta, out.delta, weights)
-    weight = sums.weight + jnp.sum(weights)
     nonfinite = sums.nonfinite | jnp.any(out.nonfinite)
     control_delta, client_controls = sums.control_delta, sums.client_controls
     if spec.scaffold:
@@ -247,11 +274,13 @@ def _train_clients(cfg: AlgorithmConfig, loss_fn: objectives.LossFn,
                                    control_delta, out.control_delta)
       client_controls = jax.tree.map(lambda t, d: t.at[ids].add(d),
                                      client_controls, out.control_delta)
-    sums = _Sums(delta, weight, nonfinite, control_delta, client_controls)
+    sums = _Sums(delta, weight, clipped, nonfinite, control_delta,
+                 client_controls)
     return sums, (out.loss_sum, out.num_tokens)
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  sums0 = _Sums(zeros, jnp.zeros((), jnp.float32), jnp.array(False),
+  sums0 = _Sums(zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+                jnp.array(False),
                 zeros if spec.scaffold else None, server_state.client_controls)
   return jax.lax.scan(body, sums0, xs, length=num_chunks)
 
@@ -259,13 +288,22 @@ def _train_clients(cfg: AlgorithmConfig, loss_fn: objectives.LossFn,
 def _server_step(cfg: AlgorithmConfig, server_opt: optax.GradientTransformation,
                  server_state: ServerState, sums: _Sums
                  ) -> tuple[ServerState, PyTree]:
-  """The server optimizer on the weighted mean delta, and SCAFFOLD's control.
+  """The server optimizer on the mean delta, and SCAFFOLD's control.
+
+  The mean is example-weighted, or with DP the noised sum of clipped deltas
+  over the fixed ``clients_per_round`` (:func:`privacy.noised_mean`).
 
   Returns:
     The next server state and the mean delta.
   """
   params = server_state.params
-  mean_delta = aggregation.weighted_mean(sums.delta, sums.weight)
+  if cfg.dp.enabled:
+    mean_delta = privacy.noised_mean(
+        sums.delta, privacy.noise_key(server_state.key(), server_state.round),
+        clip_norm=cfg.dp.clip_norm, noise_multiplier=cfg.dp.noise_multiplier,
+        expected_clients=cfg.clients_per_round)
+  else:
+    mean_delta = aggregation.weighted_mean(sums.delta, sums.weight)
   new_params, new_opt_state = aggregation.server_update(
       params, server_state.opt_state, mean_delta, server_opt)
   new_control = server_state.control

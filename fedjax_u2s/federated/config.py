@@ -48,6 +48,46 @@ LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
+class DPConfig:
+  """``config.federated.dp``: client-level differential privacy (DP-FedAvg).
+
+  A nested block (frozen and hashable like :class:`AlgorithmConfig`, which
+  the jitted round closes over). When enabled, each sampled client's update
+  (its delta from the global adapter, the whole LoRA pytree) is clipped to L2
+  norm ``clip_norm``, Gaussian noise of std ``noise_multiplier * clip_norm``
+  is added to the SUM of clipped updates and the sum is divided by
+  ``clients_per_round``: uniform weights and a fixed denominator replace the
+  example-count weighting (see :mod:`fedjax_u2s.federated.privacy`, which
+  also states the accountant's sampling assumption).
+  """
+  # Clip, noise and account each round (McMahan et al. 2018, DP-FedAvg).
+  enabled: bool = False
+  # L2 bound C on each client's update (its whole adapter delta).
+  clip_norm: float = 1.0
+  # Noise std over C: the sum of clipped updates gets N(0, (z * C)^2); 0 = clip only (epsilon inf).
+  noise_multiplier: float = 1.0
+  # The delta of the reported (epsilon, delta) guarantee.
+  delta: float = 1e-5
+
+  def __post_init__(self):
+    self.validate()
+
+  def validate(self) -> None:
+    """Raises ValueError naming the first field out of range (when enabled)."""
+    if not self.enabled:
+      return
+    def bad(field, allowed):
+      raise ValueError(f"config.federated.dp.{field}={getattr(self, field)!r}: "
+                       f"must be {allowed} when config.federated.dp.enabled.")
+    if not self.clip_norm > 0:
+      bad("clip_norm", "> 0")
+    if not self.noise_multiplier >= 0:
+      bad("noise_multiplier", ">= 0 (0 = clip only, no guarantee)")
+    if not 0 < self.delta < 1:
+      bad("delta", "in (0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
 class AlgorithmConfig:
   """``config.federated``: the algorithm, its optimizers and the round schedule.
 
@@ -92,6 +132,8 @@ class AlgorithmConfig:
   lr_schedule: str = "cosine"
   # Rounds of linear warmup of the client lr.
   warmup_rounds: int = 1
+  # Client-level differential privacy: enabled, clip_norm, noise_multiplier, delta.
+  dp: DPConfig = dataclasses.field(default_factory=DPConfig)
 
   def __post_init__(self):
     self.validate()
@@ -125,6 +167,16 @@ class AlgorithmConfig:
                   "client_b2"):
       if not 0 <= getattr(self, field) < 1:
         bad(field, "in [0, 1)")
+    if not isinstance(self.dp, DPConfig):
+      raise TypeError(f"config.federated.dp: expected a DPConfig, got "
+                      f"{type(self.dp).__name__}.")
+    if self.dp.enabled and self.spec.scaffold:
+      raise ValueError(
+          f"config.federated.dp.enabled=True with algorithm={self.algorithm!r}: "
+          "SCAFFOLD sends each client's control-variate update to the server "
+          "unclipped and un-noised (and keeps per-client controls there), which "
+          "leaks per-client information outside the DP mechanism. Use fedavg, "
+          "fedprox, fedavgm, fedadagrad, fedadam or fedyogi with DP.")
 
   def to_dict(self) -> dict[str, Any]:
     """The fields in definition order (for ``ml_collections.ConfigDict``)."""
@@ -147,29 +199,52 @@ class AlgorithmConfig:
     if not hasattr(cfg, "items"):
       raise TypeError(f"config.federated: expected a ConfigDict or mapping, "
                       f"got {type(cfg).__name__}.")
-    values = dict(cfg.items())
-    names = cls.field_names()
-    allowed = f"the fields are: {', '.join(names)}"
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-      raise ValueError(f"config.federated has unknown field(s) "
-                       f"{', '.join(unknown)}; {allowed}.")
-    missing = [n for n in names if n not in values]
-    if missing:
-      raise ValueError(f"config.federated is missing field(s) "
-                       f"{', '.join(missing)}; {allowed}.")
-    kw = {}
-    for f in dataclasses.fields(cls):
-      kw[f.name] = _coerce(f.name, values[f.name], type(f.default))
-    return cls(**kw)
+    return cls(**_fields_from(cls, cfg, "config.federated"))
 
   @property
   def spec(self) -> AlgorithmSpec:
     return ALGORITHMS[self.algorithm]
 
 
+def _fields_from(cls: type, cfg: Any, where: str) -> dict[str, Any]:
+  """The keyword arguments of dataclass ``cls`` from mapping ``cfg`` at ``where``.
+
+  Every field is required and no other is allowed; nested dataclass fields
+  (``dp``) are read from nested mappings the same way.
+  """
+  if not hasattr(cfg, "items"):
+    raise TypeError(f"{where}: expected a ConfigDict or mapping, "
+                    f"got {type(cfg).__name__}.")
+  values = dict(cfg.items())
+  names = tuple(f.name for f in dataclasses.fields(cls))
+  allowed = f"the fields are: {', '.join(names)}"
+  unknown = sorted(set(values) - set(names))
+  if unknown:
+    raise ValueError(f"{where} has unknown field(s) "
+                     f"{', '.join(unknown)}; {allowed}.")
+  missing = [n for n in names if n not in values]
+  if missing:
+    raise ValueError(f"{where} is missing field(s) "
+                     f"{', '.join(missing)}; {allowed}.")
+  kw = {}
+  for f in dataclasses.fields(cls):
+    value = values[f.name]
+    if f.default_factory is not dataclasses.MISSING:  # A nested block.
+      kind = type(f.default_factory())
+      kw[f.name] = value if isinstance(value, kind) else kind(
+          **_fields_from(kind, value, f"{where}.{f.name}"))
+    else:
+      kw[f.name] = _coerce(f"{where}.{f.name}", value, type(f.default))
+  return kw
+
+
 def _coerce(name: str, value: Any, kind: type) -> Any:
-  """``value`` as ``kind`` (int -> float allowed; nothing lossy or from bool)."""
+  """``value`` as ``kind`` (int -> float allowed; nothing lossy or from bool).
+
+  ``name`` is the full dotted name of the field (for the error).
+  """
+  if kind is bool and isinstance(value, (bool, np.bool_)):
+    return bool(value)
   ok = not isinstance(value, (bool, np.bool_))
   if kind is float and ok and isinstance(value, numbers.Real):
     return float(value)
@@ -177,5 +252,5 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
     return int(value)
   if kind is str and isinstance(value, str):
     return value
-  raise ValueError(f"config.federated.{name}={value!r}: must be of type "
+  raise ValueError(f"{name}={value!r}: must be of type "
                    f"{kind.__name__}, got {type(value).__name__}.")
