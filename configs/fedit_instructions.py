@@ -22,6 +22,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.path = "builtin:wiki"       # builtin:wiki or a local JSON/JSONL/Parquet/CSV file.
   c.data.format = "auto"             # auto | alpaca | dolly | chat (a "messages" list).
+  # Your file's column for each role, when it is not the format's own name
+  # (e.g. --config.data.fields.response=completion); "" = the format's name.
+  c.data.fields = ml_collections.ConfigDict(
+      {"instruction": "", "input": "", "response": "", "category": "", "messages": ""})
   c.data.topics = ("medicine", "math", "physics", "geography", "history", "technology")
   c.data.max_examples = 2000         # Cap on rows used (seeded sample); 0 = all.
   c.data.eval_fraction = 0.05        # Held out for the eval loss.
