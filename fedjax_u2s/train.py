@@ -153,7 +153,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_config,
       if progress:
         progress.update(1)
         progress.set_postfix(loss=f"{row['train_loss']:.3f}",
-                             tok_s=f"{row['tokens_per_s']:.0f}")
+                             tok_s=f"{row['tokens_per_s']:.0f}",
+                             **({"eps": f"{row['dp_epsilon']:.2f}"}
+                                if "dp_epsilon" in row else {}))
       r = done
   finally:
     if progress:
@@ -215,9 +217,10 @@ def _validate(config: ml_collections.ConfigDict,
     raise ValueError("No clients: the data produced zero client datasets.")
   for cid, cs in enumerate(client_sets):
     if len(cs.tokens) == 0:
-      raise ValueError(
-          f"Client {cid} has no training examples (after tokenization and "
-          "filtering). Lower partition min sizes, or drop the client.")
+      drops = getattr(cs, "drops", None)
+      why = (f" Tokenization kept none: {drops.note()}." if drops is not None
+             and drops.num_dropped else " Lower partition min sizes, or drop the client.")
+      raise ValueError(f"Client {cid} has no training examples.{why}")
   if fed.clients_per_round > num_clients:
     raise ValueError(
         f"config.federated.clients_per_round={fed.clients_per_round} but only "

@@ -5,6 +5,8 @@
 experiment from its defaults, and :func:`fedjax_u2s.federated.algorithms.build`
 reads a ConfigDict back with :meth:`AlgorithmConfig.from_config`, which
 refuses missing and unknown fields and checks every value up front.
+``config.federated.dp`` is a nested block, :class:`DPConfig` (client-level
+differential privacy, :mod:`fedjax_u2s.federated.privacy`), read the same way.
 
 This module imports neither JAX nor optax, so config files stay light.
 """
@@ -64,7 +66,8 @@ class DPConfig:
   enabled: bool = False
   # L2 bound C on each client's update (its whole adapter delta).
   clip_norm: float = 1.0
-  # Noise std over C: the sum of clipped updates gets N(0, (z * C)^2); 0 = clip only (epsilon inf).
+  # z: the sum of clipped updates gets N(0, (z * C)^2) noise; 0 = clip only
+  # (epsilon inf).
   noise_multiplier: float = 1.0
   # The delta of the reported (epsilon, delta) guarantee.
   delta: float = 1e-5
