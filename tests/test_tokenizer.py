@@ -298,7 +298,7 @@ def test_chat_template_rendering_details(tmp_path):
 
 
 def train_sentencepiece():
-  spm = pytest.importorskip("sentencepiece")
+  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
   rng = random.Random(0)
   words = ("the quick brown fox jumps over the lazy dog naïve café 東京 hello world "
            "tokenization byte fallback sentence piece model training data 2024 "
