@@ -111,9 +111,7 @@ def u2s_config() -> ml_collections.ConfigDict:
   c.u2s.batch_size = 8
   c.u2s.max_new_tokens = 160
 
-  c.u2s_sampler = ml_collections.ConfigDict()
-  c.u2s_sampler.pad_multiple = 128     # Prompt length bucket (fewer recompiles).
-  c.u2s_sampler.decode = "auto"        # decoding.DECODES; auto: fastest decode here.
+  c.u2s.sampling.pad_multiple = 128    # Long few-shot prompts: coarser buckets.
 
   c.data = ml_collections.ConfigDict()
   c.data.eval_fraction = 0.1           # Generated pairs held out for the eval loss.

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from fedjax_u2s import decoding
 from fedjax_u2s.data import instructions
 from fedjax_u2s.federated import algorithms
 
@@ -116,6 +117,9 @@ for _block in ("sampling", "u2s.sampling"):
       f"{_block}.top_k": int_at_least(1),
   })
 RULES["sampling.max_new_tokens"] = int_at_least(1)
+for _block in ("sampling", "u2s.sampling", "evaluate"):
+  RULES[f"{_block}.decode"] = one_of(*decoding.DECODES)
+RULES["u2s.sampling.pad_multiple"] = int_at_least(1)
 
 
 def _lookup(config: ml_collections.ConfigDict, path: str):

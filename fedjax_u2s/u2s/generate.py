@@ -51,6 +51,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.sampling.temperature = 0.7    # Softmax temperature (not used by greedy).
   c.sampling.top_p = 0.9          # Nucleus mass for top_p.
   c.sampling.top_k = 40           # Candidates for top_k.
+  c.sampling.pad_multiple = 32    # Prompt length bucket (fewer recompiles).
+  c.sampling.decode = "auto"      # decoding.DECODES; auto: the fastest decode here.
   c.filters = filters_lib.default_filter_config()  # Thresholds, see filters.py.
   c.lock()
   return c

@@ -106,8 +106,8 @@ def run_generation(config: ml_collections.ConfigDict, workdir: str, *, model,
   pool_emb = embedder.embed([d.text for d in pool])
   select = generate_lib.make_select_fn(config.u2s.selection, pool_emb)
   smp = sampler_lib.Sampler(model.config, model.tokenizer,
-                            pad_multiple=config.u2s_sampler.pad_multiple,
-                            decode=config.u2s_sampler.decode)
+                            pad_multiple=config.u2s.sampling.pad_multiple,
+                            decode=config.u2s.sampling.decode)
   out_dir = writer_lib.generated_dir(workdir)
   all_stats = []
   for cid, pieces in enumerate(per_client):
