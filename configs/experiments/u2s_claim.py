@@ -14,20 +14,11 @@ federated total of steps) and the selection ablation ``fedit_random`` /
 ``results.json``, ``results.md`` and ``results.png``. Rerunning the same
 command resumes: finished generations, arms and evaluations are skipped.
 
-Cost of the default (CPU-sized) config on a 2-core CPU, SmolLM2-135M: measured
-end to end at 1 h 21 min on 2026-11-23 (results in docs/RESULTS.md). The
-estimate it was sized by: 3 clients x <=10 pieces per
-demonstration selection, 3 selections (~90 pieces at ~2 s each plus sampler
-compiles: ~5-10 min); per seed 24 client steps for each of the three
-federated arms and for centralized, 3 x 12 for local-only, i.e. 132 steps per
-seed and 264 over the two seeds (~25-45 min), plus ~1-2 min of compile for
-each of the three distinct training shapes (the persistent compilation cache
-serves the other 11 of the 14 training runs); 15 evaluations (80
-multiple-choice questions, 20 arithmetic questions, the held-out pairs),
-~1-2 min each. About 1-1.5 h in all. ``:smoke`` (44 steps at batch 2, 12
-pieces per selection, 15 small evaluations) is compile-dominated: roughly
-15-20 min on 2 cores. ``:gpu`` (9 clients, 3 seeds, 7,560 client steps) is
-meant for one accelerator.
+What each size costs, as measured, with the command: docs/RESULTS.md (the
+CPU-sized default, end to end) and docs/benchmarks.md (per stage). The sizes
+are chosen so that the default fits an afternoon on a 2-core CPU, ``:smoke``
+is compile-dominated (a CI-sized check of every arm), and ``:gpu`` (9 clients,
+3 seeds) is meant for one accelerator.
 """
 
 import ml_collections

@@ -42,7 +42,7 @@ The kernel's loops and the sgemms are single-threaded (MKL's sequential
 layer); each product is split into blocks run on XLA's own intra-op threads
 (the C++ file is built with -march=native, per machine), so no second
 thread pool competes for the cores (MKL's OpenMP threads beside XLA's made
-the training step 10% slower). The custom call is differentiable (a
+the training step slower; docs/benchmarks.md). The custom call is differentiable (a
 ``custom_vjp`` whose backward is two more calls with a transposed operand,
 so no transpose is materialised) and batches under ``jax.vmap`` without
 copying a shared operand: an unbatched weight arrives as a size-1 batch dim,
