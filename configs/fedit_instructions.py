@@ -12,7 +12,7 @@ Alpaca, Dolly or chat-``messages`` rows to use your own.
 
 import ml_collections
 
-from fedjax_u2s.config_lib import base_config
+from fedjax_u2s.config_blocks import base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -16,7 +16,7 @@ Rerunning the same command resumes whichever stage was interrupted.
 
 import ml_collections
 
-from fedjax_u2s.config_lib import u2s_config
+from fedjax_u2s.config_blocks import u2s_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

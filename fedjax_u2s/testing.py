@@ -8,7 +8,7 @@ import os
 import jax
 import numpy as np
 
-from fedjax_u2s import config_lib
+from fedjax_u2s import config_blocks
 from fedjax_u2s import tokenizer as tokenizer_lib
 from fedjax_u2s.models import hf_loader
 from fedjax_u2s.models import llama
@@ -251,10 +251,10 @@ def federated_config(**overrides):
   """The production ``config.federated`` block with explicit ``overrides``.
 
   Tests start from the defaults every experiment gets
-  (:func:`fedjax_u2s.config_lib.federated_config`) and name each value they
+  (:func:`fedjax_u2s.config_blocks.federated_config`) and name each value they
   need changed; the block is locked, so a misspelt override raises.
   """
-  cfg = config_lib.federated_config()
+  cfg = config_blocks.federated_config()
   cfg.lock()
   cfg.update(overrides)
   return cfg

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_u2s import config_lib
+from fedjax_u2s import config_blocks
 from fedjax_u2s import lora as lora_lib
 from fedjax_u2s import testing
 from fedjax_u2s.federated import aggregation
@@ -314,7 +314,7 @@ def test_unknown_names_raise_listing_the_valid_ones():
 
 
 def test_config_has_one_definition_and_from_config_takes_exactly_its_fields():
-  production = config_lib.federated_config()
+  production = config_blocks.federated_config()
   assert algorithms.AlgorithmConfig.from_config(production) == (
       algorithms.AlgorithmConfig())
   assert production.to_dict() == algorithms.AlgorithmConfig().to_dict()

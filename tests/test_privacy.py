@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fedjax_u2s import config_lib
+from fedjax_u2s import config_blocks
 from fedjax_u2s import testing
 from fedjax_u2s import train
 from fedjax_u2s.data.instructions import TokenizedSet
@@ -217,7 +217,7 @@ def test_epsilon_edges():
 
 
 def test_dp_block_is_in_every_federated_config():
-  production = config_lib.federated_config()
+  production = config_blocks.federated_config()
   assert production.dp.to_dict() == {"enabled": False, "clip_norm": 1.0,
                                      "noise_multiplier": 1.0, "delta": 1e-5}
   cfg = AlgorithmConfig.from_config(production)
@@ -275,7 +275,7 @@ def _tokenized_set(seed: int, n: int, t: int = 12) -> TokenizedSet:
 
 
 def _train(workdir, base_params, **overrides):
-  c = config_lib.base_config()
+  c = config_blocks.base_config()
   c.lora.rank = 2
   c.lora.alpha = 4.0
   c.federated.num_rounds = 3

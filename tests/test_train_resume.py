@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from fedjax_u2s import checkpoint
-from fedjax_u2s import config_lib
+from fedjax_u2s import config_blocks
 from fedjax_u2s import testing
 from fedjax_u2s import train
 from fedjax_u2s.data.instructions import TokenizedSet
@@ -40,7 +40,7 @@ def _tokenized_set(seed: int, n: int, t: int = 12) -> TokenizedSet:
 
 def _config(**overrides):
   """The production config shrunk to the tiny model; dotted-key overrides."""
-  c = config_lib.base_config()
+  c = config_blocks.base_config()
   c.lora.rank = 2
   c.lora.alpha = 4.0
   c.federated.num_rounds = 4

@@ -23,7 +23,7 @@ is compile-dominated (a CI-sized check of every arm), and ``:gpu`` (9 clients,
 
 import ml_collections
 
-from fedjax_u2s.config_lib import u2s_config
+from fedjax_u2s.config_blocks import u2s_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -1,7 +1,7 @@
 """The federated-optimization config: one definition, fields and defaults.
 
 :class:`AlgorithmConfig` is the single source of ``config.federated``:
-:func:`fedjax_u2s.config_lib.federated_config` builds the ConfigDict of every
+:func:`fedjax_u2s.config_blocks.federated_config` builds the ConfigDict of every
 experiment from its defaults, and :func:`fedjax_u2s.federated.algorithms.build`
 reads a ConfigDict back with :meth:`AlgorithmConfig.from_config`, which
 refuses missing and unknown fields and checks every value up front.

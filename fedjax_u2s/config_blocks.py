@@ -7,6 +7,10 @@ adds its own data blocks, so every field has one definition and one comment.
 
 import ml_collections
 
+from fedjax_u2s.federated import config as fed_config_lib
+from fedjax_u2s.u2s import corpus as corpus_lib
+from fedjax_u2s.u2s import generate as generate_lib
+
 
 def federated_config() -> ml_collections.ConfigDict:
   """The algorithm block shared by every federated config (``config.federated``).
@@ -14,9 +18,6 @@ def federated_config() -> ml_collections.ConfigDict:
   Built from :class:`fedjax_u2s.federated.config.AlgorithmConfig`, the one
   definition of its fields, defaults and comments.
   """
-  # A light import (no JAX); here rather than at the top only to keep this
-  # function's definition in one place while the rest of the module changes.
-  from fedjax_u2s.federated import config as fed_config_lib
   return ml_collections.ConfigDict(fed_config_lib.AlgorithmConfig().to_dict())
 
 
@@ -80,10 +81,6 @@ def u2s_config() -> ml_collections.ConfigDict:
   used for generation, held-out generated pairs and the offline evaluation.
   Experiments set ``pipeline`` and resize what they need.
   """
-  # Imported here: these pull the U2S modules, which plain FedIT configs skip.
-  from fedjax_u2s.u2s import corpus as corpus_lib
-  from fedjax_u2s.u2s import generate as generate_lib
-
   c = base_config()
   c.corpus = corpus_lib.default_config()
   c.corpus.kind = "wiki"
