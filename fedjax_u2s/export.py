@@ -188,7 +188,10 @@ def load_peft(path: str, config: ModelConfig
   # Settings that change what the tensors mean; reading past them would give
   # a different model than PEFT's, silently.
   unsupported = {"rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
-                 "modules_to_save": None, "lora_bias": False, "fan_in_fan_out": False}
+                 "modules_to_save": None, "lora_bias": False, "fan_in_fan_out": False,
+                 "bias": "none", "trainable_token_indices": None,
+                 "layer_replication": None, "target_parameters": None,
+                 "alora_invocation_tokens": None, "use_qalora": False}
   for key, default in unsupported.items():
     if pc.get(key) not in (default, None, [], {}, False):
       raise ValueError(f"{cfg_path}: {key}={pc[key]!r} is not supported (only "

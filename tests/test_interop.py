@@ -211,7 +211,9 @@ def test_load_peft_refuses_settings_it_would_ignore(tmp_path):
   pc = json.loads(cfg_path.read_text())
   for key, value in (("rank_pattern", {"q_proj": 4}), ("alpha_pattern", {"q_proj": 2}),
                      ("layers_to_transform", [0]), ("modules_to_save", ["lm_head"]),
-                     ("lora_bias", True), ("fan_in_fan_out", True)):
+                     ("lora_bias", True), ("fan_in_fan_out", True), ("bias", "all"),
+                     ("trainable_token_indices", [5]), ("layer_replication", [[0, 2]]),
+                     ("target_parameters", ["mlp.experts.down_proj"])):
     cfg_path.write_text(json.dumps({**pc, key: value}))
     with pytest.raises(ValueError, match=key):
       export.load_peft(str(tmp_path / "peft"), config)
