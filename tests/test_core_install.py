@@ -13,7 +13,7 @@ import textwrap
 SCRIPT = textwrap.dedent("""
     import importlib.abc, importlib.metadata, sys
 
-    BLOCKED = {"scann", "datasets", "matplotlib", "mkl", "pyarrow", "tensorboardX",
+    BLOCKED = {"scann", "datasets", "matplotlib", "mkl", "pyarrow", "tensorboardX", "dp_accounting",
                "mathematics_dataset", "sympy", "transformers", "torch"}
 
     class Block(importlib.abc.MetaPathFinder):
