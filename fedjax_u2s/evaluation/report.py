@@ -119,6 +119,35 @@ def compare_table(results_by_model: Mapping[str, Mapping[str, dict]]) -> str:
 # The single-run report (report.md of the fedit / u2s jobs).
 
 
+def paired_rows(scores_b: Mapping[str, dict], scores_a: Mapping[str, dict]
+                ) -> dict[str, dict]:
+  """Per task, the headline of ``a`` minus ``b`` on their shared questions.
+
+  A paired bootstrap over questions (:func:`stats.paired_bootstrap`), Holm-
+  adjusted over the tasks of the table (:func:`stats.adjust_family`), with
+  :func:`stats.verdict`'s reading. Tasks without per-question records are
+  left out.
+  """
+  qa, qb = stats.question_values(scores_a), stats.question_values(scores_b)
+  out = {t: stats.paired_bootstrap(qa[t], qb[t]) for t in qa if t in qb}
+  stats.adjust_family(list(out.values()))
+  for task, r in out.items():
+    head = scores_a[task]["headline"]
+    r.update(metric=head, a=scores_a[task].get(head), b=scores_b[task].get(head),
+             verdict=stats.verdict(r, head in LOWER_IS_BETTER))
+  return out
+
+
+def paired_models_table(rows: Mapping[str, dict], a: str, b: str) -> str:
+  """Markdown of :func:`paired_rows`: both values, the difference, its interval."""
+  lines = [f"| task | metric | n | {b} | {a} | {a} - {b} [95% paired CI], p | reading |",
+           "|---|---|---|---|---|---|---|"]
+  for task, r in rows.items():
+    lines.append(f"| {task} | {r['metric']} | {r['n']} | {_fmt(r['b'])} | "
+                 f"{_fmt(r['a'])} | {stats.format_interval(r)} | {r['verdict']} |")
+  return "\n".join(lines) + "\n"
+
+
 def write_report(workdir: str, title: str, sections: list[tuple[str, str]]) -> str:
   """Writes ``workdir/report.md``: a title and ``(heading, markdown)`` sections."""
   path = os.path.join(workdir, "report.md")
@@ -143,7 +172,8 @@ def generation_table(gen_stats: dict, corpus: dict) -> str:
   return "\n".join(lines)
 
 
-def u2s_report(workdir: str, config, gen: dict, result, comparison: str) -> str:
+def u2s_report(workdir: str, config, gen: dict, result, comparison: str,
+               paired: str = "") -> str:
   """Writes the ``u2s`` job's ``report.md``: setup, generated data, tuning, scores.
 
   Args:
@@ -152,6 +182,7 @@ def u2s_report(workdir: str, config, gen: dict, result, comparison: str) -> str:
     gen: the ``generate`` stage summary (``stats``, ``corpus``).
     result: the :class:`fedjax_u2s.train.TrainResult`.
     comparison: :func:`compare_table` of base vs tuned.
+    paired: :func:`paired_models_table` of tuned vs base.
 
   Returns:
     The report's path.
@@ -185,7 +216,11 @@ def u2s_report(workdir: str, config, gen: dict, result, comparison: str) -> str:
       ("Evaluation: base vs tuned", comparison + "\n\nwiki_known: questions about "
        "articles whose text some client holds; wiki_unseen: articles of the same "
        "topics that no client holds; math: arithmetic with exact answers. Headline "
-       "metric starred (acc_norm for multiple choice)."),
+       "metric starred (acc_norm for multiple choice).\n\n" + (
+           "Headline differences on the same questions, with 95% paired-bootstrap "
+           "intervals over questions (Holm-adjusted p over the tasks; a difference "
+           f"is judged only on at least {stats.MIN_QUESTIONS} questions):\n\n"
+           + paired if paired else "")),
   ])
 
 
@@ -398,3 +433,70 @@ def write_claim_results(workdir: str, results: dict) -> tuple[str, str | None]:
   print("\n" + table + "\n" + "\n".join(found) + f"\n\nResults: {md_path}")
   logging.info("Wrote %s, %s", md_path, png)
   return md_path, png
+
+
+# ----------------------------------------------------------------------------
+# The extraction / membership-inference audit (evaluation/privacy_audit.py).
+
+
+def _count_cell(count, n, rate, ci) -> str:
+  if not n:
+    return "-"
+  return f"{count}/{n} = {rate:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def audit_table(results_by_model: Mapping[str, dict]) -> str:
+  """Markdown: one row per model of :func:`privacy_audit.audit` results.
+
+  Cells are ``count/n = rate [95% interval]``; the notes under the table say
+  what was counted, under which settings (those of the first model; a
+  model audited otherwise gets its own note) and how the intervals were made.
+  """
+  if not results_by_model:
+    raise ValueError("audit_table needs at least one model.")
+  header = ["model", "verbatim", "near-verbatim", "non-member verbatim",
+            "non-member near-verbatim", "MIA AUC [95%]", "members / non-members"]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  notes, first = [], None
+  for model, res in results_by_model.items():
+    base = res.get("baseline") or {}
+    if res.get("mia_auc") is None:
+      auc_cell = "-"
+    else:
+      lo, hi = res["mia_auc_ci"]
+      auc_cell = f"{res['mia_auc']:.3f} [{lo:.3f}, {hi:.3f}]"
+    row = [model,
+           _count_cell(res["verbatim"], res["n"], res["verbatim_rate"], res["verbatim_ci"]),
+           _count_cell(res["near_verbatim"], res["n"], res["near_verbatim_rate"],
+                       res["near_verbatim_ci"]),
+           _count_cell(base.get("verbatim"), base.get("n"), base.get("verbatim_rate"),
+                       base.get("verbatim_ci")),
+           _count_cell(base.get("near_verbatim"), base.get("n"),
+                       base.get("near_verbatim_rate"), base.get("near_verbatim_ci")),
+           auc_cell, f"{res['n_members']} / {res['n_non_members']}"]
+    lines.append("| " + " | ".join(row) + " |")
+    s = res["settings"]
+    setting = (f"greedy decoding of {s['max_new_tokens']} tokens after the instruction"
+               + (f" and the first {s['prefix_tokens']} response tokens"
+                  if s["prefix_tokens"] else "")
+               + f"; verbatim = the next {s['min_tokens']} reference tokens exactly "
+               f"(the whole rest of the response and its end-of-turn token when "
+               f"shorter); near-verbatim = ROUGE-L F1 >= {s['near_threshold']} over "
+               f"the {s['max_new_tokens']}-token window")
+    if first is None:
+      first = setting
+      notes.append(f"Extraction: {setting}.")
+    elif setting != first:
+      notes.append(f"{model}: {setting}.")
+    skipped = {k: v for d in res.get("skipped", {}).values() for k, v in d.items() if v}
+    if skipped:
+      notes.append(f"{model}: not audited: " + ", ".join(
+          f"{v} {k}" for k, v in skipped.items()) + ".")
+  method = next(iter(results_by_model.values())).get("mia_auc_ci_method", "")
+  notes += ["Rates are over the members audited (non-member columns: the same "
+            "attack on held-out examples, the rate expected without "
+            "memorization); intervals are Wilson 95% score intervals.",
+            "MIA AUC: loss attack, lower mean response-token loss => member; "
+            "the Mann-Whitney AUC with ties counted half (0.5 = chance); "
+            f"interval: {method}."]
+  return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
