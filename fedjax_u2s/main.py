@@ -5,8 +5,11 @@ Override any field with ``--config.a.b=value``; append ``:smoke`` to the config
 path for a run that finishes in minutes on a laptop CPU.
 """
 
+import os
+
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from fedjax_u2s import pipelines
@@ -22,10 +25,28 @@ _REDO = flags.DEFINE_list(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _log_to_workdir(workdir: str) -> str | None:
+  """INFO lines (ours, JAX's, orbax's) go to WORKDIR/logs/; the terminal keeps
+  warnings, progress bars and the stages' own lines. ``--logtostderr`` or
+  ``--alsologtostderr`` keep everything on the terminal as usual."""
+  if flags.FLAGS.logtostderr or flags.FLAGS.alsologtostderr:
+    return None
+  log_dir = os.path.join(workdir, "logs")
+  os.makedirs(log_dir, exist_ok=True)
+  logging.get_absl_handler().use_absl_log_file("fedjax_u2s", log_dir)
+  flags.FLAGS.stderrthreshold = "warning"
+  return log_dir
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  pipelines.run(_CONFIG.value, _WORKDIR.value, redo=_REDO.value)
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  job = pipelines.prepare(config, workdir, redo=_REDO.value)
+  log_dir = _log_to_workdir(workdir)
+  if log_dir:
+    print(f"Logs: {log_dir}/fedjax_u2s.INFO", flush=True)
+  job.run(config, workdir)
 
 
 if __name__ == "__main__":

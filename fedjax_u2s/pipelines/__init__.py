@@ -37,20 +37,16 @@ def get(name: str | None) -> ModuleType:
   return importlib.import_module(PIPELINES[name])
 
 
-def run(config: ml_collections.ConfigDict, workdir: str,
-        redo: Sequence[str] = ()) -> None:
-  """Runs the job ``config.pipeline`` names in ``workdir``.
+def prepare(config: ml_collections.ConfigDict, workdir: str,
+            redo: Sequence[str] = ()) -> ModuleType:
+  """Everything before the job's own work; returns the job's module.
 
-  Before anything loads: every config field is validated, and the workdir's
-  record of what made each stage is compared with this run's (a rerun with
-  other inputs stops, naming them; ``redo`` names stages to start over).
-  ``jax.distributed`` is initialized before anything touches the backend.
-
-  Args:
-    config: the job's config.
-    workdir: where it writes; a rerun resumes.
-    redo: stages to start over with this run's inputs (each with every later
-      stage); their old outputs are moved to ``workdir/superseded/``.
+  Every config field is validated, ``jax.distributed`` is initialized (when
+  ``config.multihost`` asks) before anything touches the backend, and the
+  workdir's record of what made each stage is compared with this run's (a
+  rerun with other inputs stops here, naming them, with nothing written;
+  ``redo`` names stages to start over, their old outputs moved to
+  ``workdir/superseded/``). Then ``config.json`` is written.
   """
   job = get(config.get("pipeline"))
   validate.validate(config)
@@ -61,4 +57,17 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   if moved:
     logging.warning("--redo=%s: moved %s to %s/%s/", ",".join(redo), ", ".join(moved),
                     workdir, workdir_lib.SUPERSEDED)
-  job.run(config, workdir)
+  return job
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        redo: Sequence[str] = ()) -> None:
+  """Runs the job ``config.pipeline`` names in ``workdir`` (:func:`prepare` first).
+
+  Args:
+    config: the job's config.
+    workdir: where it writes; a rerun resumes.
+    redo: stages to start over with this run's inputs (each with every later
+      stage).
+  """
+  prepare(config, workdir, redo).run(config, workdir)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -116,6 +117,28 @@ def mark_done(workdir: str, stage: str, summary: dict) -> None:
   """Records ``stage`` as finished with ``summary`` (atomically)."""
   os.makedirs(os.path.join(workdir, STAGES_DIR), exist_ok=True)
   writer.atomic_write_json(os.path.join(workdir, STAGES_DIR, f"{stage}.json"), summary)
+
+
+def format_seconds(seconds: float) -> str:
+  """``"42s"``, ``"3m 05s"``, ``"1h 02m"``."""
+  seconds = int(round(seconds))
+  if seconds < 60:
+    return f"{seconds}s"
+  if seconds < 3600:
+    return f"{seconds // 60}m {seconds % 60:02d}s"
+  return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+
+
+@contextlib.contextmanager
+def stage(name: str, what: str = ""):
+  """Prints one line when a stage starts and one with its wall time when it ends."""
+  if is_lead():
+    print(f"\n== {name}" + (f": {what}" if what else "") + " ==", flush=True)
+  start = time.perf_counter()
+  yield
+  if is_lead():
+    print(f"== {name}: done in {format_seconds(time.perf_counter() - start)} ==",
+          flush=True)
 
 
 def is_lead() -> bool:

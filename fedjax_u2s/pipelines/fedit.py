@@ -93,8 +93,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   train_examples = [examples[i] for i in np.sort(order[n_eval:])]
   client_examples = split_clients(train_examples, config.partition, config.seed,
                                   dropped=drops)
-  result, stats = common.tune_and_export(config, workdir, model, client_examples,
-                                         eval_examples, read=drops)
+  with common.stage("train", f"{config.federated.num_rounds} rounds of "
+                    f"{config.federated.algorithm} over {len(client_examples)} clients"):
+    result, stats = common.tune_and_export(config, workdir, model, client_examples,
+                                           eval_examples, read=drops)
   rows = result.metrics
   if rows:
     last = [r for r in rows if "train_loss" in r]

@@ -15,11 +15,13 @@ the score files it wrote. ``configs/u2s_wiki.py`` is its config.
 from __future__ import annotations
 
 import os
+import time
 
 import ml_collections
 
 from fedjax_u2s import export
 from fedjax_u2s.evaluation import report
+from fedjax_u2s.evaluation import stats
 from fedjax_u2s.evaluation import suites as suites_lib
 from fedjax_u2s.models import bert
 from fedjax_u2s.pipelines import common
@@ -59,24 +61,55 @@ def client_examples(config: ml_collections.ConfigDict, workdir: str, corpus: dic
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Generates, tunes, evaluates base vs tuned and writes ``report.md``."""
+  start = time.perf_counter()
   model = common.load_model(config)
-  gen = generate(config, workdir, model)
+  done = common.stage_done(workdir, "generate") is not None
+  with common.stage("1/3 generate", "done earlier, read back" if done else
+                    "each client turns its text into instruction-response pairs"):
+    gen = generate(config, workdir, model)
   corpus = gen["corpus"]
 
   train_sets, heldout = client_examples(config, workdir, corpus)
-  result, _ = common.tune_and_export(config, workdir, model, train_sets, heldout)
+  with common.stage("2/3 train", f"{config.federated.num_rounds} rounds of "
+                    f"{config.federated.algorithm} over {len(train_sets)} clients"):
+    result, _ = common.tune_and_export(config, workdir, model, train_sets, heldout)
   if not common.is_lead():
     return
 
-  held = [t for c in corpus["clients"] for t in c["doc_ids"]]
-  suites = suites_lib.from_config(config.evaluate, held, corpus["holdout"])
-  adapter_dir = os.path.join(workdir, "adapter")
-  lora, lcfg = export.load_peft(adapter_dir, model.config) if os.path.exists(
-      adapter_dir) else (result.lora, result.lora_config)
-  eval_dir = os.path.join(workdir, "eval")
-  scores = {"base": common.evaluate_cached(config, model, suites, eval_dir, "base"),
-            "fedit_u2s": common.evaluate_cached(config, model, suites, eval_dir,
-                                                "fedit_u2s", lora, lcfg)}
+  with common.stage("3/3 evaluate", "base vs tuned, offline"):
+    held = [t for c in corpus["clients"] for t in c["doc_ids"]]
+    suites = suites_lib.from_config(config.evaluate, held, corpus["holdout"])
+    adapter_dir = os.path.join(workdir, "adapter")
+    lora, lcfg = export.load_peft(adapter_dir, model.config) if os.path.exists(
+        adapter_dir) else (result.lora, result.lora_config)
+    eval_dir = os.path.join(workdir, "eval")
+    scores = {"base": common.evaluate_cached(config, model, suites, eval_dir, "base"),
+              "fedit_u2s": common.evaluate_cached(config, model, suites, eval_dir,
+                                                  "fedit_u2s", lora, lcfg)}
   comparison = report.compare_table(scores)
-  path = report.u2s_report(workdir, config, gen, result, comparison)
-  print(f"\n{comparison}\n\nReport: {path}")
+  paired = report.paired_rows(scores["base"], scores["fedit_u2s"])
+  path = report.u2s_report(workdir, config, gen, result, comparison,
+                           report.paired_models_table(paired, "fedit_u2s", "base"))
+  print(_summary(gen, result, paired, time.perf_counter() - start, path))
+
+
+def _summary(gen: dict, result, paired: dict, seconds: float, path: str) -> str:
+  """The run's headline numbers, for the terminal."""
+  totals = gen["stats"]["totals"]
+  kept, rejected = totals.get("kept", 0), totals.get("rejected", 0)
+  lines = [f"\nFedIT-U2S done in {common.format_seconds(seconds)} (this run).",
+           f"  pairs kept: {kept} of {kept + rejected} pieces"]
+  train_rows = [r for r in result.metrics if "train_loss" in r]
+  eval_rows = [r for r in result.metrics if "eval_loss" in r]
+  if train_rows:
+    lines.append(f"  train loss: {train_rows[0]['train_loss']:.4f} (round 1) -> "
+                 f"{train_rows[-1]['train_loss']:.4f} (round {train_rows[-1]['round']})")
+  if eval_rows:
+    lines.append(f"  held-out pairs loss: {eval_rows[0]['eval_loss']:.4f} -> "
+                 f"{eval_rows[-1]['eval_loss']:.4f}")
+  for task, r in paired.items():
+    value = lambda v: "-" if v is None else f"{v:.3f}"
+    lines.append(f"  {task} {r['metric']}: base {value(r['b'])}, tuned {value(r['a'])}, "
+                 f"difference {stats.format_interval(r)} ({r['verdict']})")
+  lines.append(f"Report: {path}")
+  return "\n".join(lines)

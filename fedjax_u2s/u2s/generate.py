@@ -146,7 +146,8 @@ def generate_client(pieces: Sequence[Any], *, client_id: int, pool,
                     select_fn: Callable[[np.ndarray, int, int], np.ndarray],
                     embedder, sampler, params, tokenizer,
                     config: ml_collections.ConfigDict, out_dir: str,
-                    generator_name: str, seed: int) -> ClientStats:
+                    generator_name: str, seed: int,
+                    on_batch: Callable[[int], Any] | None = None) -> ClientStats:
   """Generates, filters and writes one client's pairs; resumable.
 
   Args:
@@ -168,6 +169,8 @@ def generate_client(pieces: Sequence[Any], *, client_id: int, pool,
     out_dir: the ``generated/`` directory (see :func:`writer.generated_dir`).
     generator_name: the model name recorded in provenance.
     seed: base seed.
+    on_batch: called with the number of pieces each batch finished (a
+      progress bar's ``update``).
 
   Returns:
     :class:`ClientStats`; ``stats.json`` in ``out_dir`` is updated too.
@@ -234,6 +237,8 @@ def generate_client(pieces: Sequence[Any], *, client_id: int, pool,
         (kept if is_kept else rejected).append({**base, **fields, **prov, **extra})
       writer.append(kept, rejected)
       generated += len(members)
+      if on_batch is not None:
+        on_batch(len(members))
       logging.info("client %d batch %d: %d kept, %d rejected", client_id, b,
                    len(kept), len(rejected))
 

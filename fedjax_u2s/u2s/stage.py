@@ -28,6 +28,7 @@ from typing import Any
 from absl import logging
 import ml_collections
 import numpy as np
+import tqdm
 
 from fedjax_u2s import sampler as sampler_lib
 from fedjax_u2s.u2s import chunking
@@ -110,18 +111,26 @@ def run_generation(config: ml_collections.ConfigDict, workdir: str, *, model,
                             decode=config.u2s.sampling.decode)
   out_dir = writer_lib.generated_dir(workdir)
   all_stats = []
+  done = sum(len(writer_lib.ClientWriter(out_dir, cid).done_ids()
+                 & {str(p.piece_id) for p in pieces})
+             for cid, pieces in enumerate(per_client))
+  bar = tqdm.tqdm(total=sum(len(p) for p in per_client), initial=done,
+                  desc="U2S generation", unit="piece", dynamic_ncols=True)
   for cid, pieces in enumerate(per_client):
     start = time.perf_counter()
+    name = summary["clients"][cid]["name"]
+    bar.set_postfix_str(f"client {cid} ({name})")
     st = generate_lib.generate_client(
         pieces, client_id=cid, pool=pool, pool_embeddings=pool_emb,
         select_fn=select, embedder=embedder, sampler=smp, params=model.params,
         tokenizer=model.tokenizer, config=config.u2s, out_dir=out_dir,
-        generator_name=generator_name, seed=config.seed)
+        generator_name=generator_name, seed=config.seed, on_batch=bar.update)
     all_stats.append(st)
-    name = summary["clients"][cid]["name"]
-    print(f"U2S client {cid} ({name}): {st.kept} kept of {st.kept + st.rejected} "
-          f"pieces ({st.skipped} done earlier), rejected {st.rejected_by_reason}, "
-          f"{time.perf_counter() - start:.0f}s")
+    tqdm.tqdm.write(f"U2S client {cid} ({name}): {st.kept} kept of "
+                    f"{st.kept + st.rejected} pieces ({st.skipped} done earlier), "
+                    f"rejected {st.rejected_by_reason}, "
+                    f"{time.perf_counter() - start:.0f}s")
+  bar.close()
   stats = writer_lib.rebuild_stats(out_dir)
   generated = sum(s.generated for s in all_stats)
   seconds = sum(s.seconds for s in all_stats)
