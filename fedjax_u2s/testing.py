@@ -6,10 +6,12 @@ import importlib.util
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fedjax_u2s import config_blocks
 from fedjax_u2s import tokenizer as tokenizer_lib
+from fedjax_u2s.data import instructions
 from fedjax_u2s.models import hf_loader
 from fedjax_u2s.models import llama
 from fedjax_u2s.models import registry
@@ -236,7 +238,11 @@ def load_config(path: str, arg: str = "", **overrides):
       "config_" + os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config(arg)
+  return set_fields(module.get_config(arg), **overrides)
+
+
+def set_fields(config, **overrides):
+  """Sets dotted-key ``overrides`` (``{"train.batch_size": 2}``) and locks."""
   for key, value in overrides.items():
     node = config
     *parents, last = key.split(".")
@@ -245,6 +251,56 @@ def load_config(path: str, arg: str = "", **overrides):
     node[last] = value
   config.lock()
   return config
+
+
+def tiny_train_config(**overrides):
+  """The production config shrunk for :func:`tiny_llama_config` training runs.
+
+  Rank-2 LoRA, 4 rounds of 2 clients x 2 local steps of 2 examples, eval
+  every 2 rounds, 2 checkpoints kept, no TensorBoard; dotted-key overrides.
+  """
+  c = config_blocks.base_config()
+  c.lora.rank = 2
+  c.lora.alpha = 4.0
+  c.federated.num_rounds = 4
+  c.federated.clients_per_round = 2
+  c.federated.client_lr = 1e-2
+  c.train.batch_size = 2
+  c.train.local_steps = 2
+  c.train.tensorboard = False
+  c.train_eval.every = 2
+  c.train_eval.batch_size = 4
+  c.checkpoint.keep = 2
+  return set_fields(c, **overrides)
+
+
+def random_token_set(seed: int, n: int, vocab_size: int, t: int = 12):
+  """``n`` random sequences of 6..t tokens, loss on all but the first 3.
+
+  A :class:`fedjax_u2s.data.instructions.TokenizedSet`, for training runs on
+  a tiny model without a tokenizer.
+  """
+  rs = np.random.default_rng(seed)
+  lengths = rs.integers(6, t + 1, n)
+  input_mask = np.arange(t) < lengths[:, None]
+  tokens = np.where(input_mask, rs.integers(1, vocab_size, (n, t)), 0)
+  loss_mask = input_mask & (np.arange(t) >= 3)
+  return instructions.TokenizedSet(
+      tokens=tokens.astype(np.int32), input_mask=input_mask, loss_mask=loss_mask,
+      pad_id=0, source_index=np.arange(n, dtype=np.int64),
+      num_response_tokens=int(loss_mask.sum()))
+
+
+def squares_loss(params, frozen, batch, rng):
+  """Sum over examples of 1/2 m (x . w - y)^2, and sum of m.
+
+  A loss whose federated rounds can be computed by hand (one weight, a few
+  examples per client).
+  """
+  del frozen, rng
+  m = batch["m"].astype(jnp.float32)
+  r = batch["x"] @ params["w"] - batch["y"]
+  return jnp.sum(0.5 * m * r * r), jnp.sum(m)
 
 
 def federated_config(**overrides):

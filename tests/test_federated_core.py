@@ -31,12 +31,7 @@ def _full_precision_matmuls():
     yield
 
 
-def squares_loss(params, frozen, batch, rng):
-  """Sum over examples of 1/2 m (x . w - y)^2, and sum of m."""
-  del frozen, rng
-  m = batch["m"].astype(jnp.float32)
-  r = batch["x"] @ params["w"] - batch["y"]
-  return jnp.sum(0.5 * m * r * r), jnp.sum(m)
+squares_loss = testing.squares_loss
 
 
 def _config(**kw) -> ml_collections.ConfigDict:

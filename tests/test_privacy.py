@@ -20,7 +20,6 @@ import pytest
 from fedjax_u2s import config_blocks
 from fedjax_u2s import testing
 from fedjax_u2s import train
-from fedjax_u2s.data.instructions import TokenizedSet
 from fedjax_u2s.federated import algorithms
 from fedjax_u2s.federated import privacy
 from fedjax_u2s.federated.config import AlgorithmConfig
@@ -34,12 +33,7 @@ def _full_precision_matmuls():
     yield
 
 
-def squares_loss(params, frozen, batch, rng):
-  """Sum over examples of 1/2 m (x . w - y)^2, and sum of m."""
-  del frozen, rng
-  m = batch["m"].astype(jnp.float32)
-  r = batch["x"] @ params["w"] - batch["y"]
-  return jnp.sum(0.5 * m * r * r), jnp.sum(m)
+squares_loss = testing.squares_loss
 
 
 def _config(dp=None, **kw) -> ml_collections.ConfigDict:
@@ -262,41 +256,14 @@ NUM_CLIENTS = 3
 TIMING = ("seconds", "tokens_per_s", "compile_s")
 
 
-def _tokenized_set(seed: int, n: int, t: int = 12) -> TokenizedSet:
-  rs = np.random.default_rng(seed)
-  lengths = rs.integers(6, t + 1, n)
-  input_mask = np.arange(t) < lengths[:, None]
-  tokens = np.where(input_mask, rs.integers(1, MODEL.vocab_size, (n, t)), 0)
-  loss_mask = input_mask & (np.arange(t) >= 3)
-  return TokenizedSet(tokens=tokens.astype(np.int32), input_mask=input_mask,
-                      loss_mask=loss_mask, pad_id=0,
-                      source_index=np.arange(n, dtype=np.int64),
-                      num_response_tokens=int(loss_mask.sum()))
-
-
 def _train(workdir, base_params, **overrides):
-  c = config_blocks.base_config()
-  c.lora.rank = 2
-  c.lora.alpha = 4.0
-  c.federated.num_rounds = 3
-  c.federated.clients_per_round = 2
-  c.federated.client_lr = 1e-2
-  c.federated.dp.enabled = True
-  c.federated.dp.clip_norm = 0.05
-  c.federated.dp.noise_multiplier = 1.0
-  c.train.batch_size = 2
-  c.train.local_steps = 2
-  c.train.tensorboard = False
-  c.train_eval.every = 0
-  for key, value in overrides.items():
-    node = c
-    *parents, last = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
-  c.lock()
+  c = testing.tiny_train_config(**{
+      "federated.num_rounds": 3, "federated.dp.enabled": True,
+      "federated.dp.clip_norm": 0.05, "federated.dp.noise_multiplier": 1.0,
+      "train_eval.every": 0, "checkpoint.keep": 3, **overrides})
   return train.train(c, str(workdir), model_config=MODEL, base_params=base_params,
-                     client_sets=[_tokenized_set(i, 5 + i) for i in range(NUM_CLIENTS)])
+                     client_sets=[testing.random_token_set(i, 5 + i, MODEL.vocab_size)
+                                  for i in range(NUM_CLIENTS)])
 
 
 def test_training_logs_dp_epsilon_and_resumes_bit_exactly(tmp_path):

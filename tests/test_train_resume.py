@@ -14,10 +14,8 @@ import numpy as np
 import pytest
 
 from fedjax_u2s import checkpoint
-from fedjax_u2s import config_blocks
 from fedjax_u2s import testing
 from fedjax_u2s import train
-from fedjax_u2s.data.instructions import TokenizedSet
 from fedjax_u2s.models import llama
 
 MODEL = testing.tiny_llama_config()
@@ -25,41 +23,12 @@ NUM_CLIENTS = 3
 TIMING = ("seconds", "tokens_per_s", "compile_s")
 
 
-def _tokenized_set(seed: int, n: int, t: int = 12) -> TokenizedSet:
-  """``n`` random sequences of 6..t tokens, loss on all but the first 3."""
-  rs = np.random.default_rng(seed)
-  lengths = rs.integers(6, t + 1, n)
-  input_mask = np.arange(t) < lengths[:, None]
-  tokens = np.where(input_mask, rs.integers(1, MODEL.vocab_size, (n, t)), 0)
-  loss_mask = input_mask & (np.arange(t) >= 3)
-  return TokenizedSet(tokens=tokens.astype(np.int32), input_mask=input_mask,
-                      loss_mask=loss_mask, pad_id=0,
-                      source_index=np.arange(n, dtype=np.int64),
-                      num_response_tokens=int(loss_mask.sum()))
+def _token_set(seed: int, n: int):
+  return testing.random_token_set(seed, n, MODEL.vocab_size)
 
 
 def _config(**overrides):
-  """The production config shrunk to the tiny model; dotted-key overrides."""
-  c = config_blocks.base_config()
-  c.lora.rank = 2
-  c.lora.alpha = 4.0
-  c.federated.num_rounds = 4
-  c.federated.clients_per_round = 2
-  c.federated.client_lr = 1e-2
-  c.train.batch_size = 2
-  c.train.local_steps = 2
-  c.train.tensorboard = False
-  c.train_eval.every = 2
-  c.train_eval.batch_size = 4
-  c.checkpoint.keep = 2
-  for key, value in overrides.items():
-    node = c
-    *parents, last = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
-  c.lock()
-  return c
+  return testing.tiny_train_config(**overrides)
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +39,8 @@ def base_params():
 def _train(workdir, base_params, **overrides) -> train.TrainResult:
   return train.train(_config(**overrides), str(workdir), model_config=MODEL,
                      base_params=base_params,
-                     client_sets=[_tokenized_set(i, 5 + i) for i in range(NUM_CLIENTS)],
-                     eval_set=_tokenized_set(99, 4))
+                     client_sets=[_token_set(i, 5 + i) for i in range(NUM_CLIENTS)],
+                     eval_set=_token_set(99, 4))
 
 
 def _rows(result):
