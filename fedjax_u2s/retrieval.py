@@ -29,8 +29,12 @@ k, shared by every query); see :func:`select_demonstrations`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
+import sys
+import tempfile
 from typing import Any, Callable, Protocol
 
 from absl import logging
@@ -181,6 +185,30 @@ class ScannConfig:
         reorder=self.reorder or max(100, 10 * k))
 
 
+@contextlib.contextmanager
+def _native_log_to_absl():
+  """ScaNN's C++ log lines, written straight to file descriptor 2, go to absl.
+
+  They would land in the user's terminal between progress bars; captured
+  here, each becomes an absl INFO line (in the run's log file, see
+  ``fedjax_u2s/main.py``). Python's own stderr is flushed first so nothing
+  of it is caught.
+  """
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      for line in captured.read().decode("utf-8", "replace").splitlines():
+        logging.info("scann: %s", line)
+
+
 def _import_scann():
   try:
     import scann  # pylint: disable=g-import-not-at-top
@@ -228,7 +256,8 @@ class ScannIndex:
         cfg.dims_per_block,
         anisotropic_quantization_threshold=cfg.anisotropic_quantization_threshold,
         training_sample_size=cfg.training_sample_size)
-    searcher = builder.reorder(cfg.reorder).build()
+    with _native_log_to_absl():
+      searcher = builder.reorder(cfg.reorder).build()
     return cls(searcher=searcher, config=cfg, size=n, dim=d,
                num_neighbors=num_neighbors)
 
@@ -242,7 +271,8 @@ class ScannIndex:
     pre = max(self.config.reorder, k)
     fn = (self.searcher.search_batched_parallel if self.config.parallel
           else self.searcher.search_batched)
-    ids, scores = fn(q, final_num_neighbors=k, pre_reorder_num_neighbors=pre)
+    with _native_log_to_absl():
+      ids, scores = fn(q, final_num_neighbors=k, pre_reorder_num_neighbors=pre)
     ids = np.asarray(ids).astype(np.int64)
     scores = np.asarray(scores, np.float32)
     short = np.flatnonzero(np.isnan(scores).any(axis=1))

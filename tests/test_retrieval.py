@@ -1,5 +1,7 @@
 """Tests for fedjax_u2s.retrieval: exact and ScaNN search, demonstration choice."""
 
+import logging as logging_lib
+
 import numpy as np
 import pytest
 
@@ -250,3 +252,29 @@ def test_unknown_strategy(pool_and_queries):
   with pytest.raises(ValueError, match="unknown demonstration strategy 'knn'.*"
                      "fixed.*random.*retrieval"):
     retrieval.select_demonstrations("knn", queries, index, k=2)
+
+
+def test_scann_native_log_lines_go_to_absl_not_the_terminal(capfd):
+  """ScaNN's C++ writes "I0000 ... partitioner ..." to fd 2; it must reach the log."""
+  from absl import logging as absl_logging
+  seen = []
+
+  class Keep(logging_lib.Handler):
+    def emit(self, record):
+      seen.append(record.getMessage())
+
+  handler = Keep()
+  absl_logging.get_absl_logger().addHandler(handler)
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.INFO)
+  try:
+    x = np.random.default_rng(0).normal(size=(3000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = retrieval.ScannIndex.build(x, num_neighbors=5)
+    index.search(x[:3])
+  finally:
+    absl_logging.set_verbosity(verbosity)
+    absl_logging.get_absl_logger().removeHandler(handler)
+  err = capfd.readouterr().err
+  assert "partitioner" not in err and "I0000" not in err
+  assert any(m.startswith("scann: ") and "artition" in m for m in seen)
