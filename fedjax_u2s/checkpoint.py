@@ -141,6 +141,9 @@ class Checkpointer:
       CheckpointMismatchError: as :meth:`restore` (never a fallback: an older
         checkpoint of the same workdir has the same structure).
     """
+    multi = jax.process_count() > 1
+    if multi:  # Everyone lists the rounds before process 0 may move any.
+      ocp.multihost.sync_global_processes("fedjax_u2s_checkpoint_list")
     rounds = self.all_rounds()
     moved = []
     out = None
@@ -150,9 +153,11 @@ class Checkpointer:
         break
       except CorruptCheckpointError as e:
         moved.append(self._move_aside(round_, e))
-    if moved:
-      # Every process saw the same files fail; process 0 moved them.
+    if multi:
+      # Every process enters, whether or not its own restore failed: the
+      # files are shared, so all saw the same ones fail; process 0 moved them.
       ocp.multihost.sync_global_processes("fedjax_u2s_checkpoint_fallback")
+    if moved:
       self._manager.reload()
       if out is None:
         logging.warning(

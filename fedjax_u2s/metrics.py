@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping
 
 from absl import logging
 
@@ -75,28 +75,3 @@ class MetricWriter:
     self._file.close()
     if self._tb is not None:
       self._tb.close()
-
-
-def plot_curves(rows: Sequence[Mapping[str, Any]], keys: Iterable[str], path: str,
-                title: str = "") -> str | None:
-  """One PNG with a panel per metric over rounds; None if nothing to plot."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in rows)]
-  if not keys:
-    return None
-  fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
-  for ax, key in zip(axes[0], keys):
-    pts = [(r["round"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3)
-    ax.set_xlabel("round")
-    ax.set_title(key)
-    ax.grid(alpha=0.3)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path

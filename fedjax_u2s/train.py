@@ -38,6 +38,7 @@ from fedjax_u2s import checkpoint as checkpoint_lib
 from fedjax_u2s import lora as lora_lib
 from fedjax_u2s import metrics as metrics_lib
 from fedjax_u2s.data import batching
+from fedjax_u2s.evaluation import report
 from fedjax_u2s.federated import objectives
 from fedjax_u2s.federated import parallel
 from fedjax_u2s.federated import privacy
@@ -388,7 +389,7 @@ def _write_curves(run: _Run, workdir: str) -> list[dict[str, Any]]:
     return []
   rows = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   if rows:
-    metrics_lib.plot_curves(rows, ["train_loss", "eval_loss", "tokens_per_s"],
+    report.plot_curves(rows, ["train_loss", "eval_loss", "tokens_per_s"],
                             os.path.join(workdir, "curves.png"),
                             title=f"{run.fed.algorithm}: "
                                   f"{len(run.client_sets)} clients")

@@ -11,6 +11,7 @@ import pytest
 
 from fedjax_u2s import checkpoint
 from fedjax_u2s import metrics
+from fedjax_u2s.evaluation import report
 
 
 @flax.struct.dataclass
@@ -150,5 +151,5 @@ def test_metric_writer_drops_rerun_rounds_and_torn_lines(tmp_path):
   rows = metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))
   assert [(r["round"], r["loss"]) for r in rows] == [(1, 1.0), (2, 0.5), (3, 0.25)]
   assert os.listdir(tmp_path / "tensorboard")
-  png = metrics.plot_curves(rows, ["loss", "missing"], str(tmp_path / "c.png"))
+  png = report.plot_curves(rows, ["loss", "missing"], str(tmp_path / "c.png"))
   assert png and os.path.getsize(png) > 1000

@@ -67,8 +67,48 @@ def test_sampler_blocks_are_checked():
   config = testing.load_config(CONFIGS["u2s_wiki.py"], "smoke", **{
       "u2s.sampling.top_p": 0.0})
   assert validate.problems(config) == [
-      "config.u2s.sampling.top_p=0.0: must be a number in (0, 1]."]
+      "config.u2s.sampling.top_p=0.0: must be a number in (0, 1] with strategy "
+      "'top_p'."]
   config = testing.load_config(CONFIGS["generate.py"], "", **{
       "sampling.strategy": "beam"})
   with pytest.raises(ValueError, match="config.sampling.strategy='beam'"):
+    validate.validate(config)
+
+
+def test_a_strategy_is_checked_only_on_its_own_parameters():
+  greedy = testing.load_config(CONFIGS["generate.py"], "", **{
+      "sampling.strategy": "greedy", "sampling.temperature": 0.0})
+  assert validate.problems(greedy) == []  # Greedy ignores temperature.
+  top_k = testing.load_config(CONFIGS["generate.py"], "", **{
+      "sampling.strategy": "top_k", "sampling.top_k": 0})
+  assert validate.problems(top_k) == [
+      "config.sampling.top_k=0: must be an integer >= 1 with strategy 'top_k'."]
+
+
+@pytest.mark.parametrize("overrides,says", [
+    ({"federated.clients_per_round": 9, "corpus.num_clients": 6},
+     "config.federated.clients_per_round=9 exceeds config.corpus.num_clients=6"),
+    ({"corpus.num_clients": 4},
+     r"config.corpus.num_clients=4 is not a multiple of the 3 topics"),
+    ({"corpus.encoding": "utf-9"}, "config.corpus.encoding='utf-9': not a codec"),
+    ({"lora.targets": ("q", "attn")}, r"config.lora.targets=\('q', 'attn'\)"),
+])
+def test_u2s_fields_that_used_to_fail_late(overrides, says):
+  config = testing.load_config(CONFIGS["u2s_wiki.py"], "smoke", **overrides)
+  with pytest.raises(ValueError, match=says):
+    validate.validate(config)
+
+
+def test_claim_needs_local_steps_before_generation():
+  config = testing.load_config(CONFIGS["experiments/u2s_claim.py"], "smoke", **{
+      "train.local_steps": 0, "train.local_epochs": 1.0})
+  with pytest.raises(ValueError, match="matches compute in optimizer steps"):
+    validate.validate(config)
+
+
+def test_unknown_data_field_role():
+  config = testing.load_config(CONFIGS["fedit_instructions.py"], "smoke")
+  with config.unlocked():
+    config.data.fields.answer = "completion"
+  with pytest.raises(ValueError, match=r"config.data.fields has \['answer'\]"):
     validate.validate(config)

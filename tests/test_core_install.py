@@ -2,7 +2,8 @@
 
 setup.cfg's install_requires is the core; scann, datasets, matplotlib and mkl
 come with the ``u2s`` / ``data`` / ``eval`` / ``cpu-kernel`` extras. This runs
-a tiny federated round and a sampler call in a fresh interpreter in which
+a tiny federated training run (round, checkpoint, curves) and a sampler
+call in a fresh interpreter in which
 importing any of those fails, as on a core-only install.
 """
 
@@ -41,9 +42,15 @@ SCRIPT = textwrap.dedent("""
     out = smp(params, [tok.encode("abc")], max_new_tokens=4,
               strategy=sampler.Greedy(), seed=0)
     assert len(out.tokens[0]) >= 1
-    alg = algorithms.build(testing.federated_config(),
-                           lambda p, batch, rng: (jnp.sum((p["w"] - 1.0) ** 2), 1.0))
-    del alg, lora, checkpoint, train
+    import tempfile
+    with tempfile.TemporaryDirectory() as workdir:  # A round, checkpoint, curves.
+      result = train.train(
+          testing.tiny_train_config(**{"federated.num_rounds": 1}), workdir,
+          model_config=cfg, base_params=params,
+          client_sets=[testing.random_token_set(i, 4, cfg.vocab_size) for i in range(2)])
+      assert result.rounds == 1 and checkpoint.Checkpointer(
+          workdir + "/checkpoints").latest_round() == 1
+    del algorithms, lora, jnp
     print("core ok", sorted(m for m in BLOCKED if m in sys.modules))
 """)
 

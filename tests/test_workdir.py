@@ -92,12 +92,29 @@ def test_other_inputs_stop_before_anything_is_written(tmp_path, corpus):
 def test_changed_file_contents_are_named(tmp_path, corpus):
   wd = str(tmp_path / "wd")
   workdir_lib.check_and_record(_config(corpus), wd, STAGES)
+  _outputs(wd)
   (corpus / "b.txt").write_text("beta, edited")
   (corpus / "c.txt").write_text("new")
   with pytest.raises(workdir_lib.WorkdirMismatchError,
                      match=r"file\.corpus: contents differ: b\.txt \(changed\), "
                            r"c\.txt \(added\)"):
     workdir_lib.check_and_record(_config(corpus), wd, STAGES)
+
+
+def test_a_run_that_made_nothing_does_not_lock_the_workdir(tmp_path, corpus):
+  """A typo'd corpus path fails before generating: the fixed rerun just runs."""
+  wd = str(tmp_path / "wd")
+  typo = _config(tmp_path / "corpsu")
+  workdir_lib.check_and_record(typo, wd, STAGES)
+  assert json.load(open(workdir_lib.inputs_path(wd, "generate")))["file.corpus"] == {
+      "missing": str(tmp_path / "corpsu")}
+  assert workdir_lib.check_and_record(_config(corpus), wd, STAGES) == []
+  record = json.load(open(workdir_lib.inputs_path(wd, "generate")))
+  assert record["file.corpus"].keys() == {"a.txt", "b.txt"}
+  # Once the stage has made something, the same change is refused.
+  _outputs(wd)
+  with pytest.raises(workdir_lib.WorkdirMismatchError):
+    workdir_lib.check_and_record(typo, wd, STAGES)
 
 
 def test_redo_moves_the_stage_and_later_ones_aside(tmp_path, corpus):

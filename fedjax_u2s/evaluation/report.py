@@ -11,16 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from absl import logging
-import matplotlib
 import numpy as np
 
 from fedjax_u2s.evaluation import stats
-
-matplotlib.use("Agg")  # Files only: never open a window.
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Metrics shown per task kind, the headline first.
 METRICS = {
@@ -32,6 +28,48 @@ METRICS = {
 LOWER_IS_BETTER = {"perplexity", "nll"}
 # Tasks shown first, in this order, in the claim experiment's tables.
 HEADLINE_TASKS = ("wiki_known", "wiki_unseen", "math_arithmetic", "heldout_ppl")
+
+
+
+
+def _pyplot():
+  """matplotlib's pyplot on the file-only Agg backend, or None without it.
+
+  Deferred on purpose: matplotlib is the optional ``[eval]`` extra, and
+  training (part of the core install) draws its curves through here; a
+  missing plot is a warning, never a failed run.
+  """
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    logging.warning("matplotlib is not installed (pip install 'fedjax_u2s[eval]'): "
+                    "no plots.")
+    return None
+  matplotlib.use("Agg")  # Files only: never open a window.
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def plot_curves(rows: Sequence[Mapping[str, Any]], keys: Iterable[str], path: str,
+                title: str = "") -> str | None:
+  """One PNG with a panel per metric over rounds; None if nothing to plot."""
+  keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in rows)]
+  plt = _pyplot()
+  if not keys or plt is None:
+    return None
+  fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
+  for ax, key in zip(axes[0], keys):
+    pts = [(r["round"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3)
+    ax.set_xlabel("round")
+    ax.set_title(key)
+    ax.grid(alpha=0.3)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
 
 
 # ----------------------------------------------------------------------------
@@ -344,6 +382,9 @@ def paired_table(results: dict) -> str:
 
 def plot_arms(results: dict, path: str) -> str | None:
   """Bar chart per task (headline metric): mean over seeds, error bar = std."""
+  plt = _pyplot()
+  if plt is None:
+    return None
   tasks = _tasks(results)
   arms = list(results["arms"])
   if not tasks:

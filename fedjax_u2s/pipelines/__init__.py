@@ -16,6 +16,7 @@ from typing import Sequence
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 
 from fedjax_u2s import train
@@ -57,6 +58,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str,
   if moved:
     logging.warning("--redo=%s: moved %s to %s/%s/", ",".join(redo), ", ".join(moved),
                     workdir, workdir_lib.SUPERSEDED)
+  if jax.process_count() > 1:  # The lead moved and recorded; all see it now.
+    multihost_utils.sync_global_devices(f"prepare_{workdir}")
   return job
 
 

@@ -93,7 +93,8 @@ SCORES = "scores"
 STAGES = (
     common.generation_stage(("generation",)),
     common.train_stage(outputs=("arms/*/seed_*",)),
-    common.evaluate_stage(("arms/base", "results.json", "results.md", "results.png"),
+    common.evaluate_stage(("arms/base", "arms/*/seed_*/eval", "arms/*/seed_*/client_*/eval",
+                           "results.json", "results.md", "results.png"),
                           extra=("experiment.heldout_ppl",)),
 )
 

@@ -26,12 +26,14 @@ from fedjax_u2s.data import instructions
 from fedjax_u2s.data import wiki
 from fedjax_u2s.evaluation import report
 from fedjax_u2s.evaluation import runner
+from fedjax_u2s.models import bert
 from fedjax_u2s.models import registry
+from fedjax_u2s.pipelines import workdir as workdir_lib
 from fedjax_u2s.pipelines.workdir import Stage
 from fedjax_u2s.u2s import pool as pool_lib
 from fedjax_u2s.u2s import writer
 
-STAGES_DIR = "stages"
+STAGES_DIR = workdir_lib.STAGES_DIR
 
 
 # ----------------------------------------------------------------------------
@@ -40,8 +42,8 @@ STAGES_DIR = "stages"
 MODEL_FIELDS = ("seed", "model.name", "model.dtype", "model.param_dtype")
 TRAIN_FIELDS = MODEL_FIELDS + ("lora", "federated", "train", "train_eval", "data",
                                "partition")
-# Does not change what training computes: the simulated preemption.
-TRAIN_IGNORE = ("train.halt_after_round",)
+# Do not change what training computes: the simulated preemption, TensorBoard.
+TRAIN_IGNORE = ("train.halt_after_round", "train.tensorboard")
 TRAIN_OUTPUTS = ("checkpoints", "checkpoints_corrupt", "metrics.jsonl", "tensorboard",
                  "curves.png", "adapter", "merged", "data_stats.json")
 
@@ -55,6 +57,7 @@ def generation_files(config: ml_collections.ConfigDict) -> dict[str, str]:
   files = model_file(config)
   if config.generator.name:
     files["generator"] = registry.resolve(config.generator.name)
+  files["embedder"] = bert.resolve(config.embedder.name)
   files["corpus"] = config.corpus.path or (
       wiki.resolve_path() if config.corpus.kind == "wiki" else "")
   files["pool"] = config.pool.path or pool_lib.DEFAULT_POOL
@@ -97,11 +100,7 @@ def load_generator(config: ml_collections.ConfigDict, model: registry.LoadedMode
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes ``workdir/config.json`` (the config of a sub-run, e.g. one arm)."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  return path
+  return workdir_lib.write_config(config, workdir)
 
 
 def stage_done(workdir: str, stage: str) -> dict | None:
@@ -162,12 +161,15 @@ def run_stage(workdir: str, stage: str, fn: Callable[[], dict]) -> dict:
   """``fn()``'s summary, computed once (on the lead process) and then read back.
 
   A finished stage is skipped on a rerun: its marker in ``workdir/stages/``
-  holds what ``fn`` returned.
+  holds what ``fn`` returned. Only the lead decides whether to run it, and
+  every process meets at the barrier either way (a process that looked at the
+  marker after the lead wrote it would otherwise skip the barrier the lead
+  waits at).
   """
-  done = stage_done(workdir, stage)
-  if done is not None:
-    return done
-  lead_then_sync(lambda: mark_done(workdir, stage, fn()), f"stage_{stage}_{workdir}")
+  def run():
+    if stage_done(workdir, stage) is None:
+      mark_done(workdir, stage, fn())
+  lead_then_sync(run, f"stage_{stage}_{workdir}")
   return stage_done(workdir, stage)
 
 

@@ -9,15 +9,22 @@ and list every bad field at once.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import fnmatch
 import numbers
 from typing import Any, Callable
 
 import ml_collections
 
 from fedjax_u2s import decoding
+from fedjax_u2s import lora
+from fedjax_u2s import sampler
 from fedjax_u2s.data import instructions
-from fedjax_u2s.federated import algorithms
+from fedjax_u2s.federated.config import AlgorithmConfig
+from fedjax_u2s.u2s import corpus
+from fedjax_u2s.u2s import generate
+from fedjax_u2s.u2s import prompts
 
 DTYPES = ("float32", "bfloat16")
 
@@ -82,23 +89,23 @@ RULES: dict[str, Rule] = {
     "data.eval_fraction": number_in(0, 1, hi_open=True),
     "data.max_examples": int_at_least(0),
     "data.format": one_of("auto", *instructions.FORMATS),
-    "partition.method": one_of("iid", "dirichlet", "natural"),
+    "partition.method": one_of("iid", "dirichlet", "natural"),  # pipelines/fedit.py
     "partition.num_clients": int_at_least(1),
     "partition.alpha": positive(),
     "partition.min_size": int_at_least(0),
     "corpus.kind": one_of("wiki", "folder", "files"),
-    "corpus.partition": one_of("topic", "dirichlet", "natural", "iid"),
+    "corpus.partition": one_of(*corpus.PARTITIONS),
     "corpus.num_clients": int_at_least(0),
     "corpus.alpha": positive(),
     "corpus.max_docs_per_client": int_at_least(0),
     "corpus.holdout_fraction": number_in(0, 1, hi_open=True),
-    "corpus.decode_errors": one_of("strict", "replace"),
+    "corpus.decode_errors": one_of(*corpus.DECODE_ERRORS),
     "chunking.max_tokens": int_at_least(1),
     "chunking.min_tokens": int_at_least(0),
     "chunking.max_pieces_per_client": int_at_least(0),
     "u2s.num_demonstrations": int_at_least(0),
-    "u2s.selection": one_of("retrieval", "random", "fixed"),
-    "u2s.prompt_style": one_of("multiturn", "single"),
+    "u2s.selection": one_of(*generate.SELECTIONS),
+    "u2s.prompt_style": one_of(*prompts.STYLES),
     "u2s.max_prompt_tokens": int_at_least(0),
     "u2s.batch_size": int_at_least(1),
     "u2s.max_new_tokens": int_at_least(1),
@@ -108,14 +115,16 @@ RULES: dict[str, Rule] = {
     "evaluate.batch_size": int_at_least(1),
     "evaluate.seed": int_at_least(0),
 }
-# Sampler blocks: the same rules wherever a job keeps one.
-for _block in ("sampling", "u2s.sampling"):
-  RULES.update({
-      f"{_block}.strategy": one_of("greedy", "temperature", "top_k", "top_p"),
-      f"{_block}.temperature": positive(),
-      f"{_block}.top_p": number_in(0, 1, lo_open=True),
-      f"{_block}.top_k": int_at_least(1),
-  })
+# Sampler blocks: the same rules wherever a job keeps one. A strategy's own
+# parameters are checked only when it is chosen (greedy ignores temperature).
+SAMPLER_BLOCKS = ("sampling", "u2s.sampling")
+for _block in SAMPLER_BLOCKS:
+  RULES[f"{_block}.strategy"] = one_of(*sampler.STRATEGIES)
+STRATEGY_RULES: dict[str, dict[str, Rule]] = {
+    "temperature": {"temperature": positive()},
+    "top_k": {"temperature": positive(), "top_k": int_at_least(1)},
+    "top_p": {"temperature": positive(), "top_p": number_in(0, 1, lo_open=True)},
+}
 RULES["sampling.max_new_tokens"] = int_at_least(1)
 for _block in ("sampling", "u2s.sampling", "evaluate"):
   RULES[f"{_block}.decode"] = one_of(*decoding.DECODES)
@@ -150,16 +159,70 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     if get("chunking.min_tokens") > get("chunking.max_tokens"):
       out.append(f"config.chunking.min_tokens={get('chunking.min_tokens')} exceeds "
                  f"config.chunking.max_tokens={get('chunking.max_tokens')}.")
+  for block in SAMPLER_BLOCKS:
+    present, strategy = _lookup(config, f"{block}.strategy")
+    for name, rule in STRATEGY_RULES.get(strategy, {}).items() if present else ():
+      value = get(f"{block}.{name}")
+      if not rule.check(value):
+        out.append(f"config.{block}.{name}={value!r}: must be {rule.allowed} "
+                   f"with strategy {strategy!r}.")
+  present, targets = _lookup(config, "lora.targets")
+  if present:
+    idle = [p for p in targets
+            if not any(fnmatch.fnmatchcase(n, p) for n in lora.ALL_TARGETS)]
+    if idle or not targets:
+      out.append(f"config.lora.targets={tuple(targets)!r}: every pattern must match "
+                 f"one of {lora.ALL_TARGETS}; {idle or 'none given'} "
+                 f"{'matches' if len(idle) == 1 else 'match'} nothing.")
+  present, encoding = _lookup(config, "corpus.encoding")
+  if present:
+    try:
+      codecs.lookup(encoding)
+    except (LookupError, TypeError):
+      out.append(f"config.corpus.encoding={encoding!r}: not a codec Python knows "
+                 "(e.g. 'utf-8', 'latin-1', 'cp1252').")
+  present, fields = _lookup(config, "data.fields")
+  if present:
+    unknown = sorted(set(fields) - set(instructions.FIELD_ROLES))
+    if unknown:
+      out.append(f"config.data.fields has {unknown}; the roles are "
+                 f"{list(instructions.FIELD_ROLES)}.")
+  out += _client_counts(config, get)
   if _lookup(config, "federated")[0]:
     try:
-      algorithms.AlgorithmConfig.from_config(config.federated)
+      AlgorithmConfig.from_config(config.federated)
     except (ValueError, TypeError, KeyError) as e:
       out.append(str(e))
-    cpr, n = get("federated.clients_per_round"), get("partition.num_clients")
-    if (_lookup(config, "partition.method")[0] and get("partition.method") != "natural"
-        and _is_int(cpr) and _is_int(n) and cpr > n):
-      out.append(f"config.federated.clients_per_round={cpr} exceeds "
-                 f"config.partition.num_clients={n}.")
+  if _lookup(config, "experiment")[0] and get("train.local_steps") == 0:
+    out.append("config.train.local_steps=0: the claim experiment matches compute in "
+               "optimizer steps; set it > 0 (local_epochs would give clients with "
+               "more data more steps).")
+  return out
+
+
+def _client_counts(config: ml_collections.ConfigDict, get) -> list[str]:
+  """How many clients the data gives, against ``federated.clients_per_round``."""
+  out = []
+  cpr = get("federated.clients_per_round")
+  if _lookup(config, "partition.method")[0]:
+    n, field = get("partition.num_clients"), "config.partition.num_clients"
+    if get("partition.method") == "natural":
+      n = None  # Known only once the data is read.
+  elif _lookup(config, "corpus.num_clients")[0]:
+    n, field = get("corpus.num_clients"), "config.corpus.num_clients"
+    topics = tuple(get("corpus.topics") or ())
+    if get("corpus.kind") == "wiki" and get("corpus.partition") == "topic" and topics:
+      if n and n % len(topics):
+        out.append(f"config.corpus.num_clients={n} is not a multiple of the "
+                   f"{len(topics)} topics {topics} (partition='topic' gives each "
+                   "topic the same number of clients).")
+      n = n or len(topics)
+    elif not n:
+      n = None  # One client per group of the data: known once it is read.
+  else:
+    return out
+  if _is_int(cpr) and _is_int(n) and cpr > n:
+    out.append(f"config.federated.clients_per_round={cpr} exceeds {field}={n}.")
   return out
 
 

@@ -33,8 +33,9 @@ import ml_collections
 
 from fedjax_u2s.u2s import writer
 
+STAGES_DIR = "stages"  # Records, stage markers and the file-hash cache.
 INPUTS_SUFFIX = ".inputs.json"
-HASH_CACHE = "stages/file_hashes.json"
+HASH_CACHE = os.path.join(STAGES_DIR, "file_hashes.json")
 SUPERSEDED = "superseded"
 
 
@@ -197,7 +198,7 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 
 def inputs_path(workdir: str, stage: str) -> str:
-  return os.path.join(workdir, "stages", stage + INPUTS_SUFFIX)
+  return os.path.join(workdir, STAGES_DIR, stage + INPUTS_SUFFIX)
 
 
 def _read(path: str) -> dict | None:
@@ -205,6 +206,10 @@ def _read(path: str) -> dict | None:
     return None
   with open(path, encoding="utf-8") as f:
     return json.load(f)
+
+
+def _has_outputs(workdir: str, stage: Stage) -> bool:
+  return any(glob.glob(os.path.join(workdir, p)) for p in stage.outputs)
 
 
 def _move_aside(workdir: str, patterns: Sequence[str], stamp: str) -> list[str]:
@@ -248,11 +253,15 @@ def check_and_record(config: ml_collections.ConfigDict, workdir: str,
   cache = _HashCache(os.path.join(workdir, HASH_CACHE))
   records = {s.name: fingerprint(config, s, cache) for s in stages}
 
-  mismatched = []
+  mismatched, stale = [], []
   for i, s in enumerate(stages):
     old = _read(inputs_path(workdir, s.name))
-    if old is not None and i < first_redo and old != records[s.name]:
+    if old is None or i >= first_redo or old == records[s.name]:
+      continue
+    if _has_outputs(workdir, s):
       mismatched.append((s.name, differences(old, records[s.name])))
+    else:  # Recorded, but nothing made yet (e.g. a run that failed early).
+      stale.append(s.name)
   if mismatched:
     lines = [f"{workdir} was made with other inputs than this run's; nothing was "
              "run or written."]
@@ -277,9 +286,9 @@ def check_and_record(config: ml_collections.ConfigDict, workdir: str,
     patterns += [os.path.relpath(inputs_path(workdir, s.name), workdir)
                  for s in stages[first_redo:]]
     moved = _move_aside(workdir, patterns, stamp)
-  os.makedirs(os.path.join(workdir, "stages") if stages else workdir, exist_ok=True)
+  os.makedirs(os.path.join(workdir, STAGES_DIR) if stages else workdir, exist_ok=True)
   for s in stages:
-    if _read(inputs_path(workdir, s.name)) is None:
+    if s.name in stale or _read(inputs_path(workdir, s.name)) is None:
       writer.atomic_write_json(inputs_path(workdir, s.name), records[s.name])
   cache.save()
   _write_config(config, workdir, stamp)
@@ -288,13 +297,29 @@ def check_and_record(config: ml_collections.ConfigDict, workdir: str,
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str, stamp: str) -> None:
   """``config.json``; an earlier, different one is kept as ``config.<stamp>.json``."""
+  write_config(config, workdir, keep_earlier_as=f"config.{stamp}.json")
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str,
+                 keep_earlier_as: str | None = None) -> str:
+  """Writes ``workdir/config.json`` atomically; returns its path.
+
+  Args:
+    config: the config.
+    workdir: the directory (created if missing).
+    keep_earlier_as: if given, an earlier ``config.json`` with other content
+      is renamed to this file name instead of being overwritten.
+  """
+  os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "config.json")
   text = config.to_json_best_effort(indent=2)
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       if f.read() == text:
-        return
-    os.replace(path, os.path.join(workdir, f"config.{stamp}.json"))
+        return path
+    if keep_earlier_as:
+      os.replace(path, os.path.join(workdir, keep_earlier_as))
   with open(path + ".tmp", "w", encoding="utf-8") as f:
     f.write(text)
   os.replace(path + ".tmp", path)
+  return path
