@@ -193,7 +193,10 @@ def load_peft(path: str, config: ModelConfig
                  "layer_replication": None, "target_parameters": None,
                  "alora_invocation_tokens": None, "use_qalora": False}
   for key, default in unsupported.items():
-    if pc.get(key) not in (default, None, [], {}, False):
+    value = pc.get(key)
+    # Compared by type as well: 0 == False, and layers_to_transform=0 is a layer.
+    if value is not None and not (type(value) is type(default) and value == default
+                                  ) and value not in ([], {}):
       raise ValueError(f"{cfg_path}: {key}={pc[key]!r} is not supported (only "
                        f"{default!r}).")
   by_module = {v.split(".")[1]: k for k, v in _MODULES.items()}

@@ -42,13 +42,16 @@ class MetricWriter:
   Args:
     workdir: the run directory.
     resume_round: rounds ``> resume_round`` already in the log are dropped
-      (they will be rerun from the checkpoint of ``resume_round``).
+      (they will be rerun from the checkpoint of ``resume_round``); 0 (no
+      checkpoint: the run starts over, its round-0 evaluation included)
+      drops every row.
     tensorboard: also write event files under ``<workdir>/tensorboard``.
   """
 
   def __init__(self, workdir: str, resume_round: int = 0, tensorboard: bool = True):
     self.path = os.path.join(workdir, "metrics.jsonl")
-    kept = [r for r in read_jsonl(self.path) if r.get("round", 0) <= resume_round]
+    kept = [r for r in read_jsonl(self.path)
+            if resume_round > 0 and r.get("round", 0) <= resume_round]
     tmp = self.path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
       f.writelines(json.dumps(r) + "\n" for r in kept)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import time
 from typing import Any, Sequence
@@ -156,7 +157,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_config,
         progress.set_postfix(loss=f"{row['train_loss']:.3f}",
                              tok_s=f"{row['tokens_per_s']:.0f}",
                              **({"eps": f"{row['dp_epsilon']:.2f}"}
-                                if "dp_epsilon" in row else {}))
+                                if row.get("dp_epsilon") is not None else {}))
       r = done
   finally:
     if progress:
@@ -362,11 +363,13 @@ def _run_round(run: _Run, ckpt: checkpoint_lib.Checkpointer, server: PyTree,
          "bytes_up": n_sampled * run.lora_bytes}
   if fed.dp.enabled:
     row["dp_clipped_fraction"] = float(m["dp_clipped_fraction"])
-    row["dp_epsilon"] = privacy.epsilon(
+    eps = privacy.epsilon(
         noise_multiplier=fed.dp.noise_multiplier,
         sampling_rate=privacy.sampling_rate(fed.clients_per_round,
                                             len(run.client_sets)),
         rounds=r + 1, delta=fed.dp.delta)
+    # No noise, no guarantee: null in the JSON (strict JSON has no Infinity).
+    row["dp_epsilon"] = eps if math.isfinite(eps) else None
   return server, row
 
 

@@ -210,7 +210,8 @@ def test_load_peft_refuses_settings_it_would_ignore(tmp_path):
   cfg_path = tmp_path / "peft" / export.CONFIG_FILE
   pc = json.loads(cfg_path.read_text())
   for key, value in (("rank_pattern", {"q_proj": 4}), ("alpha_pattern", {"q_proj": 2}),
-                     ("layers_to_transform", [0]), ("modules_to_save", ["lm_head"]),
+                     ("layers_to_transform", [0]), ("layers_to_transform", 0),
+                     ("modules_to_save", ["lm_head"]),
                      ("lora_bias", True), ("fan_in_fan_out", True), ("bias", "all"),
                      ("trainable_token_indices", [5]), ("layer_replication", [[0, 2]]),
                      ("target_parameters", ["mlp.experts.down_proj"])):

@@ -97,6 +97,18 @@ def test_resume_past_a_corrupt_checkpoint_is_bit_exact(tmp_path, base_params,
   assert checkpoint.Checkpointer(str(ckpt_dir)).all_rounds() == [3, 4]
 
 
+def test_every_checkpoint_lost_starts_over_with_one_log(tmp_path, base_params,
+                                                       reference):
+  """Rounds were logged, then every checkpoint went: a clean restart, no round-0 twice."""
+  _train(tmp_path, base_params, **{"train.halt_after_round": 2})
+  for step in os.listdir(tmp_path / "checkpoints"):
+    _empty_meta(str(tmp_path / "checkpoints" / step))
+  result = _train(tmp_path, base_params)
+  assert [r["round"] for r in result.metrics] == [r["round"] for r in reference.metrics]
+  assert _rows(result) == _rows(reference)
+  jax.tree.map(np.testing.assert_array_equal, result.lora, reference.lora)
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("checkpoint.every", 0, r"config\.checkpoint\.every=0: must be >= 1"),
     ("checkpoint.keep", 0, r"config\.checkpoint\.keep=0: must be >= 1"),
