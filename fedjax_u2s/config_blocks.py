@@ -7,7 +7,7 @@ adds its own data blocks, so every field has one definition and one comment.
 
 import ml_collections
 
-from fedjax_u2s.federated import config as fed_config_lib
+from fedjax_u2s.federated.config import AlgorithmConfig
 from fedjax_u2s.u2s import corpus as corpus_lib
 from fedjax_u2s.u2s import generate as generate_lib
 
@@ -18,7 +18,7 @@ def federated_config() -> ml_collections.ConfigDict:
   Built from :class:`fedjax_u2s.federated.config.AlgorithmConfig`, the one
   definition of its fields, defaults and comments.
   """
-  return ml_collections.ConfigDict(fed_config_lib.AlgorithmConfig().to_dict())
+  return ml_collections.ConfigDict(AlgorithmConfig().to_dict())
 
 
 def base_config() -> ml_collections.ConfigDict:

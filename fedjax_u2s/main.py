@@ -1,6 +1,7 @@
 r"""Entry point: ``python -m fedjax_u2s.main --config=configs/NAME.py --workdir=DIR``.
 
-Parses flags and hands the config to the job it names; nothing else.
+Parses flags, lets :func:`fedjax_u2s.pipelines.prepare` check the config and
+the workdir, points the INFO logs at ``WORKDIR/logs/``, and runs the job.
 Override any field with ``--config.a.b=value``; append ``:smoke`` to the config
 path for a run that finishes in minutes on a laptop CPU.
 """
@@ -10,6 +11,7 @@ import os
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 from fedjax_u2s import pipelines
@@ -33,7 +35,9 @@ def _log_to_workdir(workdir: str) -> str | None:
     return None
   log_dir = os.path.join(workdir, "logs")
   os.makedirs(log_dir, exist_ok=True)
-  logging.get_absl_handler().use_absl_log_file("fedjax_u2s", log_dir)
+  index = jax.process_index()  # Each host its own file (and INFO link).
+  logging.get_absl_handler().use_absl_log_file(
+      "fedjax_u2s" if index == 0 else f"fedjax_u2s_p{index}", log_dir)
   flags.FLAGS.stderrthreshold = "warning"
   return log_dir
 

@@ -32,11 +32,13 @@ def config(**overrides):
 # Decoding and the folder reader.
 
 
-def test_decode_utf8_counts_invalid_bytes():
-  assert corpus.decode_utf8("héllo \ufffd".encode()) == ("héllo \ufffd", 0)
-  text, bad = corpus.decode_utf8(b"ab\xff\xfecd\xc3")  # 2 stray + 1 truncated
+def test_replacement_counts_invalid_bytes():
+  clean = "héllo \ufffd".encode()  # A U+FFFD in the text is not a replacement.
+  assert corpus.decode_text(clean, "x.txt", errors="replace") == ("héllo \ufffd", 0)
+  data = b"ab\xff\xfecd\xc3"  # 2 stray + 1 truncated.
+  text, bad = corpus.decode_text(data, "x.txt", errors="replace")
   assert text == "ab\ufffd\ufffdcd\ufffd" and bad == 3
-  assert text == b"ab\xff\xfecd\xc3".decode("utf-8", errors="replace")
+  assert text == data.decode("utf-8", errors="replace")
 
 
 def test_folder_reader(tmp_path):

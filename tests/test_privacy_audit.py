@@ -372,9 +372,6 @@ def test_smollm2_base_model_has_not_trained_on_wiki_rows(smollm2_path):
   seconds = time.perf_counter() - start
   print(report.audit_table({"smollm2-135m-instruct (base)": res}))
   print(f"wall {seconds:.1f}s: {res['seconds']}")
-  # Measured on CPU (2 shared cores): 0/20 verbatim and near-verbatim on both
-  # sets (Wilson [0, 0.161]), MIA AUC 0.545 [0.357, 0.725]; 59 s for the
-  # audit (26 s extraction with compile, 32 s scoring), 67 s with loading.
   assert res["n"] == 20 and res["n_members"] == 20 and res["n_non_members"] == 20
   # Never trained on either set: no extraction, AUC near chance.
   assert res["verbatim"] <= 1

@@ -8,5 +8,6 @@ Modules:
   loaders: MMLU / PubMedQA / MedQA / GSM8K-style local files.
   runner: evaluate() a model on suites.
   stats: per-question paired bootstrap, Holm adjustment, verdicts.
+  privacy_audit: training-data extraction and membership inference against a model.
   report: every markdown table, report file and plot.
 """

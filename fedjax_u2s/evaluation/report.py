@@ -157,7 +157,7 @@ def compare_table(results_by_model: Mapping[str, Mapping[str, dict]]) -> str:
 # The single-run report (report.md of the fedit / u2s jobs).
 
 
-def paired_rows(scores_b: Mapping[str, dict], scores_a: Mapping[str, dict]
+def paired_rows(scores_a: Mapping[str, dict], scores_b: Mapping[str, dict]
                 ) -> dict[str, dict]:
   """Per task, the headline of ``a`` minus ``b`` on their shared questions.
 

@@ -67,12 +67,10 @@ struct Problem {
 // (a decode step reads every weight of the model once). These loops keep a
 // kNnRows x kNnBlock tile of the output in registers and read each weight
 // element once from memory (later rows of a re-read it from L1/L2), with
-// software prefetch ahead. On the 2-core dev VM, [16, 576] x [576, 1536]
-// over 150 distinct weights (2 threads): ~0.30 ms/call, against ~0.44 for
-// MKL's sgemm and for XLA's dot; a plain reduction streams memory ~2.3x
-// faster than that there, so memory time is not all hidden yet (with the
-// weight in cache these loops run at ~150 GFLOP/s). GCC's vector extensions
-// map one vector type to the widest registers -march=native has.
+// software prefetch ahead: faster than MKL's sgemm and XLA's dot on cold
+// weights, though memory time is not all hidden yet (docs/benchmarks.md,
+// "Decoding kernels", has the timings). GCC's vector extensions map one
+// vector type to the widest registers -march=native has.
 
 #if defined(__AVX512F__)
 constexpr int kVl = 16;  // floats per vector register
@@ -93,11 +91,9 @@ constexpr int64_t kNnBlock = kNnVecs * kVl;  // Output columns per NN tile.
 // NN: rows of b per pass; the tile of b (kKBlock x kNnBlock) stays in L2
 // while the rows of a go over it.
 constexpr int64_t kKBlock = 1024;
-// Software prefetch distances (measured on the 2-core dev VM, where they
-// took a cold [16, 576] x [576, 1536] from ~0.44 to ~0.30 ms and the tied LM
-// head's [16, 576] x [49152, 576]^T from ~13.6 to ~8.6 ms): NN, rows of b
-// ahead (its rows lie a whole row apart, where hardware prefetchers do not
-// follow); NT, tiles of b ahead.
+// Software prefetch distances, chosen by measurement (docs/benchmarks.md):
+// NN, rows of b ahead (its rows lie a whole row apart, where hardware
+// prefetchers do not follow); NT, tiles of b ahead.
 constexpr int64_t kPrefetchRows = 32;
 constexpr int64_t kPrefetchTiles = 2;
 
@@ -110,8 +106,7 @@ inline void Store(float* p, Vec v) { __builtin_memcpy(p, &v, sizeof(v)); }
 // x in every lane. Written as x - 0, which is x for every x (x + 0 is not,
 // for x = -0), so GCC emits one broadcast (from memory where x is loaded);
 // `Vec{} + x` cost a scalar add on the FMA ports and a register broadcast
-// per row, and held the [16, K] x panel loop at ~80 GFLOP/s of the dev VM
-// core's ~170 (~120 with Splat, the weight in cache).
+// per row, which held the panel loop well below the core's peak.
 inline Vec Splat(float x) { return x - Vec{}; }
 
 // c[0:R, 0:V*kVl] (+= with accumulate) a[0:R, 0:kn] b[0:kn, 0:V*kVl]; b
@@ -268,9 +263,8 @@ inline Vec Exp(Vec x) {
 // panels, [ceil(N / kPanel), K, kPanel] (the last one zero-padded), so each
 // panel is one contiguous stream: hardware prefetchers follow it and it
 // spans few pages, where a kNnBlock-wide tile of a row-major weight reads
-// one short piece per row, each a whole row (often a page) apart. On the
-// 2-core dev VM the layers' products of a batch-16 decode step took ~1.25x
-// less time this way (docs/benchmarks.md, "Decoding kernels"). The panel
+// one short piece per row, each a whole row (often a page) apart: less time
+// per decode step (docs/benchmarks.md, "Decoding kernels"). The panel
 // width is fixed (not per ISA): the layout is made by the caller (JAX).
 
 constexpr int64_t kPanel = 32;

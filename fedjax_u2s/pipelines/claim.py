@@ -328,7 +328,8 @@ def _train_and_score(config, directory: str, model, suites, client_examples,
   if os.path.exists(path):
     return _evaluate(config, directory, model, suites)
   cfg = _arm_config(config, seed, schedule)
-  common.write_config(cfg, directory)
+  if common.is_lead():
+    common.write_config(cfg, directory)
   result, _ = common.tune_and_export(cfg, directory, model, client_examples, heldout)
   if not common.is_lead():
     return None

@@ -224,8 +224,8 @@ def tune_and_export(config: ml_collections.ConfigDict, workdir: str,
     print("Training examples: " + sum(reports[1:], reports[0]).summary())
   if eval_set is not None:
     stats["eval"] = _tokenize_stats(eval_set)
-  with open(os.path.join(workdir, "data_stats.json"), "w", encoding="utf-8") as f:
-    json.dump(stats, f, indent=2)
+  if is_lead():
+    writer.atomic_write_json(os.path.join(workdir, "data_stats.json"), stats)
   result = train.train(config, workdir, model_config=model.config,
                        base_params=model.params, client_sets=client_sets,
                        eval_set=eval_set)

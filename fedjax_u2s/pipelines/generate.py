@@ -36,6 +36,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
             strategy=sampler.strategy_from_config(config.sampling),
             stop_strings=tuple(config.sampling.stop_strings), seed=config.seed)
   seconds = time.perf_counter() - start
+  if not common.is_lead():  # Every process sampled the same; one writes.
+    return
   path = os.path.join(workdir, "generations.jsonl")
   with open(path, "w", encoding="utf-8") as f:
     for prompt, text, toks, reason in zip(prompts, out.texts, out.tokens,

@@ -87,7 +87,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
               "fedit_u2s": common.evaluate_cached(config, model, suites, eval_dir,
                                                   "fedit_u2s", lora, lcfg)}
   comparison = report.compare_table(scores)
-  paired = report.paired_rows(scores["base"], scores["fedit_u2s"])
+  paired = report.paired_rows(scores["fedit_u2s"], scores["base"])
   path = report.u2s_report(workdir, config, gen, result, comparison,
                            report.paired_models_table(paired, "fedit_u2s", "base"))
   print(_summary(gen, result, paired, time.perf_counter() - start, path))

@@ -123,23 +123,6 @@ def default_config() -> ml_collections.ConfigDict:
 # Decoding.
 
 
-def decode_utf8(data: bytes) -> tuple[str, int]:
-  """Decodes UTF-8 with U+FFFD replacement.
-
-  Returns:
-    (text, invalid_bytes): the decoded text and how many input bytes were not
-    valid UTF-8 (0 for clean input).
-  """
-  try:
-    return data.decode("utf-8"), 0
-  except UnicodeDecodeError:
-    pass
-  text = data.decode("utf-8", errors="replace")
-  introduced = text.count("\ufffd") - data.count("\ufffd".encode("utf-8"))
-  valid_bytes = len(text.encode("utf-8")) - 3 * introduced
-  return text, len(data) - valid_bytes
-
-
 class BinaryFileError(ValueError):
   """A corpus file that is not text."""
 

@@ -23,6 +23,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from fedjax_u2s import retrieval
 from fedjax_u2s import sampler as sampler_lib
 from fedjax_u2s.u2s import filters as filters_lib
 from fedjax_u2s.u2s import parse as parse_lib
@@ -108,7 +109,6 @@ def make_select_fn(selection: str, pool_embeddings: np.ndarray,
     pool_embeddings: [P, D] L2-normalised pool embeddings.
     method: index backend (``"auto"``, ``"exact"``, ``"scann"``).
   """
-  from fedjax_u2s import retrieval  # Lazy: ScaNN is only needed here.
   if selection not in SELECTIONS:
     raise ValueError(f"config.selection={selection!r} is not one of {SELECTIONS}.")
   index = retrieval.build_index(pool_embeddings, method=method)

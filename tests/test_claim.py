@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from fedjax_u2s.evaluation import report
-from fedjax_u2s.pipelines import claim as experiments
+from fedjax_u2s.pipelines import claim
 from fedjax_u2s.pipelines import common
 from fedjax_u2s import metrics as metrics_lib
 from fedjax_u2s import pipelines
@@ -49,7 +49,7 @@ def _config(model, **overrides):
 def write_generated(workdir, selection, titles, holdout, num_clients=2,
                     pairs=PAIRS_PER_CLIENT):
   """Kept pairs + corpus.json + stats.json + the stage marker of one selection."""
-  gdir = experiments.generation_dir(workdir, selection)
+  gdir = claim.generation_dir(workdir, selection)
   out = writer_lib.generated_dir(gdir)
   corpus = {"clients": [], "holdout": list(holdout)}
   for cid in range(num_clients):
@@ -90,9 +90,9 @@ def run(tmp_path_factory, smollm2_path):
   start = time.time()
   pipelines.run(config, workdir)
   first = time.time() - start
-  watched = [experiments.scores_path(experiments.arm_dir(workdir, "base")),
-             experiments.scores_path(experiments.arm_dir(workdir, "fedit_u2s", 0)),
-             experiments.scores_path(experiments.arm_dir(workdir, "local_only", 1, 1))]
+  watched = [claim.scores_path(claim.arm_dir(workdir, "base")),
+             claim.scores_path(claim.arm_dir(workdir, "fedit_u2s", 0)),
+             claim.scores_path(claim.arm_dir(workdir, "local_only", 1, 1))]
   mtimes = {p: os.path.getmtime(p) for p in watched}
   results = json.load(open(os.path.join(workdir, "results.json")))
   start = time.time()
@@ -103,12 +103,12 @@ def run(tmp_path_factory, smollm2_path):
 
 
 def _scores(directory):
-  return json.load(open(experiments.scores_path(directory)))
+  return json.load(open(claim.scores_path(directory)))
 
 
 def test_every_arm_has_results_for_every_seed(run):
   wd, arms = run["workdir"], run["results"]["arms"]
-  assert sorted(arms) == sorted(experiments.ARMS)
+  assert sorted(arms) == sorted(claim.ARMS)
   tasks = {"wiki_known", "wiki_unseen", "heldout_ppl"}
   for arm in TRAINED:
     assert sorted(arms[arm]["runs"]) == [str(s) for s in SEEDS], arm
@@ -116,8 +116,8 @@ def test_every_arm_has_results_for_every_seed(run):
     for seed in SEEDS:
       assert set(arms[arm]["runs"][str(seed)]) == tasks, (arm, seed)
       if arm != "local_only":
-        assert os.path.exists(experiments.scores_path(
-            experiments.arm_dir(wd, arm, seed))), (arm, seed)
+        assert os.path.exists(claim.scores_path(
+            claim.arm_dir(wd, arm, seed))), (arm, seed)
     # Spread over seeds: n, mean, std, min, max of the headline metric.
     s = arms[arm]["summary"]["wiki_known"]["acc_norm"]
     vals = [arms[arm]["runs"][str(x)]["wiki_known"]["acc_norm"] for x in SEEDS]
@@ -125,17 +125,17 @@ def test_every_arm_has_results_for_every_seed(run):
     assert s["std"] == pytest.approx(np.std(vals, ddof=1))
     assert (s["min"], s["max"]) == (min(vals), max(vals))
   # The same questions for every arm.
-  n = {arm: _scores(experiments.arm_dir(wd, arm, 0))["wiki_known"]["n"]
+  n = {arm: _scores(claim.arm_dir(wd, arm, 0))["wiki_known"]["n"]
        for arm in ("fedit_u2s", "centralized", "fedit_fixed")}
   assert set(n.values()) == {2}
-  ppl = _scores(experiments.arm_dir(wd, "fedit_random", 1))["heldout_ppl"]
+  ppl = _scores(claim.arm_dir(wd, "fedit_random", 1))["heldout_ppl"]
   assert ppl["n"] == 2 * round(EVAL_FRACTION * PAIRS_PER_CLIENT)
 
 
 def test_base_is_scored_once(run):
   wd, base = run["workdir"], run["results"]["arms"]["base"]
   assert base["num_runs"] == 1 and list(base["runs"]) == ["-"]
-  assert sorted(os.listdir(experiments.arm_dir(wd, "base"))) == ["eval"]
+  assert sorted(os.listdir(claim.arm_dir(wd, "base"))) == ["eval"]
   assert base["summary"]["wiki_known"]["acc_norm"]["std"] is None
   assert "compute" not in base
 
@@ -144,7 +144,7 @@ def test_local_only_averages_over_clients(run):
   wd, local = run["workdir"], run["results"]["arms"]["local_only"]
   assert local["num_clients"] == 2
   for seed in SEEDS:
-    per_client = [_scores(experiments.arm_dir(wd, "local_only", seed, c))
+    per_client = [_scores(claim.arm_dir(wd, "local_only", seed, c))
                   for c in range(2)]
     for task, metric in (("wiki_unseen", "acc_norm"), ("heldout_ppl", "perplexity")):
       want = np.mean([p[task][metric] for p in per_client])
@@ -152,7 +152,7 @@ def test_local_only_averages_over_clients(run):
     # Each client trained alone on its own pairs only.
     for c in range(2):
       stats = json.load(open(os.path.join(
-          experiments.arm_dir(wd, "local_only", seed, c), "data_stats.json")))
+          claim.arm_dir(wd, "local_only", seed, c), "data_stats.json")))
       assert [x["examples"] for x in stats["clients"]] == [6]
   spread = local["client_spread"]["wiki_unseen"]["acc_norm"]
   assert spread["n"] == 2 * len(SEEDS)
@@ -172,8 +172,8 @@ def test_compute_is_matched(run):
   fed_total = r * c * l
   for seed in SEEDS:
     for arm in ("fedit_u2s", "fedit_random", "fedit_fixed"):
-      assert steps_taken(experiments.arm_dir(wd, arm, seed)) == fed_total
-    central = experiments.arm_dir(wd, "centralized", seed)
+      assert steps_taken(claim.arm_dir(wd, arm, seed)) == fed_total
+    central = claim.arm_dir(wd, "centralized", seed)
     assert steps_taken(central) == fed_total
     ccfg = json.load(open(os.path.join(central, "config.json")))
     assert ccfg["federated"]["clients_per_round"] == 1
@@ -181,7 +181,7 @@ def test_compute_is_matched(run):
     stats = json.load(open(os.path.join(central, "data_stats.json")))
     assert [x["examples"] for x in stats["clients"]] == [12]  # Pooled: 2 x 6.
     for client in range(2):
-      assert steps_taken(experiments.arm_dir(wd, "local_only", seed, client)) == r * l
+      assert steps_taken(claim.arm_dir(wd, "local_only", seed, client)) == r * l
   assert arms["centralized"]["compute"]["client_steps"] == fed_total
   assert arms["fedit_u2s"]["compute"]["client_steps"] == fed_total
   assert arms["local_only"]["compute"]["client_steps"] == r * l
@@ -198,7 +198,7 @@ def test_heldout_pieces_are_never_trained_on(run):
 def test_results_files(run):
   wd = run["workdir"]
   md = open(os.path.join(wd, "results.md")).read()
-  for arm in experiments.ARMS:
+  for arm in claim.ARMS:
     assert f"| {arm} |" in md
   assert "wiki_known acc_norm ↑" in md and "heldout_ppl perplexity ↓" in md
   assert " ± " in md
@@ -216,22 +216,22 @@ def test_rerun_skips_finished_arms(run):
 
 
 def test_spread_and_aggregate_by_hand():
-  s = experiments.spread([0.5, 0.7, 0.9])
+  s = claim.spread([0.5, 0.7, 0.9])
   assert s["n"] == 3 and s["mean"] == pytest.approx(0.7)
   assert s["std"] == pytest.approx(0.2)  # sqrt(((-.2)^2 + 0 + .2^2) / 2).
   assert (s["min"], s["max"]) == (0.5, 0.9)
-  assert experiments.spread([2.0]) == {"mean": 2.0, "std": None, "min": 2.0,
+  assert claim.spread([2.0]) == {"mean": 2.0, "std": None, "min": 2.0,
                                        "max": 2.0, "n": 1}
-  assert experiments.spread([float("nan")])["n"] == 0
+  assert claim.spread([float("nan")])["n"] == 0
   runs = [{"t": {"acc": 1.0, "_headline": "acc"}}, {"t": {"acc": 0.0, "_headline": "acc"}},
           {"t": {"acc": 0.5, "_headline": "acc"}}]
-  agg = experiments.aggregate(runs)
+  agg = claim.aggregate(runs)
   assert agg["t"]["_headline"] == "acc"
   assert agg["t"]["acc"]["mean"] == pytest.approx(0.5)
   assert agg["t"]["acc"]["std"] == pytest.approx(0.5)
-  assert experiments.mean_over_clients(runs) == {"t": {"acc": pytest.approx(0.5),
+  assert claim.mean_over_clients(runs) == {"t": {"acc": pytest.approx(0.5),
                                                        "_headline": "acc"}}
-  results = experiments.summarize(
+  results = claim.summarize(
       {"base": {"runs": {"-": {"t": {"acc": 0.25, "_headline": "acc"}}}},
        "fedit_u2s": {"runs": {"0": runs[0], "1": runs[2]}}},
       {"fedit_u2s": {"client_steps": 8}})
@@ -246,17 +246,17 @@ def test_arm_schedule_and_bad_inputs():
   import ml_collections
   fed = ml_collections.ConfigDict({"num_rounds": 5, "clients_per_round": 3})
   tr = ml_collections.ConfigDict({"local_steps": 2})
-  assert experiments.arm_schedule("centralized", fed, tr, 4) == dict(
+  assert claim.arm_schedule("centralized", fed, tr, 4) == dict(
       rounds=5, clients_per_round=1, local_steps=6, client_steps=30)
-  assert experiments.arm_schedule("fedit_fixed", fed, tr, 4)["client_steps"] == 30
-  assert experiments.arm_schedule("local_only", fed, tr, 4)["client_steps"] == 10
+  assert claim.arm_schedule("fedit_fixed", fed, tr, 4)["client_steps"] == 30
+  assert claim.arm_schedule("local_only", fed, tr, 4)["client_steps"] == 10
   with pytest.raises(ValueError, match="only 2 clients|corpus has 2 clients"):
-    experiments.arm_schedule("fedit_u2s", fed, tr, 2)
+    claim.arm_schedule("fedit_u2s", fed, tr, 2)
   with pytest.raises(ValueError, match="local_steps > 0"):
-    experiments.arm_schedule("fedit_u2s", fed, ml_collections.ConfigDict(
+    claim.arm_schedule("fedit_u2s", fed, ml_collections.ConfigDict(
         {"local_steps": 0}), 4)
   with pytest.raises(ValueError, match="does not train"):
-    experiments.arm_schedule("base", fed, tr, 4)
+    claim.arm_schedule("base", fed, tr, 4)
 
 
 def test_generate_all_runs_each_selection_once_on_the_same_pieces(tmp_path, monkeypatch):
@@ -284,26 +284,26 @@ def test_generate_all_runs_each_selection_once_on_the_same_pieces(tmp_path, monk
       "u2s": {"selection": "retrieval"}, "embedder": {"name": "minilm"},
       "generator": {"name": ""}})
   wd = str(tmp_path)
-  experiments.generate_all(config, wd, None, ["retrieval", "random", "fixed"])
+  claim.generate_all(config, wd, None, ["retrieval", "random", "fixed"])
   assert [c[0] for c in calls] == ["retrieval", "random", "fixed"]
-  assert [c[1] for c in calls] == [experiments.generation_dir(wd, s)
+  assert [c[1] for c in calls] == [claim.generation_dir(wd, s)
                                    for s in ("retrieval", "random", "fixed")]
   assert {c[2] for c in calls} == {'{"piece_id": "p0"}\n'}  # The same pieces.
   assert loads == ["minilm"] and config.u2s.selection == "retrieval"
   for sel in ("retrieval", "random", "fixed"):
-    assert experiments.load_generated(wd, sel)["corpus"]["holdout"] == []
-  experiments.generate_all(config, wd, None, ["retrieval", "random", "fixed"])
+    assert claim.load_generated(wd, sel)["corpus"]["holdout"] == []
+  claim.generate_all(config, wd, None, ["retrieval", "random", "fixed"])
   assert len(calls) == 3 and loads == ["minilm"]  # All done: nothing rerun.
   with pytest.raises(FileNotFoundError, match="generation/nothing/stages"):
-    experiments.load_generated(wd, "nothing")
+    claim.load_generated(wd, "nothing")
 
 
 def test_paired_differences_cover_every_comparison(run):
   paired = run["results"]["paired"]
-  expected = ([f"fedit_u2s - {a}" for a in experiments.ARMS if a != "fedit_u2s"]
+  expected = ([f"fedit_u2s - {a}" for a in claim.ARMS if a != "fedit_u2s"]
               + [f"{a} - base" for a in TRAINED if a != "fedit_u2s"])
   assert sorted(paired) == sorted(expected)
-  base = _scores(experiments.arm_dir(run["workdir"], "base"))
+  base = _scores(claim.arm_dir(run["workdir"], "base"))
   for by_task in paired.values():
     for task, res in by_task.items():
       assert res["n"] == base[task]["n"], task  # Every question is paired.
