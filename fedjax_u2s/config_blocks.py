@@ -5,6 +5,9 @@ LoRA, federated algorithm, training, checkpoints, eval, devices, export) and
 adds its own data blocks, so every field has one definition and one comment.
 """
 
+import importlib.util
+import os
+
 import ml_collections
 
 from fedjax_u2s.federated.config import AlgorithmConfig
@@ -128,3 +131,30 @@ def u2s_config() -> ml_collections.ConfigDict:
   c.evaluate.seed = 0                  # Question sampling seed.
   c.evaluate.decode = "auto"           # Sampler decode path (decoding.DECODES).
   return c
+
+
+def load(path: str, arg: str = "", **overrides) -> ml_collections.ConfigDict:
+  """``get_config(arg)`` of a config file, dotted-key overrides set, locked.
+
+  What ``--config=PATH:ARG --config.a.b=v`` does on the command line, for
+  notebooks and scripts: ``load("configs/fedit_instructions.py", "smoke",
+  **{"federated.num_rounds": 2})``.
+  """
+  spec = importlib.util.spec_from_file_location(
+      "config_" + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return set_fields(module.get_config(arg), **overrides)
+
+
+def set_fields(config: ml_collections.ConfigDict, **overrides
+               ) -> ml_collections.ConfigDict:
+  """Sets dotted-key ``overrides`` (``{"train.batch_size": 2}``) and locks."""
+  for key, value in overrides.items():
+    node = config
+    *parents, last = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[last] = value
+  config.lock()
+  return config

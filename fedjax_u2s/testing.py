@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
@@ -228,29 +226,13 @@ def write_tiny_chat_model(path: str, seed: int = 0, **overrides) -> str:
 
 
 def load_config(path: str, arg: str = "", **overrides):
-  """``get_config(arg)`` of a config file, dotted-key overrides set, locked.
-
-  What ``--config=PATH:ARG --config.a.b=v`` does, for tests that call
-  :func:`fedjax_u2s.pipelines.run` in-process: ``load_config(p, "smoke",
-  **{"federated.num_rounds": 2})``.
-  """
-  spec = importlib.util.spec_from_file_location(
-      "config_" + os.path.splitext(os.path.basename(path))[0], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return set_fields(module.get_config(arg), **overrides)
+  """:func:`fedjax_u2s.config_blocks.load`, for tests that run jobs in-process."""
+  return config_blocks.load(path, arg, **overrides)
 
 
 def set_fields(config, **overrides):
-  """Sets dotted-key ``overrides`` (``{"train.batch_size": 2}``) and locks."""
-  for key, value in overrides.items():
-    node = config
-    *parents, last = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
-  config.lock()
-  return config
+  """:func:`fedjax_u2s.config_blocks.set_fields`."""
+  return config_blocks.set_fields(config, **overrides)
 
 
 def tiny_train_config(**overrides):

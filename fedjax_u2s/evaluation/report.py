@@ -32,32 +32,32 @@ HEADLINE_TASKS = ("wiki_known", "wiki_unseen", "math_arithmetic", "heldout_ppl")
 
 
 
-def _pyplot():
-  """matplotlib's pyplot on the file-only Agg backend, or None without it.
+def _figure(**kw):
+  """A matplotlib ``Figure`` drawn off-screen, or None without matplotlib.
 
-  Deferred on purpose: matplotlib is the optional ``[eval]`` extra, and
+  A bare ``Figure`` renders to files without pyplot, so the global backend
+  is left alone (a notebook's inline plots keep working). The import is
+  deferred on purpose: matplotlib is the optional ``[eval]`` extra, and
   training (part of the core install) draws its curves through here; a
   missing plot is a warning, never a failed run.
   """
   try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
+    from matplotlib import figure  # pylint: disable=g-import-not-at-top
   except ImportError:
     logging.warning("matplotlib is not installed (pip install 'fedjax_u2s[eval]'): "
                     "no plots.")
     return None
-  matplotlib.use("Agg")  # Files only: never open a window.
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
+  return figure.Figure(**kw)
 
 
 def plot_curves(rows: Sequence[Mapping[str, Any]], keys: Iterable[str], path: str,
                 title: str = "") -> str | None:
   """One PNG with a panel per metric over rounds; None if nothing to plot."""
   keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in rows)]
-  plt = _pyplot()
-  if not keys or plt is None:
+  fig = _figure(figsize=(4.5 * max(len(keys), 1), 3.4)) if keys else None
+  if fig is None:
     return None
-  fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
+  axes = fig.subplots(1, len(keys), squeeze=False)
   for ax, key in zip(axes[0], keys):
     pts = [(r["round"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3)
@@ -68,7 +68,6 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], keys: Iterable[str], path: st
     fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 
@@ -382,16 +381,15 @@ def paired_table(results: dict) -> str:
 
 def plot_arms(results: dict, path: str) -> str | None:
   """Bar chart per task (headline metric): mean over seeds, error bar = std."""
-  plt = _pyplot()
-  if plt is None:
-    return None
   tasks = _tasks(results)
   arms = list(results["arms"])
   if not tasks:
     return None
   width = max(4.0, 0.5 * len(arms) + 1.5)
-  fig, axes = plt.subplots(1, len(tasks), figsize=(width * len(tasks), 3.8),
-                           squeeze=False)
+  fig = _figure(figsize=(width * len(tasks), 3.8))
+  if fig is None:
+    return None
+  axes = fig.subplots(1, len(tasks), squeeze=False)
   for ax, task in zip(axes[0], tasks):
     head = _headline(results, task)
     means, errs = [], []
@@ -409,7 +407,6 @@ def plot_arms(results: dict, path: str) -> str | None:
   fig.suptitle("mean ± std over seeds", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 
