@@ -46,9 +46,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config, workdir = _CONFIG.value, _WORKDIR.value
+  quiet = not (flags.FLAGS.logtostderr or flags.FLAGS.alsologtostderr)
+  if quiet:  # Until the log file exists (after the checks): warnings only.
+    logging.set_verbosity(logging.WARNING)
   job = pipelines.prepare(config, workdir, redo=_REDO.value)
   log_dir = _log_to_workdir(workdir)
-  if log_dir:
+  if quiet:
+    logging.set_verbosity(logging.INFO)
+  if log_dir and jax.process_index() == 0:
     print(f"Logs: {log_dir}/fedjax_u2s.INFO", flush=True)
   job.run(config, workdir)
 
