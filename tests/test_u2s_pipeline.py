@@ -72,7 +72,8 @@ def test_a_client_with_no_kept_pairs_is_named(tmp_path, smollm2_path):
                       "corpus.num_clients": 0,
                       "corpus.max_docs_per_client": 1,
                       "chunking.max_pieces_per_client": 2,
-                      "u2s.max_new_tokens": 8, "u2s.batch_size": 2})
+                      "u2s.max_new_tokens": 8, "u2s.batch_size": 2,
+                      "federated.clients_per_round": 1})
   workdir = str(tmp_path / "run")
   with pytest.raises(ValueError, match=r"U2S client 0 \(medicine\) kept no pairs"):
     pipelines.run(config, workdir)

@@ -54,7 +54,6 @@ from typing import Any, Mapping, Sequence
 
 from absl import logging
 import numpy as np
-import scipy.stats
 
 from fedjax_u2s import lora as lora_lib
 from fedjax_u2s import sampler as sampler_lib
@@ -154,9 +153,20 @@ def auc(positive_scores: Sequence[float], negative_scores: Sequence[float]) -> f
     return float("nan")
   if np.isnan(pos).any() or np.isnan(neg).any():
     raise ValueError("auc: scores must not be NaN.")
-  ranks = scipy.stats.rankdata(np.concatenate([pos, neg]), method="average")
+  ranks = _average_ranks(np.concatenate([pos, neg]))
   u = ranks[:pos.size].sum() - pos.size * (pos.size + 1) / 2
   return float(u / (pos.size * neg.size))
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+  """1-based ranks of ``x``, ties given the mean of the ranks they span."""
+  order = np.argsort(x, kind="stable")
+  sx = x[order]
+  starts = np.flatnonzero(np.r_[True, sx[1:] != sx[:-1]])
+  ends = np.r_[starts[1:], len(sx)]
+  ranks = np.empty(len(x), np.float64)
+  ranks[order] = np.repeat((starts + 1 + ends) / 2.0, ends - starts)
+  return ranks
 
 
 def mia_auc(member_losses: Sequence[float], non_member_losses: Sequence[float]) -> float:
