@@ -10,6 +10,7 @@ import numpy as np
 from fedjax_u2s import config_blocks
 from fedjax_u2s import tokenizer as tokenizer_lib
 from fedjax_u2s.data import instructions
+from fedjax_u2s.federated import state
 from fedjax_u2s.models import hf_loader
 from fedjax_u2s.models import llama
 from fedjax_u2s.models import registry
@@ -271,6 +272,26 @@ def random_token_set(seed: int, n: int, vocab_size: int, t: int = 12):
       tokens=tokens.astype(np.int32), input_mask=input_mask, loss_mask=loss_mask,
       pad_id=0, source_index=np.arange(n, dtype=np.int64),
       num_response_tokens=int(loss_mask.sum()))
+
+
+def hand_round_batches():
+  """Two clients, S=2 steps, A=2 micro-batches of B=1 example, D=1.
+
+  For :func:`squares_loss` rounds computed by hand. Client 0 (id 1, weight
+  1): every example x=1, y=2 (both micro-batches). Client 1 (id 3, weight 3):
+  x=2, y=2; its second micro-batch is a padding example (m=0) holding
+  garbage, so each of its steps counts one token.
+  """
+  x = np.zeros((2, 2, 2, 1, 1), np.float32)
+  y = np.zeros((2, 2, 2, 1), np.float32)
+  m = np.ones((2, 2, 2, 1), bool)
+  x[0], y[0] = 1.0, 2.0
+  x[1], y[1] = 2.0, 2.0
+  x[1, :, 1], y[1, :, 1], m[1, :, 1] = 7.0, -5.0, False
+  return state.ClientBatches(
+      batch={"x": jnp.asarray(x), "y": jnp.asarray(y), "m": jnp.asarray(m)},
+      step_mask=jnp.ones((2, 2), bool), num_examples=jnp.array([1.0, 3.0]),
+      client_ids=jnp.array([1, 3], jnp.int32))
 
 
 def squares_loss(params, frozen, batch, rng):

@@ -46,23 +46,7 @@ def _config(**kw) -> ml_collections.ConfigDict:
       **kw})
 
 
-def _hand_batches() -> ClientBatches:
-  """Two clients, S=2 steps, A=2 micro-batches of B=1 example, D=1.
-
-  Client 0 (id 1, weight 1): every example x=1, y=2 (both micro-batches).
-  Client 1 (id 3, weight 3): x=2, y=2; its second micro-batch is a padding
-  example (m=0) holding garbage, so each of its steps counts one token.
-  """
-  x = np.zeros((2, 2, 2, 1, 1), np.float32)
-  y = np.zeros((2, 2, 2, 1), np.float32)
-  m = np.ones((2, 2, 2, 1), bool)
-  x[0], y[0] = 1.0, 2.0
-  x[1], y[1] = 2.0, 2.0
-  x[1, :, 1], y[1, :, 1], m[1, :, 1] = 7.0, -5.0, False
-  return ClientBatches(
-      batch={"x": jnp.asarray(x), "y": jnp.asarray(y), "m": jnp.asarray(m)},
-      step_mask=jnp.ones((2, 2), bool), num_examples=jnp.array([1.0, 3.0]),
-      client_ids=jnp.array([1, 3], jnp.int32))
+_hand_batches = testing.hand_round_batches
 
 
 def _run(cfg, batches, rounds=1, num_clients=4, w0=0.0, loss_fn=squares_loss):

@@ -47,18 +47,7 @@ def _config(dp=None, **kw) -> ml_collections.ConfigDict:
       **kw})
 
 
-def _hand_batches() -> ClientBatches:
-  """Client 0 (weight 1): x=1, y=2 -> delta 1.5. Client 1 (weight 3): delta 0."""
-  x = np.zeros((2, 2, 2, 1, 1), np.float32)
-  y = np.zeros((2, 2, 2, 1), np.float32)
-  m = np.ones((2, 2, 2, 1), bool)
-  x[0], y[0] = 1.0, 2.0
-  x[1], y[1] = 2.0, 2.0
-  x[1, :, 1], y[1, :, 1], m[1, :, 1] = 7.0, -5.0, False
-  return ClientBatches(
-      batch={"x": jnp.asarray(x), "y": jnp.asarray(y), "m": jnp.asarray(m)},
-      step_mask=jnp.ones((2, 2), bool), num_examples=jnp.array([1.0, 3.0]),
-      client_ids=jnp.array([1, 3], jnp.int32))
+_hand_batches = testing.hand_round_batches
 
 
 def _one_round(cfg, w0=0.0):
