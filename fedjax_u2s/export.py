@@ -47,7 +47,8 @@ CONFIG_FILE = "adapter_config.json"
 BASE_FILE = "base_model.json"
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+  """Hex sha256 of a file's bytes, read in blocks."""
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 22), b""):
@@ -57,7 +58,7 @@ def _sha256(path: str) -> str:
 
 def _file_entry(path: str) -> dict[str, Any]:
   return {"path": os.path.abspath(path), "bytes": os.path.getsize(path),
-          "sha256": _sha256(path)}
+          "sha256": file_sha256(path)}
 
 
 def describe_base(name_or_path: str) -> dict[str, Any]:

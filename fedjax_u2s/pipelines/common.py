@@ -98,11 +98,6 @@ def load_generator(config: ml_collections.ConfigDict, model: registry.LoadedMode
   return load_model(config, name) if name and name != config.model.name else model
 
 
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Writes ``workdir/config.json`` (the config of a sub-run, e.g. one arm)."""
-  return workdir_lib.write_config(config, workdir)
-
-
 def stage_done(workdir: str, stage: str) -> dict | None:
   """The summary a finished ``stage`` left in ``workdir/stages/``, or None."""
   path = os.path.join(workdir, STAGES_DIR, f"{stage}.json")

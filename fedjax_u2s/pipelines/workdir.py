@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 
+from fedjax_u2s import export
 from fedjax_u2s.u2s import writer
 
 STAGES_DIR = "stages"  # Records, stage markers and the file-hash cache.
@@ -132,13 +132,10 @@ class _HashCache:
     hit = self.entries.get(key)
     if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
       return hit[2]
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-      for block in iter(lambda: f.read(1 << 20), b""):
-        h.update(block)
-    self.entries[key] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
+    digest = export.file_sha256(file)
+    self.entries[key] = [st.st_size, st.st_mtime_ns, digest]
     self.dirty = True
-    return h.hexdigest()
+    return digest
 
   def save(self) -> None:
     if self.path and self.dirty:
