@@ -185,6 +185,28 @@ def paired_models_table(rows: Mapping[str, dict], a: str, b: str) -> str:
   return "\n".join(lines) + "\n"
 
 
+def power_table(rows: Mapping[str, Mapping[str, dict]]) -> str:
+  """Markdown: how small a difference each comparison's question set can show.
+
+  ``rows`` is ``{comparison: {task: paired_bootstrap result}}``. Per row: n,
+  the SD of the per-question differences, the achieved half-width of the
+  95% interval, the minimum detectable effect at alpha 0.05 and power 0.8
+  (:func:`stats.minimum_detectable_effect`) and the questions a +/-0.05
+  interval would need at this SD. Perplexity rows have no per-question SD.
+  """
+  lines = ["| a - b | task | n | SD of paired differences | 95% CI half-width | "
+           "MDE (alpha 0.05, power 0.8) | n for +/-0.05 |",
+           "|---|---|---|---|---|---|---|"]
+  for pair, by_task in rows.items():
+    for task, r in by_task.items():
+      p = stats.power_analysis(r)
+      f3 = lambda x: "-" if x is None else f"{x:.3f}"
+      lines.append(f"| {pair} | {task} | {p['n']} | {f3(p['sd'])} | "
+                   f"{f3(p['half_width'])} | {f3(p['mde'])} | "
+                   f"{p['n_for_target'] if p['n_for_target'] is not None else '-'} |")
+  return "\n".join(lines) + "\n"
+
+
 def write_report(workdir: str, title: str, sections: list[tuple[str, str]]) -> str:
   """Writes ``workdir/report.md``: a title and ``(heading, markdown)`` sections."""
   path = os.path.join(workdir, "report.md")
@@ -210,7 +232,7 @@ def generation_table(gen_stats: dict, corpus: dict) -> str:
 
 
 def u2s_report(workdir: str, config, gen: dict, result, comparison: str,
-               paired: str = "") -> str:
+               paired: str = "", power: str = "") -> str:
   """Writes the ``u2s`` job's ``report.md``: setup, generated data, tuning, scores.
 
   Args:
@@ -220,6 +242,7 @@ def u2s_report(workdir: str, config, gen: dict, result, comparison: str,
     result: the :class:`fedjax_u2s.train.TrainResult`.
     comparison: :func:`compare_table` of base vs tuned.
     paired: :func:`paired_models_table` of tuned vs base.
+    power: :func:`power_table` of the same comparison ("" leaves it out).
 
   Returns:
     The report's path.
@@ -258,7 +281,9 @@ def u2s_report(workdir: str, config, gen: dict, result, comparison: str,
            "intervals over questions (Holm-adjusted p over the tasks; a difference "
            f"is judged only on at least {stats.MIN_QUESTIONS} questions):\n\n"
            + paired if paired else "")),
-  ])
+  ] + ([("Power of each question set", power + "\nWith per-question paired "
+         "differences of SD s over n questions, the minimum detectable effect "
+         "is (z_0.975 + z_0.8) s / sqrt(n) = 2.80 s / sqrt(n).")] if power else []))
 
 
 # ----------------------------------------------------------------------------
@@ -459,6 +484,11 @@ def write_claim_results(workdir: str, results: dict) -> tuple[str, str | None]:
               "when the interval excludes zero and the Holm-adjusted p is "
               "below 0.05, and none is judged on fewer "
               f"than {stats.MIN_QUESTIONS} questions.", "", *found, ""]
+    vs_base = {p: r for p, r in results["paired"].items() if p.endswith(" - base")}
+    lines += ["## Power of each question set", "",
+              power_table(vs_base or results["paired"]), "",
+              "MDE: the smallest true difference a two-sided test at alpha 0.05 "
+              "detects with power 0.8, (z_0.975 + z_0.8) SD / sqrt(n).", ""]
   elif found:
     lines += ["## fedit_u2s against each arm", "",
               "Clear only when the seed ranges [min, max] do not overlap.", "",
