@@ -22,6 +22,8 @@ Per-question values by task kind (the headline metric of
 
 from __future__ import annotations
 
+import math
+import statistics
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -129,8 +131,11 @@ def paired_bootstrap(a: Mapping[str, dict], b: Mapping[str, dict], *,
     d[start:start + len(idx)] = _metric(kind, va, idx) - _metric(kind, vb, idx)
   lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
   p = min(1.0, 2.0 * min(float(np.mean(d <= 0)), float(np.mean(d >= 0))))
+  # SD of the per-question differences (accuracy-like kinds only: a
+  # perplexity is not a mean of per-question values), for power_analysis.
+  sd = (float(np.std(va - vb, ddof=1)) if kind != "perplexity" and n > 1 else None)
   return {"n": n, "diff": diff, "ci_low": float(lo), "ci_high": float(hi),
-          "p_value": p, "level": level, "num_samples": num_samples}
+          "p_value": p, "level": level, "num_samples": num_samples, "sd": sd}
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -192,3 +197,72 @@ def format_interval(result: Mapping, digits: int = 3) -> str:
               if result.get("p_holm") is not None else "")
   return (f"{result['diff']:+.{digits}f} [{result['ci_low']:+.{digits}f}, "
           f"{result['ci_high']:+.{digits}f}], {p_txt}{holm_txt}, n={result['n']}")
+
+
+# ----------------------------------------------------------------------------
+# Power: how small a difference a question set can show.
+
+
+def _z(q: float) -> float:
+  return statistics.NormalDist().inv_cdf(q)
+
+
+def minimum_detectable_effect(sd: float, n: int, *, alpha: float = 0.05,
+                              power: float = 0.8) -> float:
+  """Smallest true paired difference a two-sided test detects with ``power``.
+
+  With per-question differences of standard deviation ``sd`` over ``n``
+  questions, the mean difference has standard error ``sd / sqrt(n)``; a
+  two-sided level-``alpha`` test rejects with probability ``power`` when the
+  true difference is ``(z_{1-alpha/2} + z_{power}) * sd / sqrt(n)`` (normal
+  approximation; 2.80 standard errors at alpha 0.05, power 0.8).
+  """
+  if n < 1:
+    raise ValueError(f"minimum_detectable_effect: n must be >= 1, got {n}.")
+  return (_z(1 - alpha / 2) + _z(power)) * sd / math.sqrt(n)
+
+
+def questions_for_half_width(sd: float, half_width: float, *, level: float = 0.95) -> int:
+  """Questions needed for a ``level`` interval of ``+/- half_width`` (normal approx)."""
+  if half_width <= 0:
+    raise ValueError(f"questions_for_half_width: half_width must be > 0, got {half_width}.")
+  return int(math.ceil((_z((1 + level) / 2) * sd / half_width) ** 2))
+
+
+def sd_from_discordance(gained: float, lost: float) -> float:
+  """SD of paired 0/1 differences when a share ``gained`` of the questions goes
+  0 -> 1 and ``lost`` goes 1 -> 0 (planning before the tuned arm exists).
+
+  The difference is +1, -1 or 0, so its variance is
+  ``gained + lost - (gained - lost)**2`` (population form).
+  """
+  if gained < 0 or lost < 0 or gained + lost > 1:
+    raise ValueError(f"sd_from_discordance: shares {gained}, {lost} must be >= 0 and "
+                     "sum to <= 1.")
+  return math.sqrt(gained + lost - (gained - lost) ** 2)
+
+
+def power_analysis(result: Mapping, *, alpha: float = 0.05, power: float = 0.8,
+                   target_half_width: float = 0.05) -> dict:
+  """Power figures of one :func:`paired_bootstrap` result.
+
+  Returns:
+    ``{"n", "sd", "half_width" (achieved: half the bootstrap interval),
+    "half_width_normal" (z * sd / sqrt(n)), "mde" (see
+    :func:`minimum_detectable_effect`), "n_for_target" (questions for a
+    ``+/- target_half_width`` interval at the result's level),
+    "target_half_width", "alpha", "power"}``; the SD-based fields are None
+    where the result has no ``sd`` (perplexity, or under 2 questions).
+  """
+  n, sd = result.get("n") or 0, result.get("sd")
+  level = result.get("level", 0.95)
+  out = {"n": n, "sd": sd, "alpha": alpha, "power": power,
+         "target_half_width": target_half_width, "half_width": None,
+         "half_width_normal": None, "mde": None, "n_for_target": None}
+  if n and result.get("ci_low") is not None:
+    out["half_width"] = (result["ci_high"] - result["ci_low"]) / 2
+  if sd is not None and n > 1:
+    out["half_width_normal"] = _z((1 + level) / 2) * sd / math.sqrt(n)
+    out["mde"] = minimum_detectable_effect(sd, n, alpha=alpha, power=power)
+    out["n_for_target"] = questions_for_half_width(sd, target_half_width, level=level)
+  return out

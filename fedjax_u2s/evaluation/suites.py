@@ -123,6 +123,234 @@ def wiki_mc(topics: Sequence[str] = ("medicine",), *, seed: int = 0,
 
 
 # ----------------------------------------------------------------------------
+# wiki_cloze
+
+CLOZE_TEMPLATE = ('Fill in the blank (____) in this sentence from the Wikipedia '
+                  'article "{title}":\n{sentence}\nAnswer with the missing {what} only.')
+CLOZE_KINDS = ("year", "number", "name")
+CLOZE_BLANK = "____"
+
+# A boundary is whitespace after . ! ? followed by what starts a sentence,
+# unless the text before ends with one of these abbreviations (or an initial).
+_SENT_BOUNDARY = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
+_ABBREV_END = re.compile(
+    r"(?:\b[A-Z]|\be\.g|\bi\.e|\betc|\bvs|\bSt|\bDr|\bMr|\bMrs|\bMs|\bNo|\bca|\bc"
+    r"|\bapprox|\bJr|\bSr|\bInc|\bLtd|\bCo|\bMt|\bFig|\bal|\bU\.S|\bop|\bvol)\.$")
+# Years 1000-2029 and other numbers, as whole tokens: not part of a word,
+# a decimal, a range written with a hyphen, or a longer digit group.
+_YEAR = re.compile(r"(?<![\w.,\-/])(?:1\d{3}|20[0-2]\d)(?![\w/]|[.,]\d)")
+_NUMBER = re.compile(r"(?<![\w.,\-/])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\w/]|[.,]\d)")
+# One to four capitalised words (a capital then a lower-case letter, so
+# acronyms and units are not names).
+_NAME = re.compile(r"(?<![\w'’\-])[A-Z][a-z][\w'’\-]*(?:\s[A-Z][a-z][\w'’\-]*){0,3}"
+                   r"(?![\w'’\-])")
+# Capitalised words that are not names (sentence openers, months, days).
+_NOT_NAMES = frozenset("""
+the a an in on at of for from by with it its this that these those he she they
+his her their there however although after before during since while when
+january february march april may june july august september october november
+december monday tuesday wednesday thursday friday saturday sunday
+""".split())
+
+
+def split_sentences(text: str) -> list[str]:
+  """The sentences of a paragraph (a rule-based split, abbreviation-aware)."""
+  out, start = [], 0
+  for m in _SENT_BOUNDARY.finditer(text):
+    if _ABBREV_END.search(text[start:m.start()]):
+      continue
+    out.append(text[start:m.start()].strip())
+    start = m.end()
+  out.append(text[start:].strip())
+  return [s for s in out if s]
+
+
+def _number_shape(span: str) -> tuple:
+  """Numbers look alike when they share separators and integer digit count."""
+  whole = span.split(".")[0].replace(",", "")
+  return ("," in span, "." in span, len(whole))
+
+
+def cloze_spans(sentence: str) -> list[tuple[str, int, str]]:
+  """``(kind, start, text)`` of every year, number and name in a sentence.
+
+  A number that reads as a year is a year only; a name never starts the
+  sentence (a capital there says nothing) and is not a stop word.
+  """
+  out, years = [], set()
+  for m in _YEAR.finditer(sentence):
+    out.append(("year", m.start(), m.group()))
+    years.add(m.start())
+  for m in _NUMBER.finditer(sentence):
+    if m.start() not in years:
+      out.append(("number", m.start(), m.group()))
+  for m in _NAME.finditer(sentence):
+    words = m.group().split()
+    if m.start() == 0 or any(w.casefold() in _NOT_NAMES for w in words):
+      continue
+    out.append(("name", m.start(), m.group()))
+  return sorted(out, key=lambda x: (x[1], x[0]))
+
+
+def _occurrences(text: str, span: str) -> int:
+  """How often ``span`` occurs in ``text`` as a whole token (case-insensitive)."""
+  return len(re.findall(r"(?<![\w.,])" + re.escape(span) + r"(?![\w]|[.,]\d)",
+                        text, flags=re.IGNORECASE))
+
+
+def _same_type(kind: str, span: str) -> tuple:
+  """Distractor key: years with years, numbers of one shape, names of one length."""
+  if kind == "number":
+    return (kind,) + _number_shape(span)
+  if kind == "name":
+    return (kind, len(span.split()))
+  return (kind,)
+
+
+@functools.lru_cache(maxsize=16)
+def _cloze_pool(topic: str, path: str | None) -> dict[tuple, tuple[tuple[int, str], ...]]:
+  """Per same-type key, the ``(article id, span)`` pairs of one topic (deduplicated)."""
+  pool: dict[tuple, dict[str, int]] = {}
+  for art in wiki.load_articles(path):
+    if art.topic != topic:
+      continue
+    for sent in split_sentences(art.text):
+      for kind, _, span in cloze_spans(sent):
+        pool.setdefault(_same_type(kind, span), {}).setdefault(span, art.id)
+  return {k: tuple(sorted((i, s) for s, i in v.items())) for k, v in pool.items()}
+
+
+def _cloze_items(art: wiki.Article, pools: dict, kinds: Sequence[str], per_article: int,
+                 num_options: int, seed: int, template: str
+                 ) -> list[tasks.MCQuestion]:
+  """Up to ``per_article`` cloze questions of one article, one per sentence.
+
+  A candidate (sentence, span) is kept when the span occurs exactly once in
+  the whole paragraph, shares no word with the title (or the blank would be
+  answered by the question itself), and ``num_options - 1`` same-type spans
+  of other articles exist that occur nowhere in this paragraph. Candidates
+  are taken round-robin over the kinds in a per-article seeded order, so an
+  article's questions depend only on it and ``seed``.
+  """
+  rng = random.Random(f"{seed}:cloze:{art.id}")
+  text_cf = art.text.casefold()
+  title_words = {w.casefold() for w in re.findall(r"\w+", art.title)}
+  by_kind: dict[str, list] = {k: [] for k in kinds}
+  for si, sent in enumerate(split_sentences(art.text)):
+    if not 30 <= len(sent) <= 400:
+      continue
+    for kind, start, span in cloze_spans(sent):
+      if kind not in by_kind or _occurrences(art.text, span) != 1:
+        continue
+      if {w.casefold() for w in re.findall(r"\w+", span)} & title_words:
+        continue
+      by_kind[kind].append((si, start, span, sent))
+  order = [k for k in kinds if by_kind[k]]
+  rng.shuffle(order)
+  for k in order:
+    rng.shuffle(by_kind[k])
+  questions, used_sentences = [], set()
+  while order and len(questions) < per_article:
+    for kind in list(order):
+      if len(questions) >= per_article:
+        break
+      if not by_kind[kind]:
+        order.remove(kind)
+        continue
+      si, start, span, sent = by_kind[kind].pop()
+      if si in used_sentences:
+        continue
+      others = [s for i, s in pools.get(_same_type(kind, span), ())
+                if i != art.id and s.casefold() != span.casefold()
+                and s.casefold() not in text_cf]
+      if len(others) < num_options - 1:
+        continue
+      qrng = random.Random(f"{seed}:cloze:{art.id}:{si}:{start}")
+      options = [span] + qrng.sample(others, num_options - 1)
+      perm = list(range(num_options))
+      qrng.shuffle(perm)
+      blanked = sent[:start] + CLOZE_BLANK + sent[start + len(span):]
+      used_sentences.add(si)
+      questions.append(tasks.MCQuestion(
+          id=f"cloze:{art.id}:{si}:{start}",
+          prompt=template.format(title=art.title, sentence=blanked, what=kind),
+          options=tuple(options[p] for p in perm), answer=perm.index(0),
+          meta=dict(title=art.title, topic=art.topic, article_id=art.id,
+                    kind=kind, sentence=si)))
+  return questions
+
+
+def wiki_cloze(topics: Sequence[str] = ("medicine",), *, seed: int = 0,
+               num_questions: int | None = 300, per_article: int = 3,
+               num_options: int = 4, kinds: Sequence[str] = CLOZE_KINDS,
+               include_titles: Collection[str] | None = None,
+               exclude_titles: Collection[str] = (),
+               template: str = CLOZE_TEMPLATE, path: str | None = None,
+               name: str = "wiki_cloze") -> tasks.MultipleChoiceTask:
+  """Fill-in-the-blank questions from the sentences of Wikipedia lead paragraphs.
+
+  A year, number or capitalised name is blanked out of one sentence of an
+  article; the options are the true span and same-type spans (years with
+  years, numbers with numbers of the same shape, names with names of as many
+  words) from other articles of the same topic, none of which occurs in the
+  article. This asks about the text itself, so it measures what a client
+  could learn from its paragraphs, not just the title's short description
+  (:func:`wiki_mc`). See :func:`_cloze_items` for what makes a candidate
+  unambiguous. Every question is a function of its article and ``seed``, so
+  an article gets the same questions in every split; several questions of
+  one article are not independent, which a bootstrap over questions ignores
+  (keep ``per_article`` small relative to the number of articles).
+
+  Args:
+    topics: short names or full labels, see ``wiki.TOPICS``.
+    seed: the whole task is a function of the arguments and this seed.
+    num_questions: how many questions, sampled over all candidates with
+      ``seed`` (None or more than available: all).
+    per_article: at most this many questions per article (each from another
+      sentence).
+    num_options: options per question.
+    kinds: which span kinds to blank, a subset of :data:`CLOZE_KINDS`.
+    include_titles: only these articles (None: all of ``topics``).
+    exclude_titles: never these articles.
+    template: the question, with ``{title}``, ``{sentence}`` and ``{what}``.
+    path: the corpus file (default: the packaged one).
+    name: the task name in results.
+
+  Returns:
+    A :class:`tasks.MultipleChoiceTask`; each question's ``meta`` holds
+    ``title``, ``topic``, ``article_id``, ``kind`` and ``sentence`` (index).
+  """
+  if num_options < 2:
+    raise ValueError(f"wiki_cloze: num_options must be >= 2, got {num_options}.")
+  if per_article < 1:
+    raise ValueError(f"wiki_cloze: per_article must be >= 1, got {per_article}.")
+  unknown = [k for k in kinds if k not in CLOZE_KINDS]
+  if unknown or not kinds:
+    raise ValueError(f"wiki_cloze: kinds {tuple(kinds)} must be a non-empty subset "
+                     f"of {CLOZE_KINDS}.")
+  include = None if include_titles is None else set(include_titles)
+  exclude = set(exclude_titles)
+  candidates = []
+  for topic in [wiki.topic_name(t) for t in topics]:
+    pools = _cloze_pool(topic, path)
+    for art in wiki.load_articles(path):
+      if art.topic != topic or art.title in exclude or (
+          include is not None and art.title not in include):
+        continue
+      candidates += _cloze_items(art, pools, tuple(kinds), per_article, num_options,
+                                 seed, template)
+  candidates.sort(key=lambda q: (q.meta["article_id"], q.meta["sentence"]))
+  if num_questions is not None and num_questions < len(candidates):
+    picked = set(random.Random(seed).sample(range(len(candidates)), num_questions))
+    candidates = [q for i, q in enumerate(candidates) if i in picked]
+  return tasks.MultipleChoiceTask(
+      name=name, questions=tuple(candidates),
+      description=(f"Wikipedia sentence cloze ({'/'.join(kinds)}), topics "
+                   f"{[wiki.topic_name(t) for t in topics]}, <= {per_article} per "
+                   f"article, seed {seed}."))
+
+
+# ----------------------------------------------------------------------------
 # math
 
 
@@ -290,6 +518,7 @@ def heldout_ppl(path: str | None = None, *, pairs: Sequence[tuple[str, str]] | N
 
 SUITES: dict[str, Callable[..., tasks.Task]] = {
     "wiki_mc": wiki_mc,
+    "wiki_cloze": wiki_cloze,
     "math": math,
     "heldout_ppl": heldout_ppl,
     "mmlu": loaders.load_mmlu_csv,
@@ -306,6 +535,23 @@ def build_suite(name: str, **kwargs) -> tasks.Task:
   return SUITES[name](**kwargs)
 
 
+def merge_multiple_choice(name: str, parts: Sequence[tasks.MultipleChoiceTask]
+                          ) -> tasks.MultipleChoiceTask:
+  """One multiple-choice task from several (question ids must not collide).
+
+  A question set must be large for a paired interval to be narrow; merging
+  the short-description and cloze questions of one split makes one headline
+  set of their sum.
+  """
+  questions = tuple(q for t in parts for q in t.questions)
+  ids = [q.id for q in questions]
+  if len(set(ids)) != len(ids):
+    raise ValueError(f"merge_multiple_choice({name!r}): question ids collide.")
+  return tasks.MultipleChoiceTask(
+      name=name, questions=questions,
+      description=" + ".join(f"[{t.description}]" for t in parts))
+
+
 def from_config(cfg, held_titles: Sequence[str], unheld_titles: Sequence[str]
                 ) -> list[tasks.Task]:
   """The offline suites an ``evaluate`` config block asks for.
@@ -313,23 +559,40 @@ def from_config(cfg, held_titles: Sequence[str], unheld_titles: Sequence[str]
   ``wiki_known`` asks about articles some client's text covers (knowledge the
   tuning could add), ``wiki_unseen`` about held-out articles of the same topics
   that no client holds (ability kept), ``math`` arithmetic with checkable
-  answers. Every question comes from data no model generated.
+  answers. With ``num_cloze_questions`` > 0, sentence-cloze questions
+  (:func:`wiki_cloze`) of the same two splits are added, as ``cloze_known``
+  / ``cloze_unseen``, or, with ``cloze_merge``, inside ``wiki_known`` /
+  ``wiki_unseen`` (one larger set each). Every question comes from data no
+  model generated.
 
   Args:
     cfg: ``topics``, ``seed``, ``num_wiki_questions``, ``num_math_questions``,
-      ``math_max_new_tokens`` (0 questions leaves a suite out).
+      ``math_max_new_tokens`` (0 questions leaves a suite out), and optionally
+      ``num_cloze_questions``, ``cloze_per_article``, ``cloze_merge`` (absent:
+      no cloze questions).
     held_titles: titles of the articles the clients hold.
     unheld_titles: titles of the articles no client holds.
   """
   out = []
   topics = tuple(cfg.topics)
-  if cfg.num_wiki_questions:
-    out.append(wiki_mc(topics, seed=cfg.seed, name="wiki_known",
-                       num_questions=cfg.num_wiki_questions,
-                       include_titles=set(held_titles)))
-    out.append(wiki_mc(topics, seed=cfg.seed, name="wiki_unseen",
-                       num_questions=cfg.num_wiki_questions,
-                       include_titles=set(unheld_titles)))
+  num_cloze = int(cfg.get("num_cloze_questions", 0) or 0)
+  merge = bool(cfg.get("cloze_merge", False)) and num_cloze > 0
+  for split, titles in (("known", held_titles), ("unseen", unheld_titles)):
+    parts = []
+    if cfg.num_wiki_questions:
+      parts.append(wiki_mc(topics, seed=cfg.seed, name=f"wiki_{split}",
+                           num_questions=cfg.num_wiki_questions,
+                           include_titles=set(titles)))
+    if num_cloze:
+      parts.append(wiki_cloze(topics, seed=cfg.seed, name=f"cloze_{split}",
+                              num_questions=num_cloze,
+                              per_article=int(cfg.get("cloze_per_article", 3)),
+                              include_titles=set(titles)))
+    if merge and len(parts) == 2:
+      out.append(merge_multiple_choice(f"wiki_{split}", parts))
+    else:
+      out += parts
+  out.sort(key=lambda t: not t.name.startswith("wiki_"))  # wiki_* first, as before.
   if cfg.num_math_questions:
     out.append(math("arithmetic", num_questions=cfg.num_math_questions,
                     seed=cfg.seed, max_new_tokens=cfg.math_max_new_tokens))
