@@ -126,6 +126,9 @@ def u2s_config() -> ml_collections.ConfigDict:
   c.evaluate.topics = c.corpus.get_ref("topics")  # Wiki questions from these topics.
   c.evaluate.num_wiki_questions = 100  # Per split (known / unseen).
   c.evaluate.num_math_questions = 40   # Arithmetic with exact answers.
+  c.evaluate.num_cloze_questions = 0   # Sentence-cloze questions per split (suites.wiki_cloze); 0 = none.
+  c.evaluate.cloze_per_article = 3     # At most this many cloze questions per article.
+  c.evaluate.cloze_merge = False       # True: cloze joins wiki_known / wiki_unseen (one set each).
   c.evaluate.math_max_new_tokens = 48  # Decode budget per math answer.
   c.evaluate.batch_size = 8            # Rows per forward / sampler call.
   c.evaluate.seed = 0                  # Question sampling seed.
