@@ -111,6 +111,8 @@ RULES: dict[str, Rule] = {
     "u2s.max_new_tokens": int_at_least(1),
     "evaluate.num_wiki_questions": int_at_least(0),
     "evaluate.num_math_questions": int_at_least(0),
+    "evaluate.num_cloze_questions": int_at_least(0),
+    "evaluate.cloze_per_article": int_at_least(1),
     "evaluate.math_max_new_tokens": int_at_least(1),
     "evaluate.batch_size": int_at_least(1),
     "evaluate.seed": int_at_least(0),
