@@ -89,7 +89,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   comparison = report.compare_table(scores)
   paired = report.paired_rows(scores["fedit_u2s"], scores["base"])
   path = report.u2s_report(workdir, config, gen, result, comparison,
-                           report.paired_models_table(paired, "fedit_u2s", "base"))
+                           report.paired_models_table(paired, "fedit_u2s", "base"),
+                           report.power_table({"fedit_u2s - base": paired}))
   print(_summary(gen, result, paired, time.perf_counter() - start, path))
 
 
