@@ -2,17 +2,22 @@
 
 import json
 import math
+import os
 import random
 import re
 
 import ml_collections
 import pytest
 
+from fedjax_u2s import testing
 from fedjax_u2s.data import wiki
 from fedjax_u2s.evaluation import report
 from fedjax_u2s.evaluation import stats
 from fedjax_u2s.evaluation import suites
+from fedjax_u2s.pipelines import validate
+from fedjax_u2s.u2s import corpus
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GEO = wiki.TOPICS["geography"]
 
 
@@ -186,3 +191,18 @@ def test_power_analysis_of_a_paired_result():
                                                stats.paired_bootstrap(ppl, ppl, num_samples=100)}})
   assert "| tuned - base | wiki_known | 4 | 0.577 | 0.500 | 0.809 | 513 |" in table
   assert "| tuned - base | heldout_ppl | 2 | - | 0.000 | - | - |" in table
+
+
+def test_u2s_wiki_power_variant_has_300_questions_per_split():
+  """configs/u2s_wiki.py:power: >= 300 paired questions in each wiki split."""
+  config = testing.load_config(os.path.join(REPO, "configs", "u2s_wiki.py"), "power")
+  assert validate.problems(config) == []
+  clients, holdout = corpus.load_corpora_and_holdout(config.corpus)
+  held = [d.doc_id for c in clients for d in c.documents]
+  tasks = suites.from_config(config.evaluate, held, [d.doc_id for d in holdout])
+  sizes = {t.name: len(t.questions) for t in tasks}
+  assert sizes == {"wiki_known": 100 + 218, "wiki_unseen": 100 + 300,
+                   "math_arithmetic": 40}
+  # The default job is unchanged.
+  default = testing.load_config(os.path.join(REPO, "configs", "u2s_wiki.py"), "")
+  assert default.evaluate.num_cloze_questions == 0
