@@ -83,9 +83,14 @@ def split_clients(examples: list, cfg: ml_collections.ConfigDict, seed: int,
   return [[examples[i] for i in idx] for idx in parts]
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Loads and splits the data, trains federated, exports, prints a summary."""
-  model = common.load_model(config)
+def client_and_eval_examples(config: ml_collections.ConfigDict
+                             ) -> tuple[list[list], list, instructions.DropReport | None]:
+  """The job's data: each client's examples, the held-out ones, the drops.
+
+  One definition of the split, so the Flower rehearsal
+  (:mod:`fedjax_u2s.flower.rehearsal`) gives every node exactly the examples
+  this job gives that client.
+  """
   examples, drops = load_instruction_data(config.data, config.seed)
   order = np.random.default_rng(config.seed + 1).permutation(len(examples))
   n_eval = int(round(config.data.eval_fraction * len(examples)))
@@ -93,6 +98,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   train_examples = [examples[i] for i in np.sort(order[n_eval:])]
   client_examples = split_clients(train_examples, config.partition, config.seed,
                                   dropped=drops)
+  return client_examples, eval_examples, drops
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Loads and splits the data, trains federated, exports, prints a summary."""
+  model = common.load_model(config)
+  client_examples, eval_examples, drops = client_and_eval_examples(config)
   with common.stage("train", f"{config.federated.num_rounds} rounds of "
                     f"{config.federated.algorithm} over {len(client_examples)} clients"):
     result, stats = common.tune_and_export(config, workdir, model, client_examples,

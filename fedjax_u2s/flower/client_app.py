@@ -1,0 +1,63 @@
+"""The Flower ClientApp: a SuperNode's answers to the ServerApp.
+
+``describe`` (a query) answers with the client id the node declares
+(``--node-config client-id=i``; -1 when it declares none). ``train`` runs
+:func:`fedjax_u2s.flower.node.local_update` on the node's own data and
+answers with the adapter delta and scalar metrics; nothing else leaves the
+node (no text, no token ids: ``tests/test_flower.py`` inspects the replies).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedjax_u2s.flower import node as node_lib
+from fedjax_u2s.flower import wire
+
+app = ClientApp()
+
+
+@app.query("describe")
+def describe(msg: Message, context: Context) -> Message:
+  cid = node_lib.client_id(dict(context.node_config))
+  node_lib.data_file(str(context.node_config.get("data-dir", "")))  # Fail early.
+  return Message(RecordDict({"node": wire.config_record(
+      {"client-id": -1 if cid is None else cid})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+  node_config = dict(context.node_config)
+  cache = str(node_config.get("cache-dir", "") or "")
+  if cache:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  rnd = msg.content["round"]
+  config = node_lib.config_from_json(str(rnd["config-json"]))
+  model = node_lib.load_model(config)
+  template = node_lib.adapter_template(config, model.config)
+  client = int(rnd["client-id"])
+  declared = node_lib.client_id(node_config)
+  if declared is not None and declared != client:
+    raise ValueError(f"This node is client {declared}; the server asked it to "
+                     f"train as client {client}.")
+  params = wire.from_record(msg.content["params"], template, "the global adapter")
+  control = client_control = None
+  if "control" in msg.content.array_records:
+    control = wire.from_record(msg.content["control"], template, "the control")
+    client_control = wire.from_record(msg.content["client-control"], template,
+                                      "the client control")
+  result = node_lib.local_update(
+      config, str(node_config.get("data-dir", "")), params=params, client=client,
+      round_=int(rnd["round"]), cursor=int(rnd["cursor"]),
+      key_data=np.asarray(rnd["key-data"], np.uint32), control=control,
+      client_control=client_control)
+  content = RecordDict({"delta": wire.to_record(result.delta),
+                        "metrics": wire.metric_record(result.metrics)})
+  if result.control_delta is not None:
+    content["control-delta"] = wire.to_record(result.control_delta)
+  return Message(content, reply_to=msg)

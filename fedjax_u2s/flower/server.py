@@ -1,0 +1,627 @@
+"""The server side: rounds over a Flower ``Grid`` with our sampling and aggregation.
+
+:func:`serve` is the ServerApp's body. Each round ``r`` it
+
+1. samples clients with :func:`fedjax_u2s.federated.sampling.sample_clients`
+   (``seed``, ``r``), exactly as the simulation;
+2. sends each sampled client's SuperNode a ``train`` message: the global
+   adapter, the experiment config, the round, the client's data cursor and
+   its key ``fold_in(fold_in(root, r), client_id)`` (the simulation's);
+3. waits for the replies until all came, the node left the federation, or
+   ``round-timeout`` passed; a round needs ``min-replies`` of them, and the
+   metrics row names every client that did not answer and why;
+4. sums the deltas in client order with the simulation's own pieces
+   (:func:`aggregation.accumulate`; with DP :func:`privacy.clip_factors`),
+   then the server step (:func:`aggregation.weighted_mean` or
+   :func:`privacy.noised_mean`, :func:`aggregation.server_update`; SCAFFOLD's
+   controls) on the same :class:`~fedjax_u2s.federated.state.ServerState`;
+5. writes the metrics row (``metrics.jsonl``, the simulation's fields plus
+   ``answered``, ``dropped`` and the serialized message bytes) and the orbax
+   checkpoint (:mod:`fedjax_u2s.checkpoint`, the simulation's format: the
+   server state and the data cursors).
+
+A ServerApp started again with the same workdir resumes from the newest
+intact checkpoint. At the end the adapter is exported in PEFT format
+(``workdir/adapter``) as the fedit job does, and ``workdir/flower_run.json``
+summarizes the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from fedjax_u2s import checkpoint as checkpoint_lib
+from fedjax_u2s import config_blocks
+from fedjax_u2s import export
+from fedjax_u2s import lora as lora_lib
+from fedjax_u2s import metrics as metrics_lib
+from fedjax_u2s.data import batching
+from fedjax_u2s.data import instructions
+from fedjax_u2s.federated import aggregation
+from fedjax_u2s.federated import algorithms
+from fedjax_u2s.federated import client as client_lib
+from fedjax_u2s.federated import privacy
+from fedjax_u2s.federated import sampling
+from fedjax_u2s.federated.config import AlgorithmConfig
+from fedjax_u2s.federated.state import ServerState
+from fedjax_u2s.flower import node as node_lib
+from fedjax_u2s.flower import wire
+
+PyTree = Any
+
+TRAIN = "train"
+DESCRIBE = "query.describe"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# ----------------------------------------------------------------------------
+# Settings from the run config ([tool.flwr.app.config] and `flwr run -c`).
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The ServerApp's run config (``flower-app/pyproject.toml`` documents each).
+
+  Attributes:
+    config: the experiment config (file, argument and overrides applied).
+    workdir: checkpoints, metrics, adapter (on the server's host).
+    num_nodes: SuperNodes (= clients) of the federation; the ServerApp waits
+      for all of them before round 1.
+    min_replies: a round is applied with at least this many replies.
+    round_timeout: seconds a round waits for replies.
+    connect_timeout: seconds to wait for ``num_nodes`` SuperNodes.
+    eval_file: server-side held-out instruction file for the eval loss ("":
+      none).
+    poll_seconds: how often replies are polled.
+  """
+  config: ml_collections.ConfigDict
+  workdir: str
+  num_nodes: int
+  min_replies: int
+  round_timeout: float
+  connect_timeout: float
+  eval_file: str
+  poll_seconds: float = 0.2
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+  """``"federated.algorithm=fedadam train.batch_size=2"`` -> typed values.
+
+  A value is read as a Python literal (numbers, booleans, tuples, quoted
+  strings) when it parses as one, else kept as a string.
+  """
+  import ast  # pylint: disable=g-import-not-at-top
+  out = {}
+  for item in text.split():
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"run config overrides: {item!r} is not key=value "
+                       "(e.g. overrides=\"federated.num_rounds=3\").")
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value
+  return out
+
+
+def resolve_config_path(spec: str) -> tuple[str, str]:
+  """``"configs/x.py:smoke"`` -> (absolute path, argument).
+
+  A relative path is taken from the current directory, else from the
+  repository root of the installed ``fedjax_u2s``.
+  """
+  path, _, arg = spec.partition(":")
+  if not os.path.isabs(path) and not os.path.exists(path):
+    path = os.path.join(REPO, path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"run config config={spec!r}: {path} does not exist.")
+  return path, arg
+
+
+def settings_from_run_config(run_config: dict[str, Any]) -> Settings:
+  """:class:`Settings` from Flower's run config (every key checked)."""
+  def get(key, kind):
+    if key not in run_config:
+      raise ValueError(f"Run config has no {key!r}; declare it in "
+                       "flower-app/pyproject.toml [tool.flwr.app.config].")
+    value = run_config[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+      raise ValueError(f"Run config {key}={value!r}: must be {kind.__name__}.")
+    return value
+  path, arg = resolve_config_path(get("config", str))
+  config = config_blocks.load(path, arg, **parse_overrides(get("overrides", str)))
+  if config.get("pipeline") != "fedit":
+    raise ValueError(f"Run config config={get('config', str)!r} is a "
+                     f"{config.get('pipeline')!r} config; the Flower app runs the "
+                     "fedit job (configs/fedit_instructions.py).")
+  workdir = get("workdir", str)
+  if not workdir:
+    raise ValueError("Run config workdir is empty: flwr run ... -c "
+                     "'workdir=\"/path/on/the/server\"'.")
+  num_nodes = get("num-nodes", int) or config.partition.num_clients
+  s = Settings(config=config, workdir=os.path.abspath(workdir), num_nodes=num_nodes,
+               min_replies=get("min-replies", int),
+               round_timeout=get("round-timeout", float),
+               connect_timeout=get("connect-timeout", float),
+               eval_file=get("eval-file", str))
+  fed = AlgorithmConfig.from_config(config.federated)
+  if fed.clients_per_round > s.num_nodes:
+    raise ValueError(f"config.federated.clients_per_round={fed.clients_per_round} "
+                     f"but the federation has num-nodes={s.num_nodes}.")
+  if not 1 <= s.min_replies <= fed.clients_per_round:
+    raise ValueError(f"Run config min-replies={s.min_replies}: must be in [1, "
+                     f"clients_per_round={fed.clients_per_round}].")
+  if s.round_timeout <= 0 or s.connect_timeout <= 0:
+    raise ValueError("Run config round-timeout and connect-timeout must be > 0.")
+  return s
+
+
+# ----------------------------------------------------------------------------
+# The server step: the simulation's aggregation, one client at a time.
+
+
+def server_optimizer(fed: AlgorithmConfig) -> optax.GradientTransformation:
+  """The server optimizer :func:`algorithms.build` makes for ``fed``."""
+  return aggregation.make_server_optimizer(
+      fed.spec.server_optimizer, learning_rate=fed.server_lr,
+      momentum=fed.server_momentum, b1=fed.server_b1, b2=fed.server_b2,
+      tau=fed.server_tau)
+
+
+@functools.partial(jax.jit, static_argnames=("fed",))
+def aggregate_and_step(state: ServerState, deltas: PyTree, weights: jax.Array,
+                       ids: jax.Array, nonfinite: jax.Array,
+                       control_deltas: PyTree | None, *, fed: AlgorithmConfig
+                       ) -> tuple[ServerState, jax.Array, jax.Array, jax.Array]:
+  """Sums the answered clients' deltas and takes the server step.
+
+  The clients are summed in order, each as a chunk of one, with the
+  operations of the simulation's scan (``algorithms._train_clients``), so the
+  sum is the simulation's bit for bit; then its server step
+  (``algorithms._server_step``) and its keep-the-old-state-if-non-finite rule.
+
+  Args:
+    state: the server state before the round.
+    deltas: the clients' deltas, leaves ``[C, ...]`` in client-id order.
+    weights: float32 [C], each client's example count.
+    ids: int32 [C], their client ids.
+    nonfinite: bool [C], a client reported a non-finite loss or gradient.
+    control_deltas: SCAFFOLD: leaves ``[C, ...]``; else None.
+    fed: the algorithm config.
+
+  Returns:
+    ``(new state, mean delta's norm, clipped count, non-finite flag)``.
+  """
+  spec = fed.spec
+  opt = server_optimizer(fed)
+  params = state.params
+
+  def body(sums, xs):
+    delta_sum, weight, clipped, control_sum, controls = sums
+    d, w, i, c = xs  # leaves [1, ...]: a chunk of one client.
+    if fed.dp.enabled:
+      real = (w > 0).astype(jnp.float32)
+      factors, norms = privacy.clip_factors(d, fed.dp.clip_norm)
+      w_eff = real * factors
+      clipped = clipped + jnp.sum(real * (norms > fed.dp.clip_norm))
+      weight = weight + jnp.sum(real)
+    else:
+      w_eff = w
+      weight = weight + jnp.sum(w)
+    delta_sum = aggregation.accumulate(delta_sum, d, w_eff)
+    if spec.scaffold:
+      control_sum = jax.tree.map(lambda s, x: s + jnp.sum(x, axis=0), control_sum, c)
+      controls = jax.tree.map(lambda t, x: t.at[i].add(x), controls, c)
+    return (delta_sum, weight, clipped, control_sum, controls), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  one = lambda x: x[:, None]
+  xs = (jax.tree.map(one, deltas), one(weights), one(ids),
+        jax.tree.map(one, control_deltas) if spec.scaffold else None)
+  init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+          zeros if spec.scaffold else None, state.client_controls)
+  (delta_sum, weight, clipped, control_sum, controls), _ = jax.lax.scan(
+      body, init, xs)
+
+  if fed.dp.enabled:
+    mean_delta = privacy.noised_mean(
+        delta_sum, privacy.noise_key(state.key(), state.round),
+        clip_norm=fed.dp.clip_norm, noise_multiplier=fed.dp.noise_multiplier,
+        expected_clients=fed.clients_per_round)
+  else:
+    mean_delta = aggregation.weighted_mean(delta_sum, weight)
+  new_params, new_opt_state = aggregation.server_update(
+      params, state.opt_state, mean_delta, opt)
+  new_control = state.control
+  if spec.scaffold:
+    num_clients = jax.tree.leaves(state.client_controls)[0].shape[0]
+    new_control = jax.tree.map(lambda c, s: c + s / num_clients,
+                               state.control, control_sum)
+  new = ServerState(params=new_params, opt_state=new_opt_state,
+                    control=new_control, client_controls=controls,
+                    round=state.round + 1, rng=state.rng)
+  bad = jnp.any(nonfinite) | ~client_lib.all_finite(
+      (new.params, new.opt_state, new.control, new.client_controls))
+  new = jax.tree.map(lambda o, n: jnp.where(bad, o, n), state, new)
+  return new, optax.tree.norm(mean_delta), clipped, bad
+
+
+def client_key_data(state: ServerState, round_: int, client: int) -> np.ndarray:
+  """Raw key data of ``fold_in(fold_in(root, round), client)`` (the simulation's)."""
+  key = jax.random.fold_in(jax.random.fold_in(state.key(), round_), client)
+  return np.asarray(jax.random.key_data(key))
+
+
+# ----------------------------------------------------------------------------
+# Talking to the SuperNodes.
+
+
+def _message(content, node_id: int, message_type: str, group: str):
+  from flwr.app import Message  # pylint: disable=g-import-not-at-top
+  return Message(content, dst_node_id=node_id, message_type=message_type,
+                 group_id=group)
+
+
+def exchange(grid, messages: Sequence[Any], *, timeout: float, poll: float,
+             log: Callable[[str], None] = print) -> tuple[dict[int, Any], dict[int, str]]:
+  """Sends ``messages``; their replies by destination node, and who failed why.
+
+  Waits until every message has a reply, its node left the federation (the
+  SuperNode deactivated, or the SuperLink saw it miss its heartbeats), or
+  ``timeout`` seconds passed. A reply carrying an error counts as failed.
+
+  Returns:
+    ``({node_id: reply message}, {node_id: reason})``.
+  """
+  del log
+  ids = list(grid.push_messages(messages))
+  pending = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages)}
+  replies, failed = {}, {}
+  deadline = time.monotonic() + timeout
+  while pending:
+    for reply in grid.pull_messages(list(pending)):
+      mid = reply.metadata.reply_to_message_id
+      node = pending.pop(mid, None)
+      if node is None:
+        continue
+      if reply.has_error():
+        failed[node] = f"error {reply.error.code}: {reply.error.reason}"
+      else:
+        replies[node] = reply
+    if not pending:
+      break
+    online = set(grid.get_node_ids())
+    for mid, node in list(pending.items()):
+      if node not in online:
+        failed[node] = "node left the federation"
+        del pending[mid]
+    if time.monotonic() > deadline:
+      for node in pending.values():
+        failed[node] = f"no reply within round-timeout={timeout:g}s"
+      break
+    time.sleep(poll)
+  return replies, failed
+
+
+class Federation:
+  """Which SuperNode holds which client.
+
+  Nodes declare their client id (``--node-config client-id=i``) in answer to
+  a ``describe`` query; nodes that declare none get the free ids in order of
+  node id. A node that joins later (a restarted SuperNode) is asked again,
+  so its client can be sampled again.
+  """
+
+  def __init__(self, grid, num_clients: int, poll: float):
+    self.grid, self.num_clients, self.poll = grid, num_clients, poll
+    self.node_of: dict[int, int] = {}    # client id -> node id
+    self.client_of: dict[int, int] = {}  # node id -> client id
+
+  def refresh(self, timeout: float = 60.0) -> None:
+    """Asks nodes not seen before for their client id."""
+    online = set(self.grid.get_node_ids())
+    for n in [n for n in self.client_of if n not in online]:
+      self.node_of.pop(self.client_of.pop(n), None)
+    new = sorted(online - set(self.client_of))
+    if not new:
+      return
+    from flwr.app import RecordDict  # pylint: disable=g-import-not-at-top
+    msgs = [_message(RecordDict(), n, DESCRIBE, "describe") for n in new]
+    replies, failed = exchange(self.grid, msgs, timeout=timeout, poll=self.poll)
+    declared = {}
+    for n, reply in replies.items():
+      cid = int(reply.content["node"]["client-id"])
+      declared[n] = None if cid < 0 else cid
+    for n, why in failed.items():
+      print(f"[flower] node {n} did not describe itself ({why}); ignored.")
+    for n, cid in sorted(declared.items()):
+      if cid is None:
+        continue
+      if not 0 <= cid < self.num_clients:
+        raise ValueError(f"SuperNode {n} declares client-id={cid}, outside "
+                         f"[0, num-nodes={self.num_clients}).")
+      if cid in self.node_of and self.node_of[cid] != n:
+        raise ValueError(f"SuperNodes {self.node_of[cid]} and {n} both declare "
+                         f"client-id={cid}; give each node its own id.")
+      self.node_of[cid], self.client_of[n] = n, cid
+    free = [c for c in range(self.num_clients) if c not in self.node_of]
+    for n in sorted(n for n, cid in declared.items() if cid is None):
+      if not free:
+        raise ValueError(f"More SuperNodes than num-nodes={self.num_clients}: "
+                         f"node {n} has no client id left.")
+      c = free.pop(0)
+      self.node_of[c], self.client_of[n] = n, c
+
+  def wait_for_all(self, timeout: float) -> None:
+    """Waits until every client id has a node (or raises after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+      self.refresh()
+      if len(self.node_of) >= self.num_clients:
+        return
+      if time.monotonic() > deadline:
+        raise TimeoutError(
+            f"Only {len(self.node_of)} of num-nodes={self.num_clients} SuperNodes "
+            f"connected within connect-timeout={timeout:g}s (clients "
+            f"{sorted(self.node_of)}). Start the others, or lower num-nodes.")
+      time.sleep(max(self.poll, 0.5))
+
+
+# ----------------------------------------------------------------------------
+# The run.
+
+
+@dataclasses.dataclass
+class _Server:
+  settings: Settings
+  fed: AlgorithmConfig
+  model: Any
+  lora_config: lora_lib.LoraConfig
+  template: PyTree
+  lora_bytes: int
+  evaluate: Callable[[PyTree], float] | None
+
+
+def _setup(s: Settings) -> tuple[_Server, ServerState]:
+  config = s.config
+  fed = AlgorithmConfig.from_config(config.federated)
+  model = node_lib.load_model(config)
+  lcfg = node_lib.lora_config(config)
+  loss = node_lib.loss_fn(config, model.config)
+  rng = jax.random.key(config.seed)
+  init_lora = lora_lib.init(jax.random.fold_in(rng, 0), model.config, lcfg)
+  algo = algorithms.build(fed, loss)
+  fresh = jax.jit(lambda p: algo.init(p, jax.random.fold_in(rng, 1),
+                                      s.num_nodes))(init_lora)
+  evaluate = None
+  if s.eval_file and config.train_eval.every:
+    examples = instructions.load_examples(s.eval_file)
+    eval_set = instructions.tokenize(list(examples), model.tokenizer,
+                                     config.train.max_length,
+                                     system_prompt=config.data.system_prompt or None,
+                                     name="held-out pairs")
+    batch = batching.eval_batches(eval_set, config.train_eval.batch_size)
+    ev = jax.jit(algo.evaluate)
+
+    def evaluate(params):
+      loss_sum, weight = ev(params, model.params, batch)
+      return float(loss_sum) / max(float(weight), 1.0)
+  srv = _Server(settings=s, fed=fed, model=model, lora_config=lcfg,
+                template=jax.eval_shape(lambda: init_lora),
+                lora_bytes=wire.tree_bytes(init_lora), evaluate=evaluate)
+  return srv, fresh
+
+
+def _train_content(srv: _Server, state: ServerState, config_json: str, r: int,
+                   client: int, cursor: int):
+  from flwr.app import RecordDict  # pylint: disable=g-import-not-at-top
+  content = RecordDict({
+      "params": wire.to_record(state.params),
+      "round": wire.config_record({
+          "config-json": config_json, "round": r, "client-id": client,
+          "cursor": int(cursor),
+          "key-data": [int(x) for x in client_key_data(state, r, client)]}),
+  })
+  if srv.fed.spec.scaffold:
+    content["control"] = wire.to_record(state.control)
+    content["client-control"] = wire.to_record(
+        jax.tree.map(lambda x: x[client], state.client_controls))
+  return content
+
+
+def _parse_reply(srv: _Server, reply, client: int, node: int):
+  what = f"the reply of node {node} (client {client})"
+  content = reply.content
+  for name in content.config_records:
+    raise ValueError(f"{what} carries a config record {name!r}; a node sends "
+                     "only arrays and metrics.")
+  delta = wire.from_record(content["delta"], srv.template, f"{what}: delta")
+  control = None
+  if srv.fed.spec.scaffold:
+    control = wire.from_record(content["control-delta"], srv.template,
+                               f"{what}: control delta")
+  m = dict(content["metrics"])
+  for k in ("num-examples", "cursor", "loss-sum", "num-tokens", "nonfinite"):
+    if k not in m:
+      raise ValueError(f"{what}: metric {k!r} missing.")
+  return delta, control, m
+
+
+def _run_round(srv: _Server, grid, fed_nodes: Federation, state: ServerState,
+               cursors: np.ndarray, r: int, config_json: str
+               ) -> tuple[ServerState, dict[str, Any]]:
+  s, fed = srv.settings, srv.fed
+  t0 = time.perf_counter()
+  ids = sampling.sample_clients(s.config.seed, r, s.num_nodes, fed.clients_per_round)
+  fed_nodes.refresh()
+  dropped = []
+  messages, bytes_down, wire_down = [], 0, 0
+  for c in ids:
+    node = fed_nodes.node_of.get(int(c))
+    if node is None:
+      dropped.append({"client": int(c), "node": None, "reason": "no node online"})
+      continue
+    content = _train_content(srv, state, config_json, r, int(c), cursors[c])
+    bytes_down += wire.array_bytes(content)
+    wire_down += wire.content_bytes(content)
+    messages.append(_message(content, node, TRAIN, str(r + 1)))
+  replies, failed = exchange(grid, messages, timeout=s.round_timeout,
+                             poll=s.poll_seconds) if messages else ({}, {})
+  for node, why in failed.items():
+    dropped.append({"client": fed_nodes.client_of.get(node), "node": node,
+                    "reason": why})
+  answered, deltas, controls, metrics = [], [], [], []
+  bytes_up = wire_up = 0
+  for c in ids:
+    node = fed_nodes.node_of.get(int(c))
+    if node not in replies:
+      continue
+    delta, control, m = _parse_reply(srv, replies[node], int(c), node)
+    bytes_up += wire.array_bytes(replies[node].content)
+    wire_up += wire.content_bytes(replies[node].content)
+    answered.append(int(c))
+    deltas.append(delta)
+    controls.append(control)
+    metrics.append(m)
+  dropped.sort(key=lambda d: (d["client"] is None, d["client"]))
+  for d in dropped:
+    print(f"[flower] round {r + 1}: client {d['client']} (node {d['node']}) "
+          f"dropped: {d['reason']}", flush=True)
+  if len(answered) < s.min_replies:
+    raise RuntimeError(
+        f"Round {r + 1}: {len(answered)} of {len(ids)} sampled clients answered, "
+        f"fewer than min-replies={s.min_replies} (dropped: {dropped}). The round "
+        "was not applied; the last checkpoint is intact and a new `flwr run` "
+        "with the same workdir resumes from it.")
+  stack = lambda trees: jax.tree.map(lambda *x: np.stack(x), *trees)
+  new_state, update_norm, clipped, bad = aggregate_and_step(
+      state, stack(deltas),
+      np.asarray([m["num-examples"] for m in metrics], np.float32),
+      np.asarray(answered, np.int32),
+      np.asarray([bool(m["nonfinite"]) for m in metrics]),
+      stack(controls) if fed.spec.scaffold else None, fed=fed)
+  if bool(bad):
+    raise FloatingPointError(
+        f"Round {r + 1}: a client produced a non-finite loss or gradient (client "
+        f"losses {[m['loss-sum'] / max(m['num-tokens'], 1.0) for m in metrics]}). "
+        "The update was not applied; the last checkpoint is intact. Lower "
+        "config.federated.client_lr, enable grad_clip, or use float32.")
+  for c, m in zip(answered, metrics):
+    cursors[c] = int(m["cursor"])
+  # float32, as the simulation's round metrics.
+  loss_sum = np.sum(np.asarray([m["loss-sum"] for m in metrics], np.float32))
+  tokens = np.sum(np.asarray([m["num-tokens"] for m in metrics], np.float32))
+  seconds = time.perf_counter() - t0
+  row = {"train_loss": float(loss_sum / np.maximum(tokens, np.float32(1.0))),
+         "num_tokens": int(tokens),
+         "tokens_per_s": float(tokens) / max(seconds, 1e-9), "seconds": seconds,
+         "update_norm": float(update_norm),
+         "clients": [int(i) for i in ids],
+         "bytes_down": int(bytes_down), "bytes_up": int(bytes_up),
+         "answered": answered, "dropped": dropped,
+         "client_loss": [m["loss-sum"] / max(m["num-tokens"], 1.0) for m in metrics],
+         "wire_bytes_down": int(wire_down), "wire_bytes_up": int(wire_up)}
+  if fed.dp.enabled:
+    row["dp_clipped_fraction"] = float(clipped) / max(len(answered), 1)
+    eps = privacy.epsilon(
+        noise_multiplier=fed.dp.noise_multiplier,
+        sampling_rate=privacy.sampling_rate(fed.clients_per_round, s.num_nodes),
+        rounds=r + 1, delta=fed.dp.delta)
+    row["dp_epsilon"] = eps if math.isfinite(eps) else None
+  return new_state, row
+
+
+def serve(grid, s: Settings) -> dict[str, Any]:
+  """Runs (or resumes) the federated rounds; exports the adapter. See the module doc."""
+  config, fed = s.config, AlgorithmConfig.from_config(s.config.federated)
+  if fed.dp.enabled:
+    privacy.check_accountant()
+  os.makedirs(s.workdir, exist_ok=True)
+  t_start = time.perf_counter()
+  srv, fresh = _setup(s)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(s.workdir, "checkpoints"),
+                                     keep=config.checkpoint.keep)
+  restored = ckpt.restore_newest_intact(checkpoint_lib.abstract(fresh))
+  if restored is None:
+    state, cursors, start = fresh, np.zeros(s.num_nodes, np.int64), 0
+  else:
+    state, meta, start = restored
+    cursors = np.asarray(meta["cursors"], np.int64)
+    if len(cursors) != s.num_nodes:
+      raise ValueError(f"{ckpt.directory}/{start} was written for {len(cursors)} "
+                       f"clients, this federation has {s.num_nodes}: use a fresh "
+                       "workdir.")
+    print(f"[flower] resuming from the checkpoint of round {start} in "
+          f"{ckpt.directory}", flush=True)
+  del fresh
+  with open(os.path.join(s.workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  writer = metrics_lib.MetricWriter(s.workdir, resume_round=start,
+                                    tensorboard=config.train.tensorboard)
+  federation = Federation(grid, s.num_nodes, s.poll_seconds)
+  halt = config.train.halt_after_round or fed.num_rounds
+  config_json = config.to_json()
+  try:
+    federation.wait_for_all(s.connect_timeout)
+    print(f"[flower] {s.num_nodes} SuperNodes: client -> node "
+          f"{dict(sorted(federation.node_of.items()))}", flush=True)
+    if start == 0 and srv.evaluate is not None:
+      writer.write(0, {"eval_loss": srv.evaluate(state.params)})
+    for r in range(start, min(fed.num_rounds, halt)):
+      state, row = _run_round(srv, grid, federation, state, cursors, r, config_json)
+      done = r + 1
+      every = config.train_eval.every
+      if srv.evaluate is not None and every and (done % every == 0 or
+                                                 done == fed.num_rounds):
+        row["eval_loss"] = srv.evaluate(state.params)
+      writer.write(done, row)
+      if done % config.checkpoint.every == 0 or done in (fed.num_rounds, halt):
+        ckpt.save(done, state, {"cursors": cursors, "round": done})
+      print(f"[flower] round {done}/{fed.num_rounds}: train loss "
+            f"{row['train_loss']:.4f}, answered {row['answered']}, "
+            f"{row['seconds']:.1f}s", flush=True)
+  finally:
+    writer.close()
+    ckpt.close()
+  rows = metrics_lib.read_jsonl(os.path.join(s.workdir, "metrics.jsonl"))
+  _finish(srv, state, rows, time.perf_counter() - t_start)
+  return {"rounds": int(state.round), "rows": rows}
+
+
+def _finish(srv: _Server, state: ServerState, rows: list, seconds: float) -> None:
+  s, config = srv.settings, srv.settings.config
+  lora = jax.tree.map(np.asarray, state.params)
+  if config.export.peft:
+    export.save_peft(os.path.join(s.workdir, "adapter"), lora, srv.lora_config,
+                     base_model=config.model.name)
+  if config.export.merged:
+    export.save_merged(os.path.join(s.workdir, "merged"), srv.model.config,
+                       srv.model.params, lora, srv.lora_config,
+                       srv.model.tokenizer, base_model=config.model.name)
+  if rows:
+    from fedjax_u2s.evaluation import report  # pylint: disable=g-import-not-at-top
+    report.plot_curves(rows, ["train_loss", "eval_loss", "tokens_per_s"],
+                       os.path.join(s.workdir, "curves.png"),
+                       title=f"{srv.fed.algorithm} over Flower: {s.num_nodes} nodes")
+  summary = {"rounds": int(state.round), "num_nodes": s.num_nodes,
+             "algorithm": srv.fed.algorithm, "seconds": seconds,
+             "dropped": [dict(d, round=r["round"]) for r in rows
+                         for d in r.get("dropped", [])]}
+  with open(os.path.join(s.workdir, "flower_run.json"), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=2)
+  print(f"[flower] done: {summary['rounds']} rounds in {seconds:.0f}s; adapter in "
+        f"{os.path.join(s.workdir, 'adapter')}", flush=True)
