@@ -490,6 +490,71 @@ def math(source: str = "arithmetic", *, num_questions: int | None = 100, seed: i
       description=f"math source={source} seed={seed}")
 
 
+CHAMP_MC_TEMPLATE = "{question}\nWhat is the final answer?"
+
+
+def _answer_shape(answer: str) -> str:
+  return "fraction" if "/" in answer else "decimal" if "." in answer else "integer"
+
+
+def champ_heldout(form: str = "mc", *, held_fraction: float = 0.9, seed: int = 0,
+                  num_options: int = 4, max_new_tokens: int = 48,
+                  template: str | None = None, path: str | None = None,
+                  name: str | None = None) -> tasks.Task:
+  """The CHAMP problems a math client's text does not hold (:func:`champ.split`).
+
+  Their concepts appear, worked, in the kept problems the client holds, so
+  tuning on that text can help here. ``form="generation"``: exact-match
+  greedy answers (as ``math(source="champ")``); ``form="mc"``: the answer
+  against ``num_options - 1`` single-number answers of other CHAMP problems
+  of the same shape (integer, decimal, fraction), scored by log-likelihood
+  like every multiple-choice task, which still separates models where
+  generation of a 135M model is at the floor.
+
+  Args:
+    form: "mc" or "generation".
+    held_fraction, seed: the split (:func:`fedjax_u2s.data.champ.split`).
+    num_options: options per multiple-choice question.
+    max_new_tokens: decoding budget of the generation form.
+    template: the user message, with ``{question}``.
+    path: CHAMP's v0.json (default: the packaged one).
+    name: task name (default ``champ_heldout_<form>``).
+  """
+  from fedjax_u2s.data import champ  # Only this suite needs champ-dataset.
+  held = champ.split(held_fraction, seed, path=path).held
+  name = name or f"champ_heldout_{form}"
+  if form == "generation":
+    template = template or MATH_TEMPLATE
+    questions = tuple(tasks.GenQuestion(
+        id=p.id, prompt=template.format(question=p.text), answer=p.answer,
+        kind="number", meta=dict(category=p.category, concepts=list(p.concepts)))
+        for p in held)
+    return tasks.GenerationTask(name=name, questions=questions,
+                                max_new_tokens=max_new_tokens, stop_strings=("\n\n",),
+                                description=f"CHAMP held-out problems, seed {seed}")
+  if form != "mc":
+    raise ValueError(f"champ_heldout: form must be 'mc' or 'generation', got {form!r}.")
+  template = template or CHAMP_MC_TEMPLATE
+  problems, _ = champ.load(path)
+  answers = sorted({p.answer for p in problems if p.numeric})
+  questions = []
+  for p in held:
+    others = [a for a in answers if a != p.answer
+              and _answer_shape(a) == _answer_shape(p.answer)]
+    if len(others) < num_options - 1:
+      continue
+    qrng = random.Random(f"{seed}:champ:{p.id}")
+    options = [p.answer] + qrng.sample(others, num_options - 1)
+    perm = list(range(num_options))
+    qrng.shuffle(perm)
+    questions.append(tasks.MCQuestion(
+        id=p.id, prompt=template.format(question=p.text),
+        options=tuple(options[i] for i in perm), answer=perm.index(0),
+        meta=dict(category=p.category, concepts=list(p.concepts))))
+  return tasks.MultipleChoiceTask(name=name, questions=tuple(questions),
+                                  description=f"CHAMP held-out problems (MC), seed {seed}")
+
+
 # ----------------------------------------------------------------------------
 # heldout_ppl
 
@@ -519,6 +584,7 @@ def heldout_ppl(path: str | None = None, *, pairs: Sequence[tuple[str, str]] | N
 SUITES: dict[str, Callable[..., tasks.Task]] = {
     "wiki_mc": wiki_mc,
     "wiki_cloze": wiki_cloze,
+    "champ_heldout": champ_heldout,
     "math": math,
     "heldout_ppl": heldout_ppl,
     "mmlu": loaders.load_mmlu_csv,
