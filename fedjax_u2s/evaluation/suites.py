@@ -9,6 +9,14 @@
   DeepMind's ``mathematics_dataset`` (school arithmetic, integer answers) or
   the single-number answers of the CHAMP competition problems
   (``champ-dataset``).
+* ``wiki_cloze``: a year, number or capitalised name blanked out of one
+  sentence of a lead paragraph, against same-type spans of other articles of
+  the topic; several per article, so the splits reach hundreds of questions
+  (a +/-0.05 paired interval needs about 300 at the SDs measured, see
+  ``stats.power_analysis``).
+* ``champ_heldout``: CHAMP problems no client holds whose concepts the math
+  client's text (:mod:`fedjax_u2s.data.champ`) shows worked, as multiple
+  choice or exact-match generation.
 * ``heldout_ppl``: response-only perplexity on a JSONL of held-out pairs.
 
 Every builder is deterministic given its arguments (seed included) and is
@@ -30,6 +38,7 @@ from typing import Callable, Collection, Sequence
 
 import numpy as np
 
+from fedjax_u2s.data import champ
 from fedjax_u2s.data import wiki
 from fedjax_u2s.evaluation import loaders
 from fedjax_u2s.evaluation import tasks
@@ -520,7 +529,6 @@ def champ_heldout(form: str = "mc", *, held_fraction: float = 0.9, seed: int = 0
     path: CHAMP's v0.json (default: the packaged one).
     name: task name (default ``champ_heldout_<form>``).
   """
-  from fedjax_u2s.data import champ  # Only this suite needs champ-dataset.
   held = champ.split(held_fraction, seed, path=path).held
   name = name or f"champ_heldout_{form}"
   if form == "generation":
