@@ -206,3 +206,27 @@ def test_u2s_wiki_power_variant_has_300_questions_per_split():
   # The default job is unchanged.
   default = testing.load_config(os.path.join(REPO, "configs", "u2s_wiki.py"), "")
   assert default.evaluate.num_cloze_questions == 0
+
+
+def test_clustered_questions_resample_articles():
+  """Questions of one article move together: the bootstrap resamples articles."""
+  records = lambda vals: [dict(id=f"q{i}", correct_norm=bool(v), meta=dict(article_id=i // 2))
+                          for i, v in enumerate(vals)]
+  qa = stats.question_values({"t": {"kind": "multiple_choice", "records": records([1, 1, 0, 0])}})
+  qb = stats.question_values({"t": {"kind": "multiple_choice", "records": records([0, 0, 0, 0])}})
+  assert qa["t"]["clusters"] == {"q0": "article:0", "q1": "article:0",
+                                 "q2": "article:1", "q3": "article:1"}
+  assert stats.mean_question_values([qa, qa])["t"]["clusters"] == qa["t"]["clusters"]
+  r = stats.paired_bootstrap(qa["t"], qb["t"], num_samples=4000)
+  # Differences 1, 1 | 0, 0: resamples of two articles give 0, 0.5 or 1.
+  assert r["clusters"] == 2 and r["diff"] == 0.5
+  assert (r["ci_low"], r["ci_high"]) == (0.0, 1.0)
+  # Question-level SD sqrt(1/3); cluster-robust: T = (+1, -1),
+  # SE^2 = 2/1 * (1 + 1) / 16 = 0.25, effective SD = sqrt(4) * 0.5 = 1.
+  assert r["sd"] == pytest.approx(math.sqrt(1 / 3))
+  assert r["sd_effective"] == pytest.approx(1.0)
+  assert stats.power_analysis(r)["mde"] == pytest.approx(2.801585 * 1.0 / 2, abs=1e-6)
+  # One question per article (wiki_mc): no clusters, the plain bootstrap.
+  single = stats.question_values({"t": {"kind": "multiple_choice", "records": [
+      dict(id=f"q{i}", correct_norm=True, meta=dict(article_id=i)) for i in range(3)]}})
+  assert "clusters" not in single["t"]

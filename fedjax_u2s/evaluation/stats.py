@@ -41,7 +41,11 @@ def question_values(scores: Mapping[str, dict]) -> dict[str, dict]:
   """``{task: {"kind", "values": {question id: value}}}`` of one scored run.
 
   ``value`` is a float for accuracy-like kinds and ``[nll, num_tokens]`` for
-  perplexity. Tasks without per-question ``records`` are skipped.
+  perplexity. Tasks without per-question ``records`` are skipped. Where
+  several questions come from one article (``meta["article_id"]``, e.g. the
+  cloze questions of :func:`fedjax_u2s.evaluation.suites.wiki_cloze`), the
+  task also gets ``"clusters": {question id: article}``, so the bootstrap
+  resamples articles, not questions (their answers are not independent).
   """
   out = {}
   for task, res in scores.items():
@@ -56,6 +60,9 @@ def question_values(scores: Mapping[str, dict]) -> dict[str, dict]:
     else:
       raise ValueError(f"Task {task!r}: unknown kind {kind!r}.")
     out[task] = {"kind": kind, "values": values}
+    articles = {str(r["id"]): (r.get("meta") or {}).get("article_id") for r in records}
+    if None not in articles.values() and len(set(articles.values())) < len(articles):
+      out[task]["clusters"] = {q: f"article:{a}" for q, a in articles.items()}
   return out
 
 
@@ -82,6 +89,9 @@ def mean_question_values(runs: Sequence[Mapping[str, dict]]) -> dict[str, dict]:
       values[qid] = (np.mean(np.asarray(vals, np.float64), axis=0).tolist()
                      if kind == "perplexity" else float(np.mean(vals)))
     out[task] = {"kind": kind, "values": values}
+    clusters = runs[0][task].get("clusters")
+    if clusters:
+      out[task]["clusters"] = {q: clusters[q] for q in values}
   return out
 
 
@@ -107,10 +117,16 @@ def paired_bootstrap(a: Mapping[str, dict], b: Mapping[str, dict], *,
     level: confidence level of the percentile interval.
 
   Returns:
-    ``{"n", "diff", "ci_low", "ci_high", "p_value", "level"}``: ``diff`` on
-    all shared questions; ``p_value`` is the two-sided bootstrap estimate
-    ``2 * min(P(d <= 0), P(d >= 0))`` (capped at 1). ``n`` = 0 (and the rest
-    None) when no question is shared.
+    ``{"n", "diff", "ci_low", "ci_high", "p_value", "level", "sd"}``:
+    ``diff`` on all shared questions; ``p_value`` is the two-sided bootstrap
+    estimate ``2 * min(P(d <= 0), P(d >= 0))`` (capped at 1); ``sd`` the
+    standard deviation of the per-question differences (None for
+    perplexity). ``n`` = 0 (and the rest None) when no question is shared.
+    When ``a`` (or ``b``) carries ``clusters`` (:func:`question_values`),
+    whole clusters are resampled and the result also has ``clusters`` (how
+    many) and ``sd_effective``: ``sqrt(n)`` times the cluster-robust
+    standard error of the mean difference, the SD that independent
+    questions would need to be as noisy (what :func:`power_analysis` uses).
   """
   if a["kind"] != b["kind"]:
     raise ValueError(f"Cannot pair a {a['kind']} task with a {b['kind']} task.")
@@ -124,18 +140,44 @@ def paired_bootstrap(a: Mapping[str, dict], b: Mapping[str, dict], *,
   vb = np.asarray([b["values"][i] for i in ids], np.float64)
   full = np.arange(n)[None]
   diff = float(_metric(kind, va, full)[0] - _metric(kind, vb, full)[0])
+  clusters = a.get("clusters") or b.get("clusters")
+  extra = {}
+  if clusters:
+    # Per cluster: [sum, count] of the accuracy values (or [nll, tokens]),
+    # so a resample of clusters is one sum over their rows.
+    names = sorted({clusters[i] for i in ids})
+    pos = {c: k for k, c in enumerate(names)}
+    member = np.asarray([pos[clusters[i]] for i in ids])
+    def aggregate(v):
+      agg = np.zeros((len(names), 2))
+      np.add.at(agg, member, v if v.ndim == 2 else np.stack([v, np.ones(n)], -1))
+      return agg
+    va, vb, size = aggregate(va), aggregate(vb), len(names)
+    metric = lambda v, idx: (np.exp if kind == "perplexity" else (lambda x: x))(
+        v[:, 0][idx].sum(-1) / np.maximum(v[:, 1][idx].sum(-1), 1e-12))
+    extra["clusters"] = size
+  else:
+    metric, size = (lambda v, idx: _metric(kind, v, idx)), n
   rng = np.random.default_rng(seed)
   d = np.empty(num_samples)
   for start in range(0, num_samples, 1000):  # Bounded memory for large n.
-    idx = rng.integers(0, n, size=(min(1000, num_samples - start), n))
-    d[start:start + len(idx)] = _metric(kind, va, idx) - _metric(kind, vb, idx)
+    idx = rng.integers(0, size, size=(min(1000, num_samples - start), size))
+    d[start:start + len(idx)] = metric(va, idx) - metric(vb, idx)
   lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
   p = min(1.0, 2.0 * min(float(np.mean(d <= 0)), float(np.mean(d >= 0))))
   # SD of the per-question differences (accuracy-like kinds only: a
   # perplexity is not a mean of per-question values), for power_analysis.
-  sd = (float(np.std(va - vb, ddof=1)) if kind != "perplexity" and n > 1 else None)
+  sd = None
+  if kind != "perplexity" and n > 1:
+    diffs = np.asarray([a["values"][i] - b["values"][i] for i in ids], np.float64)
+    sd = float(np.std(diffs, ddof=1))
+    if clusters and extra["clusters"] > 1:
+      k = extra["clusters"]
+      t = np.zeros(k)
+      np.add.at(t, member, diffs - diffs.mean())
+      extra["sd_effective"] = float(np.sqrt(k / (k - 1) * np.sum(t ** 2) / n))
   return {"n": n, "diff": diff, "ci_low": float(lo), "ci_high": float(hi),
-          "p_value": p, "level": level, "num_samples": num_samples, "sd": sd}
+          "p_value": p, "level": level, "num_samples": num_samples, "sd": sd, **extra}
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -251,10 +293,13 @@ def power_analysis(result: Mapping, *, alpha: float = 0.05, power: float = 0.8,
     "half_width_normal" (z * sd / sqrt(n)), "mde" (see
     :func:`minimum_detectable_effect`), "n_for_target" (questions for a
     ``+/- target_half_width`` interval at the result's level),
+    ``sd`` being ``sd_effective`` where the result has one (clustered
+    questions),
     "target_half_width", "alpha", "power"}``; the SD-based fields are None
     where the result has no ``sd`` (perplexity, or under 2 questions).
   """
-  n, sd = result.get("n") or 0, result.get("sd")
+  n = result.get("n") or 0
+  sd = result.get("sd_effective", result.get("sd"))  # Clustered: the effective SD.
   level = result.get("level", 0.95)
   out = {"n": n, "sd": sd, "alpha": alpha, "power": power,
          "target_half_width": target_half_width, "half_width": None,
