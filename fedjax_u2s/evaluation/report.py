@@ -193,6 +193,9 @@ def power_table(rows: Mapping[str, Mapping[str, dict]]) -> str:
   95% interval, the minimum detectable effect at alpha 0.05 and power 0.8
   (:func:`stats.minimum_detectable_effect`) and the questions a +/-0.05
   interval would need at this SD. Perplexity rows have no per-question SD.
+  Where several questions come from one article (cloze), the SD is the
+  effective one (:func:`stats.paired_bootstrap`'s ``sd_effective``): what
+  independent questions would need to be as noisy.
   """
   lines = ["| a - b | task | n | SD of paired differences | 95% CI half-width | "
            "MDE (alpha 0.05, power 0.8) | n for +/-0.05 |",
