@@ -99,7 +99,16 @@ def u2s_config() -> ml_collections.ConfigDict:
   c.chunking.max_pieces_per_client = 0  # Cap per client; 0 = all.
 
   c.pool = ml_collections.ConfigDict()
-  c.pool.path = ""                     # Demonstration pool JSON/JSONL; "" = packaged.
+  # Demonstration pool file: ours (JSON/JSONL with text, instruction,
+  # response) or Alpaca / Dolly / chat JSON, JSONL, Parquet, CSV; "" = the
+  # packaged 42. A file's embeddings are cached in WORKDIR/cache/.
+  c.pool.path = ""
+  c.pool.format = "auto"               # auto | demonstrations | alpaca | dolly | chat.
+
+  c.retrieval = ml_collections.ConfigDict()
+  # Demonstration index: exact search, ScaNN, or auto (exact below
+  # retrieval.AUTO_EXACT_BELOW demonstrations, ScaNN from there up).
+  c.retrieval.method = "auto"
 
   c.embedder = ml_collections.ConfigDict()
   c.embedder.name = "all-minilm-l6-v2"  # Retrieval and grounding embedder.

@@ -40,8 +40,12 @@ from typing import Any, Callable, Protocol
 from absl import logging
 import numpy as np
 
-# Pools smaller than this are searched exactly by method="auto".
-AUTO_EXACT_BELOW = 4096
+# Pools smaller than this are searched exactly by method="auto". Below it our
+# default ScaNN settings probe few leaves and can miss the 0.95 recall@10
+# target, while exact search of a query costs well under a millisecond; from
+# it up ScaNN's recall is ~0.99 and its queries several times cheaper
+# (docs/benchmarks.md, "Retrieval").
+AUTO_EXACT_BELOW = 8192
 # Exact search scores at most this many (query, pool) pairs at once (128 MiB).
 _EXACT_CHUNK_ELEMENTS = 1 << 25
 

@@ -7,6 +7,7 @@ import collections
 import json
 import math
 import operator
+import os
 import re
 
 import pytest
@@ -174,3 +175,57 @@ def test_bad_files(tmp_path):
   (tmp_path / "b.jsonl").write_text(json.dumps(GOOD) + "\n{oops\n")
   with pytest.raises(ValueError, match="b.jsonl: line 2"):
     pool.load_pool(str(tmp_path / "b.jsonl"))
+
+
+# ----------------------------------------------------------------------------
+# Instruction datasets as pools (config.pool.path / config.pool.format).
+
+INSTRUCTIONS = os.path.join(os.path.dirname(__file__), "testdata", "instructions")
+
+
+def _inst(name):
+  return os.path.join(INSTRUCTIONS, name)
+
+
+def test_dolly_rows_become_demonstrations_with_context_as_text(tmp_path):
+  demos = pool.load_pool(_inst("dolly.jsonl"))
+  # Row 2 (blank response) is dropped by the reader, and counted there.
+  assert [(d.id, d.domain, d.text, d.instruction, d.response) for d in demos] == [
+      ("dolly.jsonl:0", "open_qa", "4", "What is 2+2?", "4"),
+      ("dolly.jsonl:1", "closed_qa", "Hamlet is a play by Shakespeare.",
+       "Who wrote it?", "Shakespeare.")]
+  assert pool.load_pool(_inst("dolly.csv"), "dolly") == pool.load_pool(
+      _inst("dolly.csv"))
+  assert [d.text for d in pool.load_pool(_inst("dolly.csv"))] == [d.text for d in demos]
+
+
+@pytest.mark.parametrize("name", ["alpaca.json", "alpaca.jsonl", "alpaca.parquet"])
+def test_alpaca_rows_keep_instruction_and_input_apart(name):
+  demos = pool.load_pool(_inst(name))
+  assert [(d.text, d.instruction, d.response) for d in demos[:2]] == [
+      ("Red.", "Name a primary color.", "Red."),       # No input: the response.
+      ("cat", "Translate to French.", "chat")]          # The input is the passage.
+  assert demos[0].id == f"{name}:0" and demos[0].task_type == "other"
+
+
+def test_chat_rows_use_the_last_user_turn():
+  demos = pool.load_pool(_inst("chat.jsonl"))
+  assert [(d.instruction, d.response, d.domain) for d in demos[:2]] == [
+      ("Hi", "Hello!", "greeting"), ("times 2?", "10", "math")]
+  assert pool.detect_format(_inst("chat.jsonl")) == "auto"
+
+
+def test_format_detection_and_errors(tmp_path):
+  assert pool.detect_format(_write(tmp_path / "d.json", [GOOD])) == "demonstrations"
+  assert pool.detect_format(_inst("dolly.jsonl")) == "auto"
+  assert pool.detect_format(_inst("dolly.csv")) == "auto"
+  with pytest.raises(ValueError, match="config.pool.format='xml'"):
+    pool.load_pool(_inst("dolly.jsonl"), "xml")
+  with pytest.raises(FileNotFoundError, match="config.pool.path"):
+    pool.load_pool(str(tmp_path / "nope.csv"))
+  (tmp_path / "p.txt").write_text("hello", encoding="utf-8")
+  with pytest.raises(ValueError, match=r"p\.txt: a demonstration pool file must end"):
+    pool.load_pool(str(tmp_path / "p.txt"))
+  # Every row dropped by the reader: the pool is empty, and the reason named.
+  with pytest.raises(ValueError, match="pool is empty: 1 of 1 rows .* missing_response"):
+    pool.load_pool(_write(tmp_path / "x.json", [dict(GOOD, response=None)]), "dolly")

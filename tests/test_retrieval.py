@@ -136,8 +136,8 @@ def test_auto_switches_on_size(monkeypatch):
 
 
 def test_auto_default_threshold_and_fallback_without_scann(monkeypatch):
-  assert retrieval.AUTO_EXACT_BELOW == 4096
-  pool = clustered(4096, 4, 4, 0)
+  assert retrieval.AUTO_EXACT_BELOW == 8192
+  pool = clustered(8192, 4, 4, 0)
 
   def no_scann():
     raise ImportError("no scann here")

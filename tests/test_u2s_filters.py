@@ -140,3 +140,127 @@ def test_apply_filters_checks_lengths(cfg):
   with pytest.raises(ValueError, match="2 parsed pairs"):
     filters.apply_filters([ok("a", "b")] * 2, np.zeros((1, 3)), [[], []],
                           filters.DuplicateTracker(cfg), TableEmbedder({}), cfg)
+
+
+# ----------------------------------------------------------------------------
+# Lexical grounding: hand-written pieces whose answers are known.
+
+ANTS = ("Ants are eusocial insects of the family Formicidae. More than 13,800 of "
+        "an estimated total of 22,000 species have been described. Six species "
+        "live in Iceland.")
+
+
+def test_stem_meets_inflections():
+  assert {filters.stem(w) for w in ("evolve", "evolved", "evolves", "evolving")} == {
+      "evolv"}
+  assert filters.stem("species") == filters.stem("species") == "specy"
+  assert filters.stem("classes") == filters.stem("class") == "class"
+  assert filters.stem("Curie's") == "curi"
+
+
+def test_numbers_are_canonical_and_list_markers_skipped():
+  assert filters.numbers("22,000 ants, 1.50 g, 007 and 1990s") == [
+      "22000", "1.5", "7", "1990"]
+  assert filters.numbers("1. Ants\n2) Bees\n  3. Wasps: 4 kinds") == ["4"]
+  # "1,2,3" is a list of three numbers, not one thousands-grouped number.
+  assert filters.numbers("1,2,3") == ["1", "2", "3"]
+
+
+def test_named_spans_skip_sentence_starts_and_stopwords():
+  text = ('Ants were studied by Carl Linnaeus in Sweden. The Royal Society, '
+          'London (UK) agreed.\n- Bees "Apis" too.')
+  # "Ants", "The", "Bees": capitalised by grammar; "The" also a stopword.
+  assert filters.named_spans(text) == ["Carl Linnaeus", "Sweden", "Royal Society",
+                                       "London", "UK", "Apis"]
+
+
+def test_possessives_and_demonyms_meet_their_names():
+  assert filters.named_spans("It is Sicily's capital.") == ["Sicily"]
+  source = "Sicily is an island of Italy, south of India and Europe."
+  assert filters.unsupported_facts(
+      "What is Sicily's capital?",
+      "An Italian island; Indian and European visitors come to Sicily's coast.",
+      source) == []
+  # "Ind" is too short a prefix to stand for a name.
+  assert filters.unsupported_facts("Where?", "It lies near Indus.", "Ind is big.") == [
+      "Indus"]
+
+
+def test_an_invented_number_is_rejected():
+  facts = filters.unsupported_facts(
+      "How heavy is the largest ant?", "The largest ant weighs 1.2 grams.", ANTS)
+  assert facts == ["1.2"]
+  reason, _, listed = filters.check_lexical_grounding(
+      "How heavy is the largest ant?", "The largest ant weighs 1.2 grams.", ANTS,
+      filters.default_filter_config())
+  assert (reason, listed) == ("ungrounded", ["1.2"])
+
+
+def test_invented_names_and_instruction_facts_are_rejected():
+  assert filters.unsupported_facts(
+      "Who described ants?", "Ants were described by Carl Linnaeus.", ANTS) == [
+          "Carl Linnaeus"]
+  # An instruction that asserts a number the piece lacks; small task counts
+  # ("List 3") are not facts.
+  assert filters.unsupported_facts(
+      "Why did 40,000 species of Formicidae die out?", "They did not.", ANTS) == [
+          "40000"]
+  assert filters.unsupported_facts(
+      "List 3 facts about the 22,000 species.", "Ants are insects.", ANTS) == []
+
+
+def test_a_paraphrase_with_the_sources_facts_is_kept():
+  instruction = "How many ant species are there?"
+  response = ("Formicidae, the ant family, has an estimated 22000 tiny species; "
+              "more than 13,800 were described, and 6 live in Iceland.")
+  assert filters.unsupported_facts(instruction, response, ANTS) == []
+  # Content words (stopwords, numbers out; stemmed): formicidae, ant, family,
+  # estimated, tiny, species, described, live, iceland = 9; all but "tiny" are
+  # in the piece: 8 / 9.
+  assert filters.content_words(response) == {
+      "formicida", "ant", "fami", "estimat", "tiny", "specy", "describ", "liv",
+      "iceland"}
+  assert filters.support_ratio(response, ANTS) == 8 / 9
+  reason, support, facts = filters.check_lexical_grounding(
+      instruction, response, ANTS, filters.default_filter_config())
+  assert (reason, support, facts) == (None, 8 / 9, [])
+
+
+def test_support_ratio_by_hand_and_its_threshold(cfg):
+  # bees, make, sweet, honey, daily -> 3 of 5 (bee, make, honey) in the piece.
+  assert filters.support_ratio("Bees make sweet honey daily.", "Bees make honey.") == 3 / 5
+  assert filters.support_ratio("It is what it is.", "Bees make honey.") == 1.0
+  cfg.min_support = 0.7
+  assert filters.check_lexical_grounding(
+      "What do bees make?", "Bees make sweet honey daily.", "Bees make honey.",
+      cfg) == ("ungrounded", 0.6, [])
+  cfg.min_support = 0.0
+  cfg.max_unsupported_facts = 0
+  assert filters.check_lexical_grounding(
+      "What do bees make?", "Bees make 3 kinds of honey.", "Bees make honey.",
+      cfg)[0] == "ungrounded"
+  cfg.max_unsupported_facts = -1  # Off: the facts are still listed.
+  assert filters.check_lexical_grounding(
+      "What do bees make?", "Bees make 3 kinds of honey.", "Bees make honey.",
+      cfg) == (None, 1.0, ["3"])
+
+
+def test_apply_filters_runs_the_lexical_checks_with_piece_texts(cfg):
+  table = {"The largest ant weighs 1.2 grams.": [1, 0, 0],
+           "An estimated 22,000 ant species exist.": [1, 0, 0]}
+  emb = TableEmbedder(table)
+  pieces = np.asarray([[1, 0, 0]] * 2, np.float32)
+  parsed = [ok("How heavy is the largest ant?", "The largest ant weighs 1.2 grams."),
+            ok("How many ant species exist?", "An estimated 22,000 ant species exist.")]
+  out = filters.apply_filters(parsed, pieces, [[], []], filters.DuplicateTracker(cfg),
+                              emb, cfg, piece_texts=[ANTS, ANTS])
+  # The embedding check passes both (cosine 1): only the lexical one sees 1.2.
+  assert [r.reason for r in out] == ["ungrounded", "kept"]
+  assert out[0].unsupported == ("1.2",) and out[0].scores["unsupported_facts"] == 1.0
+  # largest, ant, weigh, gram: only "ant" is in the piece.
+  assert out[0].scores["support"] == 1 / 4
+  # estimated, ant, species, exist: "exist" is not in the piece.
+  assert out[1].scores["support"] == 3 / 4 and out[1].unsupported == ()
+  with pytest.raises(ValueError, match="1 piece texts"):
+    filters.apply_filters(parsed, pieces, [[], []], filters.DuplicateTracker(cfg),
+                          emb, cfg, piece_texts=[ANTS])

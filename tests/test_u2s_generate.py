@@ -156,7 +156,10 @@ def test_scripted_end_to_end_exact_lines(tmp_path):
       "instruction": "Why do cats purr?",
       "response": "Cats purr when they are content.",
       "grounding": 1.0,
+      # cats, purr, content: all three in the piece; no number or name.
+      "support": 1.0,
       "scores": {"repetition": 0.0, "demo_jaccard": 0.0, "grounding": 1.0,
+                 "support": 1.0, "unsupported_facts": 0.0,
                  "duplicate_jaccard": 0.0},
       # cat1 scores 1; dog1 and tea1 tie at 0.01 / (1 + 0.01): the first wins.
       "demo_ids": ["cat1", "dog1"], "retrieval_scores": [1.0, 0.009901],
@@ -171,6 +174,8 @@ def test_scripted_end_to_end_exact_lines(tmp_path):
       ("c7-p4", "duplicate"),
       ("c7-p5", "prompt_too_long")]
   assert rejected[2]["scores"]["grounding"] == round(0.01 / 1.01, 6)
+  # "The sun is very warm." about dogs' walks: sun, warm -- neither in the piece.
+  assert rejected[2]["scores"]["support"] == 0.0
   assert rejected[3]["scores"]["duplicate_jaccard"] == 1.0
   assert rejected[4]["num_demos_dropped"] == 2 and rejected[4]["demo_ids"] == []
   # One sampler call per batch; the too-long prompt was never sampled: a copy
@@ -391,6 +396,10 @@ def test_smollm2_follows_the_prompt_format(tmp_path, smollm2_path):
   pool_emb = emb.embed([d.text for d in demos])
   cfg = make_config(max_new_tokens=64, keep_raw=True)
   cfg.filters.min_grounding = -1.0  # The keyword embedder is no judge of that.
+  # The format is under test, not the facts: greedy 135M answers the Everest
+  # piece with "the Himalayan mountain range ... the Indian subcontinent".
+  cfg.filters.max_unsupported_facts = -1
+  cfg.filters.min_support = 0.0
   stats = generate.generate_client(
       pieces, client_id=0, pool=demos, pool_embeddings=pool_emb,
       select_fn=top_k_select(pool_emb), embedder=emb,

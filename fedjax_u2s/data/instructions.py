@@ -351,9 +351,10 @@ def detect_format(columns: Iterable[str],
 
 
 def _row_example(fmt: str, row: dict, col: Mapping[str, str], path: str,
-                 i: int, present: list[str]) -> Example | str:
+                 i: int, present: list[str], parts: bool = False) -> Example | str:
   """One row -> Example, or the drop reason when its response is missing or
-  blank."""
+  blank. ``parts``: Alpaca / Dolly rows also keep ``meta["instruction"]`` and
+  ``meta["input"]`` (the input or context, "" when none) apart."""
 
   def get(field, required):
     v = row.get(col[field])
@@ -405,6 +406,8 @@ def _row_example(fmt: str, row: dict, col: Mapping[str, str], path: str,
   if not user:
     raise ValueError(f"{path}, row {i}: field {col['instruction']!r} is empty "
                      "(and there is no input/context): nothing to prompt with.")
+  if parts:
+    meta["instruction"], meta["input"] = instruction, extra
   return Example(({"role": "user", "content": user},
                   {"role": "assistant", "content": response}), meta)
 
@@ -413,7 +416,8 @@ def read_instructions(paths: str | os.PathLike | Sequence[str | os.PathLike],
                       format: str = "auto",  # pylint: disable=redefined-builtin
                       fields: Mapping[str, str] | None = None,
                       meta_fields: Sequence[str] = (),
-                      cache_dir: str | None = None) -> InstructionData:
+                      cache_dir: str | None = None,
+                      parts: bool = False) -> InstructionData:
   """Reads instruction data from local files.
 
   Args:
@@ -426,6 +430,10 @@ def read_instructions(paths: str | os.PathLike | Sequence[str | os.PathLike],
     meta_fields: more columns to copy into ``Example.meta`` (e.g. a client id
       column for natural partitioning); each must exist in every file.
     cache_dir: ``datasets``' cache; defaults to :func:`default_cache_dir`.
+    parts: Alpaca and Dolly rows also keep the instruction and the
+      input/context apart, as ``meta["instruction"]`` and ``meta["input"]``
+      ("" when none): the U2S demonstration pool shows the context as the
+      source passage (:func:`fedjax_u2s.u2s.pool.load_pool`).
 
   Returns:
     The examples and the counts of rows read and skipped
@@ -474,7 +482,7 @@ def read_instructions(paths: str | os.PathLike | Sequence[str | os.PathLike],
     col.update({f: _column(fields, f, present) for f in optional
                 if _column(fields, f, present) in present})
     for i, row in enumerate(rows):
-      ex = _row_example(fmt, row, col, path, i, present)
+      ex = _row_example(fmt, row, col, path, i, present, parts)
       if isinstance(ex, str):
         dropped[ex] += 1
         continue

@@ -66,7 +66,7 @@ def generation_files(config: ml_collections.ConfigDict) -> dict[str, str]:
 
 def generation_stage(outputs: tuple[str, ...]) -> Stage:
   return Stage("generate", fields=MODEL_FIELDS + (
-      "generator", "embedder", "corpus", "chunking", "pool", "u2s"),
+      "generator", "embedder", "corpus", "chunking", "pool", "retrieval", "u2s"),
                files=generation_files, outputs=outputs)
 
 

@@ -19,11 +19,13 @@ import ml_collections
 
 from fedjax_u2s import decoding
 from fedjax_u2s import lora
+from fedjax_u2s import retrieval
 from fedjax_u2s import sampler
 from fedjax_u2s.data import instructions
 from fedjax_u2s.federated.config import AlgorithmConfig
 from fedjax_u2s.u2s import corpus
 from fedjax_u2s.u2s import generate
+from fedjax_u2s.u2s import pool
 from fedjax_u2s.u2s import prompts
 
 DTYPES = ("float32", "bfloat16")
@@ -109,6 +111,11 @@ RULES: dict[str, Rule] = {
     "u2s.max_prompt_tokens": int_at_least(0),
     "u2s.batch_size": int_at_least(1),
     "u2s.max_new_tokens": int_at_least(1),
+    "u2s.filters.min_grounding": number_in(-1, 1),
+    "u2s.filters.max_unsupported_facts": int_at_least(-1),
+    "u2s.filters.min_support": number_in(0, 1),
+    "pool.format": one_of(*pool.FORMATS),
+    "retrieval.method": one_of("auto", *retrieval.INDEX_BUILDERS),
     "evaluate.num_wiki_questions": int_at_least(0),
     "evaluate.num_math_questions": int_at_least(0),
     "evaluate.num_cloze_questions": int_at_least(0),

@@ -116,6 +116,7 @@ def make_select_fn(selection: str, pool_embeddings: np.ndarray,
   def select(query_embeddings, k, seed):
     return retrieval.select_demonstrations(selection, query_embeddings, index, k, seed)
 
+  select.index = index  # Which backend ``auto`` chose, for logs and tests.
   return select
 
 
@@ -215,7 +216,8 @@ def generate_client(pieces: Sequence[Any], *, client_id: int, pool,
           parsed, piece_emb[to_sample],
           [[demos[index_of[d]].instruction for d in prompts[i].demo_ids]
            for i in to_sample],
-          tracker, embedder, config.filters)))
+          tracker, embedder, config.filters,
+          piece_texts=[pieces[i].text for i in to_sample])))
       parsed = dict(zip(to_sample, parsed))
       kept, rejected = [], []
       for i in members:
@@ -328,5 +330,12 @@ def _record(verdict, parsed, text: str, stop_reason: str, config
     extra["raw"] = text
   if verdict.kept:
     return True, {"instruction": parsed.instruction, "response": parsed.response,
-                  "grounding": scores.get("grounding"), "scores": scores}, extra
-  return False, {"reason": verdict.reason, "scores": scores}, extra
+                  "grounding": scores.get("grounding"),
+                  "support": scores.get("support"), "scores": scores}, extra
+  fields = {"reason": verdict.reason, "scores": scores}
+  if verdict.reason == filters_lib.UNGROUNDED:
+    # What the piece does not hold, and the pair, to audit the filter by.
+    fields.update(instruction=parsed.instruction, response=parsed.response)
+    if verdict.unsupported:
+      fields["unsupported"] = list(verdict.unsupported)
+  return False, fields, extra

@@ -16,6 +16,19 @@ A user pool is a JSON list of objects or a JSONL file with one object a line::
 
 ``domain`` (default "general") and ``task_type`` (default "other") are
 optional; unknown fields are errors (typos), except ``meta`` (free-form).
+
+A pool may also be an instruction dataset with thousands of rows: Alpaca,
+Dolly or chat records in a JSON, JSONL, Parquet or CSV file, read by
+:func:`fedjax_u2s.data.instructions.read_instructions` (its drop report
+counts rows without a response). Each row becomes a demonstration whose
+``text`` (the passage retrieved against and shown) is the row's input or
+context when it has one, else its response: a row without a context is an
+answer that holds its own facts, so the demonstration teaches a response
+taken from the passage. ``instruction`` is the instruction alone (chat: the
+last user turn), ``id`` is ``<file name>:<row>``, ``domain`` the row's
+category (default "general"). ``format="auto"`` reads a JSON/JSONL file whose
+first entry has a ``text`` field as demonstrations, anything else as
+instruction data.
 """
 
 from __future__ import annotations
@@ -25,8 +38,13 @@ import json
 import os
 from typing import Any
 
+from fedjax_u2s.data import instructions
+
 DEFAULT_POOL = os.path.join(os.path.dirname(__file__), "data",
                             "example_pool.json")
+# config.pool.format: our demonstration files, or instruction data formats.
+FORMATS = ("auto", "demonstrations") + tuple(instructions.FORMATS)
+_INSTRUCTION_EXTS = (".json", ".jsonl", ".parquet", ".csv")
 DOMAINS = ("medicine", "general", "math")
 TASK_TYPES = ("definition", "explanation", "reasoning", "summary", "calculation",
               "comparison", "list", "other")
@@ -130,11 +148,86 @@ def parse_entry(entry: Any, where: str) -> Demonstration:
                        expression=expression, answer=answer, meta=meta)
 
 
-def load_pool(path: str | None = None) -> list[Demonstration]:
+def _first_entry(path: str) -> Any:
+  """The first entry of a JSON list / JSONL file (None when there is none)."""
+  with open(path, encoding="utf-8") as f:
+    if path.endswith(".jsonl"):
+      for line in f:
+        if line.strip():
+          try:
+            return json.loads(line)
+          except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: the first line is not valid JSON ({e}).") from e
+      return None
+    try:
+      data = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not valid JSON ({e}).") from e
+  if isinstance(data, dict) and isinstance(data.get("demonstrations"), list):
+    data = data["demonstrations"]
+  return data[0] if isinstance(data, list) and data else None
+
+
+def detect_format(path: str) -> str:
+  """``demonstrations`` for a JSON/JSONL file whose first entry has ``text``
+  (or is no object, or is missing: errors worded for demonstrations); else
+  ``auto``, the instruction-data format ``read_instructions`` detects."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"Demonstration pool {path!r} not found (config.pool.path); pass a "
+        "demonstration JSON/JSONL file, an Alpaca/Dolly/chat JSON, JSONL, "
+        "Parquet or CSV file, or \"\" for the packaged pool.")
+  if path.endswith((".json", ".jsonl")):
+    first = _first_entry(path)
+    # No entry, or not an object: the demonstration reader names the problem.
+    if not isinstance(first, dict) or "text" in first:
+      return "demonstrations"
+  return "auto"
+
+
+def _from_example(ex: "instructions.Example", path: str) -> Demonstration:
+  """One instruction-data row as a demonstration (see the module docstring)."""
+  response = ex.response.strip()
+  if "instruction" in ex.meta:  # Alpaca / Dolly, read with parts=True.
+    instruction, context = ex.meta["instruction"].strip(), ex.meta["input"].strip()
+  else:  # Chat: the last user turn before the response.
+    users = [m["content"] for m in ex.messages[:-1] if m["role"] == "user"]
+    instruction, context = (users[-1] if users else "").strip(), ""
+  if not instruction:  # An Alpaca row with only an input: that is the task.
+    instruction, context = context, ""
+  return Demonstration(
+      id=f"{os.path.basename(path)}:{ex.meta['row']}",
+      domain=str(ex.meta.get("category") or "general"), task_type="other",
+      text=context or response, instruction=instruction, response=response,
+      meta={"source": path, "row": ex.meta["row"]})
+
+
+def _load_instruction_pool(path: str, fmt: str) -> list[Demonstration]:
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in _INSTRUCTION_EXTS:
+    raise ValueError(f"{path}: a demonstration pool file must end in one of "
+                     f"{list(_INSTRUCTION_EXTS)} (config.pool.path).")
+  data = instructions.read_instructions(path, format=fmt, parts=True)
+  if not data.examples:
+    raise ValueError(f"{path}: the demonstration pool is empty: "
+                     f"{data.drops.note()}.")
+  demos = [_from_example(ex, path) for ex in data.examples]
+  empty = [d.id for d in demos if not d.instruction]
+  if empty:
+    raise ValueError(f"{path}: rows {empty[:5]} have no instruction (and no "
+                     "user turn); a demonstration needs a task.")
+  return demos
+
+
+def load_pool(path: str | None = None, format: str = "auto"  # pylint: disable=redefined-builtin
+              ) -> list[Demonstration]:
   """Reads and validates a demonstration pool.
 
   Args:
-    path: a JSON list / JSONL file; None for the packaged pool.
+    path: a demonstration JSON list / JSONL file, or an Alpaca / Dolly / chat
+      JSON, JSONL, Parquet or CSV file; None or "" for the packaged pool.
+    format: one of :data:`FORMATS` (``config.pool.format``); ``auto`` picks
+      by :func:`detect_format`.
 
   Returns:
     The demonstrations in file order.
@@ -142,9 +235,15 @@ def load_pool(path: str | None = None) -> list[Demonstration]:
   Raises:
     FileNotFoundError: no such file.
     ValueError: invalid JSON, a bad entry (naming file, entry index and
-      field), a repeated id, or an empty pool.
+      field), a repeated id, an unknown format, or an empty pool.
   """
   path = path or DEFAULT_POOL
+  if format not in FORMATS:
+    raise ValueError(f"config.pool.format={format!r} is not one of {FORMATS}.")
+  if format == "auto":
+    format = detect_format(path)
+  if format != "demonstrations":
+    return _load_instruction_pool(path, format)
   entries = _read_entries(path)
   demos, first = [], {}
   for i, entry in enumerate(entries):

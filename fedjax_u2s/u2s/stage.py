@@ -13,6 +13,14 @@ Everything it produces lands under ``WORKDIR/generated/``:
 * ``corpus.json``: the clients (name, documents) and the held-out titles that
   no client holds (the evaluation asks about both).
 
+A pool file (``config.pool.path``) is embedded once and cached in
+``WORKDIR/cache/pool_embeddings/``, keyed by the file's sha256, the pool
+format and the embedder (name and weights' sha256): a rerun, or a
+``--redo=generate``, reads the cache; a changed file or embedder embeds anew.
+The index over the pool is ``config.retrieval.method`` (``auto``: exact
+search below :data:`fedjax_u2s.retrieval.AUTO_EXACT_BELOW` demonstrations,
+ScaNN from there up).
+
 Nothing here leaves a client except through its own files: in a real
 deployment each client runs this stage on its own machine with its own text.
 """
@@ -20,6 +28,7 @@ deployment each client runs this stage on its own machine with its own text.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -30,7 +39,9 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from fedjax_u2s import export
 from fedjax_u2s import sampler as sampler_lib
+from fedjax_u2s.models import bert
 from fedjax_u2s.u2s import chunking
 from fedjax_u2s.u2s import corpus as corpus_lib
 from fedjax_u2s.u2s import generate as generate_lib
@@ -39,6 +50,7 @@ from fedjax_u2s.u2s import writer as writer_lib
 
 PIECES_FILE = "pieces.jsonl"
 CORPUS_FILE = "corpus.json"
+POOL_CACHE_DIR = os.path.join("cache", "pool_embeddings")  # Under the workdir.
 
 
 def prepare_pieces(config: ml_collections.ConfigDict, workdir: str, tokenizer
@@ -99,13 +111,22 @@ def run_generation(config: ml_collections.ConfigDict, workdir: str, *, model,
     embedder: a :class:`fedjax_u2s.models.bert.Embedder`.
 
   Returns:
-    The ``stats.json`` content plus the corpus summary.
+    ``{"stats"``: the ``stats.json`` content, ``"corpus"``: the corpus
+    summary, ``"pool"``: its path, size and the index that searched it
+    (``exact`` or ``scann``)``}``.
   """
   generator_name = config.generator.name or config.model.name
   per_client, summary = prepare_pieces(config, workdir, model.tokenizer)
-  pool = pool_lib.load_pool(config.pool.path or None)
-  pool_emb = embedder.embed([d.text for d in pool])
-  select = generate_lib.make_select_fn(config.u2s.selection, pool_emb)
+  pool_format = config.pool.get("format", "auto")
+  pool = pool_lib.load_pool(config.pool.path or None, pool_format)
+  pool_emb = pool_embeddings(pool, embedder, workdir, config.pool.path,
+                             pool_format, config.embedder.name)
+  method = config.get("retrieval", {}).get("method", "auto")
+  start = time.perf_counter()
+  select = generate_lib.make_select_fn(config.u2s.selection, pool_emb, method=method)
+  logging.info("U2S pool: %d demonstrations, index %r (config.retrieval.method=%r) "
+               "built in %.1fs", len(pool), select.index.method, method,
+               time.perf_counter() - start)
   smp = sampler_lib.Sampler(model.config, model.tokenizer,
                             pad_multiple=config.u2s.sampling.pad_multiple,
                             decode=config.u2s.sampling.decode)
@@ -137,7 +158,61 @@ def run_generation(config: ml_collections.ConfigDict, workdir: str, *, model,
   if generated:
     logging.info("U2S: %d pieces in %.0fs (%.1f pieces/min)", generated, seconds,
                  60 * generated / max(seconds, 1e-9))
-  return {"stats": stats, "corpus": summary}
+  return {"stats": stats, "corpus": summary,
+          "pool": {"path": config.pool.path or pool_lib.DEFAULT_POOL,
+                   "size": len(pool), "index": select.index.method}}
+
+
+def _embedder_id(embedder, name: str) -> dict[str, str]:
+  """What makes an embedder's vectors: its name and its weights' sha256."""
+  out = {"embedder": str(name)}
+  source = getattr(embedder, "source", "")
+  weights = os.path.join(source, bert.WEIGHTS_NAME) if source else ""
+  if weights and os.path.isfile(weights):
+    out["weights_sha256"] = export.file_sha256(weights)
+  else:  # Not a file-backed embedder (tests): its class stands for it.
+    out["class"] = type(embedder).__qualname__
+  return out
+
+
+def pool_embeddings(pool, embedder, workdir: str, path: str, pool_format: str,
+                    embedder_name: str) -> np.ndarray:
+  """[P, D] embeddings of the pool texts; a pool file's are cached.
+
+  The packaged pool (``path`` "") is embedded every run (42 texts, about a
+  second). A pool file is embedded once per (file sha256, format, embedder)
+  and kept in ``workdir/cache/pool_embeddings/<key>.npy`` with a ``.json``
+  note of what made it; a cache entry whose row count does not match the
+  pool is ignored and rewritten.
+  """
+  texts = [d.text for d in pool]
+  if not path:
+    return np.asarray(embedder.embed(texts), np.float32)
+  note = {"pool": os.path.abspath(path), "pool_sha256": export.file_sha256(path),
+          "format": pool_format, **_embedder_id(embedder, embedder_name),
+          "num_demonstrations": len(texts)}
+  key = hashlib.sha256(json.dumps({k: v for k, v in note.items() if k != "pool"},
+                                  sort_keys=True).encode()).hexdigest()[:20]
+  cache_dir = os.path.join(workdir, POOL_CACHE_DIR)
+  npy = os.path.join(cache_dir, key + ".npy")
+  if os.path.exists(npy):
+    emb = np.load(npy)
+    if emb.ndim == 2 and emb.shape[0] == len(texts):
+      logging.info("U2S pool: %d embeddings read from %s", len(texts), npy)
+      return emb
+    logging.warning("U2S pool: %s holds %s embeddings for %d demonstrations; "
+                    "embedding again.", npy, emb.shape, len(texts))
+  start = time.perf_counter()
+  emb = np.asarray(embedder.embed(texts), np.float32)
+  logging.info("U2S pool: embedded %d demonstrations in %.1fs; cached in %s",
+               len(texts), time.perf_counter() - start, npy)
+  os.makedirs(cache_dir, exist_ok=True)
+  tmp = f"{npy}.tmp.{os.getpid()}"
+  with open(tmp, "wb") as f:
+    np.save(f, emb)
+  os.replace(tmp, npy)
+  writer_lib.atomic_write_json(os.path.join(cache_dir, key + ".json"), note)
+  return emb
 
 
 def load_pairs(workdir: str, num_clients: int) -> list[list[dict[str, Any]]]:

@@ -152,19 +152,32 @@ class ClientWriter:
   def counts(self) -> dict[str, Any]:
     """File-derived counts: what :func:`update_stats` records."""
     reasons = collections.Counter(r["reason"] for r in self.rejected)
+    support = [r["support"] for r in self.kept if r.get("support") is not None]
     return client_counts(len(self.kept), dict(reasons),
                          sum(int(r.get("num_demos_dropped", 0))
-                             for r in self.kept + self.rejected))
+                             for r in self.kept + self.rejected),
+                         sum(support) / len(support) if support else None)
 
 
 def client_counts(kept: int, rejected_by_reason: Mapping[str, int],
-                  demos_dropped: int = 0) -> dict[str, Any]:
+                  demos_dropped: int = 0,
+                  mean_support: float | None = None) -> dict[str, Any]:
+  """One client's (or the totals') counts; ``mean_support`` when measured.
+
+  ``mean_support`` is the mean over kept pairs of the share of the
+  response's content words found in the source piece (see
+  :func:`fedjax_u2s.u2s.filters.support_ratio`); absent when no kept record
+  carries a ``support`` score (files written before it existed).
+  """
   rejected = sum(rejected_by_reason.values())
   processed = kept + rejected
-  return {"processed": processed, "kept": kept, "rejected": rejected,
-          "yield": round(kept / processed, 6) if processed else 0.0,
-          "rejected_by_reason": dict(sorted(rejected_by_reason.items())),
-          "demos_dropped": demos_dropped}
+  out = {"processed": processed, "kept": kept, "rejected": rejected,
+         "yield": round(kept / processed, 6) if processed else 0.0,
+         "rejected_by_reason": dict(sorted(rejected_by_reason.items())),
+         "demos_dropped": demos_dropped}
+  if mean_support is not None:
+    out["mean_support"] = round(float(mean_support), 6)
+  return out
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
@@ -185,7 +198,13 @@ def _totals(clients: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     kept += c["kept"]
     dropped += c.get("demos_dropped", 0)
     reasons.update(c["rejected_by_reason"])
-  out = client_counts(kept, dict(reasons), dropped)
+  # Kept-weighted mean over the clients that measured support.
+  weighted = [(c["mean_support"], c["kept"]) for c in clients.values()
+              if "mean_support" in c]
+  n_support = sum(k for _, k in weighted)
+  out = client_counts(kept, dict(reasons), dropped,
+                      sum(m * k for m, k in weighted) / n_support if n_support
+                      else None)
   out["num_clients"] = len(clients)
   return out
 
