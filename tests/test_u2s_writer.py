@@ -105,6 +105,29 @@ def test_stats_update_and_rebuild(tmp_path):
   assert writer.rebuild_stats(out) == stats
 
 
+def test_mean_support_per_client_totals_and_report_row(tmp_path):
+  """Kept pairs' support ratios: a mean per client, kept-weighted in the totals."""
+  from fedjax_u2s.evaluation import report
+  out = str(tmp_path)
+  a = writer.ClientWriter(out, 0)
+  a.append([rec(0, support=0.5), rec(1, support=1.0)], [rej(2, "ungrounded")])
+  b = writer.ClientWriter(out, 1)
+  b.append([rec(0, support=0.2)], [rej(1, "ungrounded"), rej(2, "duplicate"),
+                                   rej(3, "ungrounded")])
+  writer.update_stats(out, 0, a.counts())
+  stats = writer.update_stats(out, 1, b.counts())
+  assert stats["clients"]["0000"]["mean_support"] == 0.75
+  assert stats["clients"]["0001"]["mean_support"] == 0.2
+  assert stats["totals"]["mean_support"] == round((0.5 + 1.0 + 0.2) / 3, 6)
+  corpus = {"clients": [{"client_id": 0, "name": "med", "pieces": 3},
+                        {"client_id": 1, "name": "geo", "pieces": 4}]}
+  table = report.generation_table(stats, corpus).splitlines()
+  assert "| ungrounded | mean support (kept) |" in table[0]
+  assert table[2] == "| 0 | med | 3 | 2 | 1 | 67% | 33% | 0.75 | ungrounded 1 |"
+  assert table[3] == ("| 1 | geo | 4 | 1 | 3 | 25% | 50% | 0.20 | "
+                      "ungrounded 2, duplicate 1 |")
+
+
 # A child process that writes 6 batches, skipping those already done; with
 # CRASH_AT=b it dies (os._exit, no cleanup) halfway through the write of batch
 # b's kept lines, leaving a torn line on disk.

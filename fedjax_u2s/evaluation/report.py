@@ -221,15 +221,21 @@ def write_report(workdir: str, title: str, sections: list[tuple[str, str]]) -> s
 
 
 def generation_table(gen_stats: dict, corpus: dict) -> str:
-  """Markdown: per client its pieces, kept pairs, yield and top rejections."""
-  lines = ["| client | name | pieces | kept | rejected | yield | top rejection reasons |",
-           "|---|---|---|---|---|---|---|"]
+  """Markdown: per client its pieces, kept pairs, yield, the share rejected as
+  ungrounded, the kept pairs' mean support and the top rejections."""
+  lines = ["| client | name | pieces | kept | rejected | yield | ungrounded | "
+           "mean support (kept) | top rejection reasons |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for c in corpus["clients"]:
     s = gen_stats["clients"].get(f"{c['client_id']:04d}", {})
     kept, rej = s.get("kept", 0), s.get("rejected", 0)
     reasons = sorted(s.get("rejected_by_reason", {}).items(), key=lambda kv: -kv[1])[:3]
+    ungrounded = s.get("rejected_by_reason", {}).get("ungrounded", 0)
+    support = s.get("mean_support")
     lines.append(f"| {c['client_id']} | {c['name']} | {c['pieces']} | {kept} | {rej} | "
                  f"{kept / max(kept + rej, 1):.0%} | "
+                 f"{ungrounded / max(kept + rej, 1):.0%} | "
+                 f"{'-' if support is None else f'{support:.2f}'} | "
                  f"{', '.join(f'{k} {v}' for k, v in reasons) or '-'} |")
   return "\n".join(lines)
 
