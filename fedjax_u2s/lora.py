@@ -159,5 +159,22 @@ def combine(params: PyTree, lora: PyTree) -> PyTree:
   return {**params, "layers": layers}
 
 
+def concat_rank(first: PyTree, second: PyTree) -> PyTree:
+  """One adapter whose update is the sum of two adapters' updates.
+
+  ``a`` matrices are joined on the rank axis and ``b`` matrices on theirs, so
+  ``x @ [a1 a2] @ [b1; b2] = x @ a1 @ b1 + x @ a2 @ b2``: with the scale of
+  one config (both adapters share it), the decoder applies base + first +
+  second in one pass, and gradients reach each part separately. FedPIT's
+  personal model (global + local adapter) is this.
+  """
+  if set(first) != set(second):
+    raise ValueError(f"concat_rank: the adapters target {sorted(first)} and "
+                     f"{sorted(second)}; they must target the same projections.")
+  return {name: {"a": jnp.concatenate([first[name]["a"], second[name]["a"]], axis=-1),
+                 "b": jnp.concatenate([first[name]["b"], second[name]["b"]], axis=-2)}
+          for name in first}
+
+
 def num_params(lora: PyTree) -> int:
   return sum(x.size for x in jax.tree.leaves(lora))

@@ -17,6 +17,14 @@ the cumulative epsilon after that round at ``dp.delta``
 (:func:`fedjax_u2s.federated.privacy.epsilon`), and ``dp_clipped_fraction``.
 The accountant is a pure function of the rounds completed, so nothing of it
 is checkpointed; the DP noise comes from the checkpointed rng.
+
+Client data may change between rounds (FedPIT's synthetic pairs, written by
+the current global model): ``client_sets`` is then a :class:`RoundData`,
+asked for the sampled clients' sets at the start of each round. With
+``local_sets`` the run is parameter-isolated (FedPIT): every client also
+trains a private local adapter on those sets, stacked on a client axis,
+checkpointed beside the server state and never aggregated
+(``algorithms.apply_isolated``).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import functools
 import math
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 from absl import logging
 import jax
@@ -44,9 +52,49 @@ from fedjax_u2s.federated import objectives
 from fedjax_u2s.federated import parallel
 from fedjax_u2s.federated import privacy
 from fedjax_u2s.federated import sampling
+from fedjax_u2s.federated import state as state_lib
 from fedjax_u2s.federated.config import AlgorithmConfig
 
 PyTree = Any
+
+
+@runtime_checkable
+class RoundData(Protocol):
+  """Client data that may change from round to round.
+
+  Attributes:
+    num_clients: the population size.
+  """
+  num_clients: int
+
+  def sets(self, round_: int, client_ids: Sequence[int], params: PyTree
+           ) -> list[Any | None]:
+    """The tokenized sets of ``client_ids`` for round ``round_`` (0-based).
+
+    ``params`` is the global adapter at the start of the round. A client
+    whose set is None or empty trains nothing in this phase and carries
+    weight 0. Must be a pure function of its arguments and the run's inputs,
+    so a resumed run sees the same data.
+    """
+
+  def round_metrics(self, round_: int) -> dict[str, Any]:
+    """Extra fields for the metrics row of round ``round_`` (may be empty)."""
+
+
+class FixedSets:
+  """:class:`RoundData` of sets that never change (the usual case)."""
+
+  def __init__(self, client_sets: Sequence[Any]):
+    self.client_sets = list(client_sets)
+    self.num_clients = len(self.client_sets)
+
+  def sets(self, round_, client_ids, params):
+    del round_, params
+    return [self.client_sets[i] for i in client_ids]
+
+  def round_metrics(self, round_):
+    del round_
+    return {}
 
 
 @dataclasses.dataclass
@@ -58,11 +106,14 @@ class TrainResult:
     lora_config: its static config.
     rounds: rounds completed (== num_rounds unless halted early).
     metrics: the rows of ``metrics.jsonl``.
+    local: with ``local_sets``, every client's local adapter stacked on a
+      leading client axis (host numpy leaves); else None.
   """
   lora: PyTree
   lora_config: lora_lib.LoraConfig
   rounds: int
   metrics: list[dict[str, Any]]
+  local: PyTree | None = None
 
 
 def lora_config_from(cfg: ml_collections.ConfigDict) -> lora_lib.LoraConfig:
@@ -109,8 +160,9 @@ def _tree_bytes(tree: PyTree) -> int:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, model_config,
-          base_params: PyTree, client_sets: Sequence[Any],
-          eval_set: Any | None = None) -> TrainResult:
+          base_params: PyTree, client_sets: Sequence[Any] | RoundData,
+          eval_set: Any | None = None,
+          local_sets: Sequence[Any] | RoundData | None = None) -> TrainResult:
   """Runs (or resumes) federated LoRA tuning.
 
   Args:
@@ -122,36 +174,44 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_config,
     model_config: the base model's ``ModelConfig``.
     base_params: the frozen base parameters (shared by all clients).
     client_sets: one tokenized dataset per client
-      (:class:`fedjax_u2s.data.batching.TokenizedSet`), index = client id.
+      (:class:`fedjax_u2s.data.batching.TokenizedSet`), index = client id;
+      or a :class:`RoundData` whose sets may change every round.
     eval_set: optional held-out tokenized pairs for the eval loss.
+    local_sets: given, the run is parameter-isolated (FedPIT): what each
+      client's private local adapter trains on (``client_sets`` then trains
+      the global adapter alone).
 
   Returns:
     The final adapter and the metric rows.
   """
-  fed = _validate(config, client_sets)
-  run, fresh = _setup(config, fed, model_config, base_params, client_sets,
+  data = client_sets if isinstance(client_sets, RoundData) else FixedSets(client_sets)
+  local = (None if local_sets is None else local_sets
+           if isinstance(local_sets, RoundData) else FixedSets(local_sets))
+  fed = _validate(config, data, local)
+  run, fresh = _setup(config, fed, model_config, base_params, data, local,
                       eval_set)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      keep=config.checkpoint.keep)
-  server, cursors, start = _restore_or_init(run, ckpt, fresh)
+  state, cursors, start = _restore_or_init(run, ckpt, fresh)
   del fresh
   writer, progress = _open_outputs(run, workdir, start)
   halt = config.train.halt_after_round or fed.num_rounds
   r = start
   try:
     if start == 0 and run.eval_batch is not None and config.train_eval.every:
-      loss0 = _eval_loss(run, server)
+      loss0 = _eval_loss(run, state)
       if writer:
         writer.write(0, {"eval_loss": loss0})
     for r in range(start, min(fed.num_rounds, halt)):
-      server, row = _run_round(run, ckpt, server, cursors, r)
+      state, row = _run_round(run, ckpt, state, cursors, r)
       done = r + 1
       if _eval_due(run, done):
-        row["eval_loss"] = _eval_loss(run, server)
+        row["eval_loss"] = _eval_loss(run, state)
       if writer:
         writer.write(done, row)
       if done % config.checkpoint.every == 0 or done in (fed.num_rounds, halt):
-        ckpt.save(done, server, {"cursors": cursors, "round": done})
+        ckpt.save(done, state, {**{f"{k}cursors": v for k, v in cursors.items()},
+                                 "round": done})
       if progress:
         progress.update(1)
         progress.set_postfix(loss=f"{row['train_loss']:.3f}",
@@ -166,7 +226,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_config,
       writer.close()
     ckpt.close()
   rows = _write_curves(run, workdir)
-  return TrainResult(lora=_to_host(server.params), lora_config=run.lora_config,
+  if run.isolated:
+    return TrainResult(lora=_to_host(state["server"].params),
+                       lora_config=run.lora_config, rounds=int(r), metrics=rows,
+                       local=_to_host(state["local"]))
+  return TrainResult(lora=_to_host(state.params), lora_config=run.lora_config,
                      rounds=int(r), metrics=rows)
 
 
@@ -177,7 +241,8 @@ class _Run:
   Attributes:
     config: the experiment config.
     fed: ``config.federated``, checked.
-    client_sets: the tokenized client datasets (index = client id).
+    data: the clients' data (of the global adapter).
+    local: with parameter isolation, the data of the local adapters.
     lora_config: the adapter's static config.
     algo: the algorithm, jitted over the client mesh.
     replicated, by_client: shardings of replicated and per-client arrays.
@@ -190,7 +255,8 @@ class _Run:
   """
   config: ml_collections.ConfigDict
   fed: AlgorithmConfig
-  client_sets: Sequence[Any]
+  data: RoundData
+  local: RoundData | None
   lora_config: lora_lib.LoraConfig
   algo: Any
   replicated: NamedSharding
@@ -202,9 +268,17 @@ class _Run:
   lead: bool
   executables: dict = dataclasses.field(default_factory=dict)
 
+  @property
+  def isolated(self) -> bool:
+    return self.local is not None
 
-def _validate(config: ml_collections.ConfigDict,
-              client_sets: Sequence[Any]) -> AlgorithmConfig:
+  @property
+  def num_clients(self) -> int:
+    return self.data.num_clients
+
+
+def _validate(config: ml_collections.ConfigDict, data: RoundData,
+              local: RoundData | None) -> AlgorithmConfig:
   """Checks the config and the data before any work; ``config.federated``."""
   fed = AlgorithmConfig.from_config(config.federated)
   for field in ("every", "keep"):
@@ -214,10 +288,17 @@ def _validate(config: ml_collections.ConfigDict,
   if config.train.halt_after_round < 0:
     raise ValueError(f"config.train.halt_after_round={config.train.halt_after_round}: "
                      "must be >= 0 (0 = off).")
-  num_clients = len(client_sets)
+  num_clients = data.num_clients
   if num_clients == 0:
     raise ValueError("No clients: the data produced zero client datasets.")
-  for cid, cs in enumerate(client_sets):
+  if local is not None and local.num_clients != num_clients:
+    raise ValueError(f"{num_clients} clients train the global adapter but "
+                     f"{local.num_clients} have local data; they must match.")
+  # Every client needs data it always trains on: the fixed sets (the local
+  # ones when isolated). Changing sets (FedPIT's synthetic pairs) may be
+  # empty for a round; the client then trains nothing in that phase.
+  always = data if local is None else local
+  for cid, cs in enumerate(always.client_sets if isinstance(always, FixedSets) else ()):
     if len(cs.tokens) == 0:
       drops = getattr(cs, "drops", None)
       why = (f" Tokenization kept none: {drops.note()}." if drops is not None
@@ -233,9 +314,14 @@ def _validate(config: ml_collections.ConfigDict,
 
 
 def _setup(config: ml_collections.ConfigDict, fed: AlgorithmConfig, model_config,
-           base_params: PyTree, client_sets: Sequence[Any],
+           base_params: PyTree, data: RoundData, local: RoundData | None,
            eval_set: Any | None) -> tuple[_Run, PyTree]:
-  """The mesh, the algorithm, the replicated base and eval data, round-0 state."""
+  """The mesh, the algorithm, the replicated base and eval data, round-0 state.
+
+  With ``local`` the round-0 state is ``{"server": ServerState, "local":
+  stacked local adapters}``, each local adapter a fresh one (``b`` = 0, so
+  the personal model starts as the global one).
+  """
   lcfg = lora_config_from(config.lora)
   # train.logits_chunk_size > 0 computes the loss over chunks of positions,
   # recomputed in the backward pass; which setting is fastest depends on the
@@ -245,20 +331,32 @@ def _setup(config: ml_collections.ConfigDict, fed: AlgorithmConfig, model_config
                               logits_chunk_size=config.train.logits_chunk_size)
   # Devices: the client axis is sharded over all of them; the rest replicated.
   mesh = parallel.make_mesh(config.mesh.num_devices or None)
-  algo = parallel.build(fed, loss_fn, mesh)
+  local_loss_fn = None
+  if local is not None:
+    # The personal model is base + global + local: one adapter of twice the
+    # rank (lora.concat_rank), the global half frozen.
+    def local_loss_fn(own, frozen, batch, rng):
+      base, global_lora = frozen
+      return loss_fn(lora_lib.concat_rank(global_lora, own), base, batch, rng)
+  algo = parallel.build(fed, loss_fn, mesh, local_loss_fn=local_loss_fn)
   replicated = parallel.replicated_sharding(mesh)
   base = jax.tree.map(lambda x: _global_array(np.asarray(x), replicated), base_params)
   rng = jax.random.key(config.seed)
   init_lora = lora_lib.init(jax.random.fold_in(rng, 0), model_config, lcfg)
-  num_clients = len(client_sets)
+  num_clients = data.num_clients
   fresh = jax.jit(lambda p: algo.init(p, jax.random.fold_in(rng, 1), num_clients),
                   out_shardings=replicated)(init_lora)
+  if local is not None:
+    stacked = jax.jit(lambda: lora_lib.init_stacked(
+        jax.random.fold_in(rng, 2), num_clients, model_config, lcfg),
+                      out_shardings=replicated)()
+    fresh = {"server": fresh, "local": stacked}
   eval_batch = None
   if eval_set is not None:
     eval_batch = jax.tree.map(
         lambda x: _global_array(x, replicated),
         batching.eval_batches(eval_set, config.train_eval.batch_size))
-  run = _Run(config=config, fed=fed, client_sets=client_sets, lora_config=lcfg,
+  run = _Run(config=config, fed=fed, data=data, local=local, lora_config=lcfg,
              algo=algo, replicated=replicated,
              by_client=parallel.client_sharding(mesh),
              multiple=parallel.client_multiple(algo, mesh), base=base,
@@ -268,17 +366,22 @@ def _setup(config: ml_collections.ConfigDict, fed: AlgorithmConfig, model_config
 
 
 def _restore_or_init(run: _Run, ckpt: checkpoint_lib.Checkpointer, fresh: PyTree
-                     ) -> tuple[PyTree, np.ndarray, int]:
-  """The newest intact checkpoint's state and data cursors, else round 0's."""
-  num_clients = len(run.client_sets)
+                     ) -> tuple[PyTree, dict[str, np.ndarray], int]:
+  """The newest intact checkpoint's state and data cursors, else round 0's.
+
+  Cursors are ``{"": global data, "local_": local data}`` (the prefix of
+  their name in the checkpoint's metadata: ``cursors``, ``local_cursors``).
+  """
+  num_clients = run.num_clients
+  names = ("", "local_") if run.isolated else ("",)
   restored = ckpt.restore_newest_intact(checkpoint_lib.abstract(fresh))
   if restored is None:
-    return fresh, np.zeros(num_clients, np.int64), 0
+    return fresh, {k: np.zeros(num_clients, np.int64) for k in names}, 0
   server, meta, start = restored
-  cursors = np.asarray(meta["cursors"], np.int64)
-  if len(cursors) != num_clients:
+  cursors = {k: np.asarray(meta[f"{k}cursors"], np.int64) for k in names}
+  if len(cursors[""]) != num_clients:
     raise ValueError(
-        f"{ckpt.directory}/{start} was written for {len(cursors)} clients, "
+        f"{ckpt.directory}/{start} was written for {len(cursors[''])} clients, "
         f"this run has {num_clients}: use a fresh --workdir.")
   if run.lead:
     print(f"Resuming from the checkpoint of round {start} in {ckpt.directory}")
@@ -296,7 +399,9 @@ def _open_outputs(run: _Run, workdir: str, start: int):
   return writer, progress
 
 
-def _eval_loss(run: _Run, server: PyTree) -> float:
+def _eval_loss(run: _Run, state: PyTree) -> float:
+  """The global adapter's loss on the held-out pairs."""
+  server = state["server"] if run.isolated else state
   loss_sum, weight = run.algo.evaluate(server.params, run.base, run.eval_batch)
   return float(loss_sum) / max(float(weight), 1.0)
 
@@ -308,23 +413,74 @@ def _eval_due(run: _Run, done: int) -> bool:
       done % every == 0 or done == run.fed.num_rounds))
 
 
-def _compiled_round(run: _Run, server: PyTree, batches: PyTree):
+def _compiled_round(run: _Run, state: PyTree, batches: tuple[PyTree, ...]):
   """The round compiled ahead of time per batch shape, and the seconds it took.
 
   So a round's tokens/s never includes compilation (reported apart as
-  compile_s).
+  compile_s). The executable takes ``(state, base, *batches)`` and returns
+  ``(state, metrics)``, isolated or not.
   """
   key = tuple((x.shape, x.dtype) for x in jax.tree.leaves(batches))
   compile_s = 0.0
   if key not in run.executables:
     begin = time.perf_counter()
-    run.executables[key] = run.algo.apply.lower(server, run.base, batches).compile()
+    if run.isolated:
+      exe = run.algo.apply_isolated.lower(state["server"], state["local"], run.base,
+                                          *batches).compile()
+      def step(state, base, *b):
+        server, local, m = exe(state["server"], state["local"], base, *b)
+        return {"server": server, "local": local}, m
+    else:
+      step = run.algo.apply.lower(state, run.base, *batches).compile()
+    run.executables[key] = step
     compile_s = time.perf_counter() - begin
   return run.executables[key], compile_s
 
 
-def _run_round(run: _Run, ckpt: checkpoint_lib.Checkpointer, server: PyTree,
-               cursors: np.ndarray, r: int) -> tuple[PyTree, dict[str, Any]]:
+def _round_batches(run: _Run, sets: Sequence[Any | None], ids: np.ndarray,
+                   cursors: np.ndarray) -> tuple[Any, np.ndarray]:
+  """The sampled clients' batches, padded for the mesh; and the new cursors.
+
+  Clients whose set is None or empty get no steps and weight 0; their
+  cursors do not move.
+  """
+  tcfg = run.config.train
+  kw = dict(batch_size=tcfg.batch_size, grad_accum=tcfg.grad_accum,
+            local_steps=tcfg.local_steps or None,
+            local_epochs=tcfg.local_epochs or None,
+            max_local_steps=tcfg.max_local_steps or None, seed=run.config.seed)
+  has = [j for j, s in enumerate(sets) if s is not None and len(s.tokens)]
+  new_cursors = cursors.copy()
+  if has:
+    sub, moved = batching.round_batches([sets[j] for j in has], ids[has],
+                                        cursors[has], **kw)
+    new_cursors[has] = moved
+  else:  # Nobody has data for this phase: one masked step of 2 pad tokens.
+    sub = state_lib.ClientBatches(
+        batch={k: np.zeros((1, 1, tcfg.grad_accum, tcfg.batch_size, 2),
+                           np.int32 if k == "tokens" else bool)
+               for k in ("tokens", "input_mask", "loss_mask")},
+        step_mask=np.zeros((1, 1), bool), num_examples=np.zeros(1, np.float32),
+        client_ids=np.zeros(1, np.int32))
+    has = []
+  if len(has) < len(sets):
+    rows = np.asarray(has, np.int64)
+
+    def widen(x):
+      out = np.zeros((len(sets),) + np.shape(x)[1:], np.asarray(x).dtype)
+      out[rows] = np.asarray(x)[:len(rows)]
+      return out
+
+    sub = state_lib.ClientBatches(
+        batch=jax.tree.map(widen, sub.batch), step_mask=widen(sub.step_mask),
+        num_examples=widen(sub.num_examples),
+        client_ids=np.asarray(ids, np.int32))
+  return parallel.pad_clients(sub, run.multiple), new_cursors
+
+
+def _run_round(run: _Run, ckpt: checkpoint_lib.Checkpointer, state: PyTree,
+               cursors: dict[str, np.ndarray], r: int
+               ) -> tuple[PyTree, dict[str, Any]]:
   """Round ``r`` (0-based): sample, batch, train, aggregate; advances ``cursors``.
 
   Returns:
@@ -333,44 +489,53 @@ def _run_round(run: _Run, ckpt: checkpoint_lib.Checkpointer, server: PyTree,
   Raises:
     FloatingPointError: a client went non-finite (the update is not applied).
   """
-  config, fed, tcfg = run.config, run.fed, run.config.train
+  config, fed = run.config, run.fed
   t0 = time.perf_counter()
-  ids = sampling.sample_clients(config.seed, r, len(run.client_sets),
-                                fed.clients_per_round)
-  host_batches, new_cursors = batching.round_batches(
-      [run.client_sets[i] for i in ids], ids, cursors[ids],
-      batch_size=tcfg.batch_size, grad_accum=tcfg.grad_accum,
-      local_steps=tcfg.local_steps or None,
-      local_epochs=tcfg.local_epochs or None,
-      max_local_steps=tcfg.max_local_steps or None, seed=config.seed)
-  host_batches = parallel.pad_clients(host_batches, run.multiple)
-  batches = jax.tree.map(lambda x: _global_array(x, run.by_client), host_batches)
-  step, compile_s = _compiled_round(run, server, batches)
+  ids = np.asarray(sampling.sample_clients(config.seed, r, run.num_clients,
+                                           fed.clients_per_round), np.int64)
+  params = state["server"].params if run.isolated else state.params
+  phases = [("", run.data)] + ([("local_", run.local)] if run.isolated else [])
+  batches, new_cursors = [], {}
+  for name, source in phases:
+    host, new_cursors[name] = _round_batches(
+        run, source.sets(r, ids, params), ids, cursors[name][ids])
+    batches.append(jax.tree.map(lambda x: _global_array(x, run.by_client), host))
+  extra = {k: v for _, source in phases for k, v in source.round_metrics(r).items()}
+  t_data = time.perf_counter()
+  step, compile_s = _compiled_round(run, state, tuple(batches))
   t1 = time.perf_counter()
-  server, m = step(server, run.base, batches)
+  state, m = step(state, run.base, *batches)
   loss = float(m["loss"])  # Syncs: the round is done.
   seconds = time.perf_counter() - t0
   if bool(m["nonfinite"]):
     _raise_nonfinite(ckpt, r, m)
-  cursors[ids] = new_cursors
+  for name, moved in new_cursors.items():
+    cursors[name][ids] = moved
   n_sampled = len(ids)
+  num_tokens = float(m["num_tokens"]) + float(m.get("local_num_tokens", 0.0))
   row = {"train_loss": loss, "num_tokens": int(m["num_tokens"]),
-         "tokens_per_s": float(m["num_tokens"]) / (time.perf_counter() - t1),
+         "tokens_per_s": num_tokens / (time.perf_counter() - t1),
          "seconds": seconds, "update_norm": float(m["update_norm"]),
          **({"compile_s": compile_s} if compile_s else {}),
+         **({"data_s": t_data - t0} if extra else {}),
          "clients": [int(i) for i in ids],
          "bytes_down": n_sampled * run.lora_bytes,
+         # Only the global adapter's update leaves a client.
          "bytes_up": n_sampled * run.lora_bytes}
+  if run.isolated:
+    row["local_loss"] = float(m["local_loss"])
+    row["local_num_tokens"] = int(m["local_num_tokens"])
+  row.update(extra)
   if fed.dp.enabled:
     row["dp_clipped_fraction"] = float(m["dp_clipped_fraction"])
     eps = privacy.epsilon(
         noise_multiplier=fed.dp.noise_multiplier,
         sampling_rate=privacy.sampling_rate(fed.clients_per_round,
-                                            len(run.client_sets)),
+                                            run.num_clients),
         rounds=r + 1, delta=fed.dp.delta)
     # No noise, no guarantee: null in the JSON (strict JSON has no Infinity).
     row["dp_epsilon"] = eps if math.isfinite(eps) else None
-  return server, row
+  return state, row
 
 
 def _raise_nonfinite(ckpt: checkpoint_lib.Checkpointer, r: int,
@@ -395,5 +560,5 @@ def _write_curves(run: _Run, workdir: str) -> list[dict[str, Any]]:
     report.plot_curves(rows, ["train_loss", "eval_loss", "tokens_per_s"],
                             os.path.join(workdir, "curves.png"),
                             title=f"{run.fed.algorithm}: "
-                                  f"{len(run.client_sets)} clients")
+                                  f"{run.num_clients} clients")
   return rows

@@ -519,3 +519,41 @@ def audit(model_config: ModelConfig, params: PyTree, tokenizer,
                result["near_verbatim"], result["n"], result["mia_auc"],
                len(m_loss), len(nm_loss))
   return result
+
+
+def pool(results: Sequence[dict], *, num_resamples: int = BOOTSTRAP_RESAMPLES,
+         seed: int = 0) -> dict:
+  """Audits of several models, each against its own members, as one.
+
+  FedPIT's personal models are audited one per client (client ``c``'s model
+  against client ``c``'s examples); pooled, the rates answer "what share of
+  the real examples can be extracted from the model that holds them". Counts
+  add up; intervals are recomputed; the AUC is over all member against all
+  non-member losses, each scored under its own model.
+  """
+  if not results:
+    raise ValueError("pool needs at least one audit result.")
+  records = [dict(r) for res in results for r in res["records"]]
+  audited = [r for r in records if r["set"] == "member" and r.get("audited")]
+  out = _extraction_summary(audited)
+  m_loss = [r["loss"] for r in records if r["set"] == "member"]
+  nm_loss = [r["loss"] for r in records if r["set"] == "non_member"]
+  auc_value = mia_auc(m_loss, nm_loss)
+  lo, hi = bootstrap_auc_interval(m_loss, nm_loss, num_resamples=num_resamples,
+                                  seed=seed)
+
+  def clean(x):
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+  out.update(
+      mia_auc=clean(auc_value), mia_auc_ci=[clean(lo), clean(hi)],
+      mia_auc_ci_method=f"{AUC_CI_METHOD} ({num_resamples} resamples, seed {seed}), "
+                        f"pooled over {len(results)} models",
+      n_members=len(m_loss), n_non_members=len(nm_loss),
+      member_loss=float(np.mean(m_loss)) if m_loss else None,
+      non_member_loss=float(np.mean(nm_loss)) if nm_loss else None,
+      baseline=None, settings=results[0]["settings"],
+      per_client={k: v for res in results for k, v in res.get("per_client", {}).items()})
+  for key in ("verbatim_rate", "near_verbatim_rate"):
+    out[key] = clean(out[key])
+  return out

@@ -577,3 +577,92 @@ def audit_table(results_by_model: Mapping[str, dict]) -> str:
             "the Mann-Whitney AUC with ties counted half (0.5 = chance); "
             f"interval: {method}."]
   return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+# ----------------------------------------------------------------------------
+# FedPIT (pipelines/fedpit.py): task accuracy and privacy side by side.
+
+FEDPIT_MODELS = {
+    "base": "base (no adapter)",
+    "global": "global adapter (what the server and every client see)",
+    "personal": "personal models (base + global + own local adapter; stay local)",
+}
+
+
+def fedpit_table(summary: Mapping[str, Any]) -> str:
+  """Markdown: per model, accuracy on each task set (paired difference with
+  the base, 95% interval, Holm p) beside its extraction and membership
+  numbers."""
+  header = ["model", "task_unseen acc", "vs base", "task_own acc", "vs base",
+            "verbatim", "near-verbatim", "MIA AUC"]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  ext = summary["privacy"]["extraction"]
+  for name, acc in summary["accuracy"].items():
+    paired = summary["paired_vs_base"].get(name, {})
+    cells = [name]
+    for task in ("task_unseen", "task_own"):
+      a = acc.get(task)
+      cells.append(f"{a['accuracy']:.3f} (n={a['n']})" if a else "-")
+      cells.append(stats.format_interval(paired[task]) if task in paired else "-")
+    e = ext.get(name, {})
+    for key, count in (("verbatim_rate", "verbatim"),
+                       ("near_verbatim_rate", "near_verbatim")):
+      cells.append("-" if e.get(key) is None else
+                   f"{e[count]}/{e['n']} = {e[key]:.3f}")
+    auc = e.get("mia_auc")
+    cells.append("-" if auc is None else
+                 f"{auc:.3f} [{e['mia_auc_ci'][0]:.3f}, {e['mia_auc_ci'][1]:.3f}]")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def write_fedpit_report(workdir: str, config, summary: Mapping[str, Any],
+                        split: Mapping[str, Any]) -> str:
+  """``workdir/report.md`` of a FedPIT run."""
+  dp = summary["privacy"]["dp"]
+  clients = split["clients"]
+  setup = (f"Variant **{summary['variant']}**, {len(clients)} clients holding "
+           f"{', '.join(str(c['examples']) for c in clients)} real examples "
+           f"({config.federated.num_rounds} rounds of {config.federated.algorithm}, "
+           f"{config.federated.clients_per_round} clients per round); "
+           f"{len(split['non_member_titles'])} non-member articles. Final train loss "
+           f"{_fmt(summary['final_train_loss'])}, held-out (non-member) loss "
+           f"{_fmt(summary['final_eval_loss'])}.")
+  synth = summary["synthetic"]
+  if synth:
+    total = sum(synth.values())
+    setup += (f" Synthetic generations: {total}, kept {synth.get('kept', 0)}; "
+              "rejected by reason: " + ", ".join(
+                  f"{k} {v}" for k, v in sorted(synth.items()) if k != "kept") + ".")
+  privacy_txt = ("No differential privacy." if dp is None else
+                 f"Client-level DP: (epsilon = {_fmt(dp['epsilon'])}, delta = "
+                 f"{dp['delta']:g}) after {dp['rounds']} rounds, noise multiplier "
+                 f"{dp['noise_multiplier']}, clip norm {dp['clip_norm']}, sampling rate "
+                 f"{dp['sampling_rate']:.3f} ({dp['sampling']}).")
+  sections = [
+      ("Setup", setup),
+      ("Task accuracy and privacy", fedpit_table(summary) + "\n\n" + "\n".join(
+          f"- **{n}**: {FEDPIT_MODELS[n]}" for n in summary["accuracy"])),
+      ("Extraction audit", audit_table(summary["audits"])),
+      ("Differential privacy", privacy_txt),
+  ]
+  return write_report(workdir, "FedPIT", sections)
+
+
+def fedpit_summary(summary: Mapping[str, Any], report_path: str) -> str:
+  """The closing lines of a FedPIT run on the console."""
+  lines = [f"\nFedPIT ({summary['variant']}):"]
+  ext = summary["privacy"]["extraction"]
+  for name, acc in summary["accuracy"].items():
+    a = acc["task_unseen"]
+    e = ext.get(name, {})
+    vr = e.get("verbatim_rate")
+    lines.append(f"  {name:9s} task_unseen {a['accuracy']:.3f} (n={a['n']})"
+                 + (f", verbatim {vr:.3f}" if vr is not None else "")
+                 + (f", MIA AUC {e['mia_auc']:.3f}" if e.get("mia_auc") is not None
+                    else ""))
+  dp = summary["privacy"]["dp"]
+  if dp:
+    lines.append(f"  DP: epsilon {_fmt(dp['epsilon'])} at delta {dp['delta']:g}")
+  lines.append(f"Report: {report_path}")
+  return "\n".join(lines)

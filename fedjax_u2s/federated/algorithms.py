@@ -24,6 +24,18 @@ added to the sum, which is divided by ``clients_per_round``, and the result
 goes to the server optimizer as usual. The noise of round ``r`` comes from
 ``privacy.noise_key(root, r)``, so it is fresh every round and identical on
 resume.
+
+With a ``local_loss_fn`` the algorithm also has ``apply_isolated``, FedPIT's
+parameter-isolated round: besides the global adapter (trained on the data
+of ``client_batches`` and aggregated exactly as above), every client keeps a
+private **local** adapter, stacked ``[num_clients, ...]`` outside the server
+state. After the global phase each sampled client trains its local adapter
+on ``local_batches`` (its real examples, plus synthetic ones) with the
+round's received global adapter frozen beside the base. The local phase is a
+separate scan whose outputs go back to the caller only: nothing of it enters
+the server step, so the aggregated update is the same function of the
+global phase's data as in ``apply`` (the real examples of the local phase
+cannot reach it).
 """
 
 from __future__ import annotations
@@ -52,6 +64,11 @@ PyTree = Any
 __all__ = ["ALGORITHMS", "LR_SCHEDULES", "AlgorithmConfig", "AlgorithmSpec",
            "FederatedAlgorithm", "build", "client_learning_rate"]
 
+# fold_in stream of the local phase's randomness (the global phase uses the
+# root key folded with the round directly), so the two phases never share
+# dropout masks.
+LOCAL_STREAM = 0x10CA1
+
 
 def client_learning_rate(cfg: AlgorithmConfig, round_: jax.Array) -> jax.Array:
   """The client learning rate of round ``round_`` (0-based; traceable).
@@ -79,11 +96,16 @@ class FederatedAlgorithm(NamedTuple):
     apply: ``(server_state, frozen, client_batches) -> (server_state, metrics)``.
     evaluate: ``(params, frozen, batch [N, B, ...]) -> (loss_sum, weight)``.
     config: the :class:`AlgorithmConfig`.
+    apply_isolated: ``(server_state, local_adapters, frozen, client_batches,
+      local_batches) -> (server_state, local_adapters, metrics)``, FedPIT's
+      round (see the module docstring); None unless built with a
+      ``local_loss_fn``.
   """
   init: Callable[..., ServerState]
   apply: Callable[..., tuple[ServerState, dict[str, jax.Array]]]
   evaluate: Callable[..., tuple[jax.Array, jax.Array]]
   config: AlgorithmConfig
+  apply_isolated: Callable[..., tuple[ServerState, PyTree, dict[str, jax.Array]]] | None = None
 
 
 def _chunked(x: jax.Array, chunk: int) -> jax.Array:
@@ -125,7 +147,8 @@ class _Sums(NamedTuple):
 
 def build(fed_config: Any, loss_fn: objectives.LossFn, *,
           num_client_shards: int = 1,
-          chunk_sharding: Callable[[PyTree], PyTree] | None = None
+          chunk_sharding: Callable[[PyTree], PyTree] | None = None,
+          local_loss_fn: objectives.LossFn | None = None
           ) -> FederatedAlgorithm:
   """Builds the algorithm named by ``fed_config.algorithm``.
 
@@ -138,6 +161,9 @@ def build(fed_config: Any, loss_fn: objectives.LossFn, *,
       ``clients_per_chunk * num_client_shards`` clients.
     chunk_sharding: optional function applied to each chunk's inputs inside
       the scan (a sharding constraint on the client axis).
+    local_loss_fn: the loss of a client's local adapter, a
+      :data:`objectives.LossFn` whose frozen argument is ``(frozen, global
+      params)``; given, the algorithm has ``apply_isolated``.
 
   Returns:
     A :class:`FederatedAlgorithm`.
@@ -147,13 +173,18 @@ def build(fed_config: Any, loss_fn: objectives.LossFn, *,
       cfg.spec.server_optimizer, learning_rate=cfg.server_lr,
       momentum=cfg.server_momentum, b1=cfg.server_b1, b2=cfg.server_b2,
       tau=cfg.server_tau)
+  apply = functools.partial(_apply, cfg=cfg, server_opt=server_opt,
+                            loss_fn=loss_fn, num_client_shards=num_client_shards,
+                            chunk_sharding=chunk_sharding)
+  apply_isolated = None
+  if local_loss_fn is not None:
+    apply_isolated = functools.partial(
+        _apply_isolated, apply=apply, cfg=cfg, local_loss_fn=local_loss_fn,
+        num_client_shards=num_client_shards, chunk_sharding=chunk_sharding)
   return FederatedAlgorithm(
       init=functools.partial(_init, cfg=cfg, server_opt=server_opt),
-      apply=functools.partial(_apply, cfg=cfg, server_opt=server_opt,
-                              loss_fn=loss_fn, num_client_shards=num_client_shards,
-                              chunk_sharding=chunk_sharding),
-      evaluate=functools.partial(_evaluate, loss_fn=loss_fn),
-      config=cfg)
+      apply=apply, evaluate=functools.partial(_evaluate, loss_fn=loss_fn),
+      config=cfg, apply_isolated=apply_isolated)
 
 
 def _init(params: PyTree, rng: jax.Array, num_clients: int, *,
@@ -196,6 +227,92 @@ def _apply(server_state: ServerState, frozen: PyTree,
   if cfg.dp.enabled:
     metrics["dp_clipped_fraction"] = sums.clipped / jnp.maximum(sums.weight, 1.0)
   return new_state, metrics
+
+
+def _apply_isolated(server_state: ServerState, local_adapters: PyTree,
+                    frozen: PyTree, client_batches: ClientBatches,
+                    local_batches: ClientBatches, *, apply: Callable[..., Any],
+                    cfg: AlgorithmConfig, local_loss_fn: objectives.LossFn,
+                    num_client_shards: int,
+                    chunk_sharding: Callable[[PyTree], PyTree] | None
+                    ) -> tuple[ServerState, PyTree, dict[str, jax.Array]]:
+  """FedPIT's round: the global round of ``apply``, then the local phase.
+
+  ``local_batches`` holds the same clients in the same order as
+  ``client_batches``. If anything went non-finite, neither the server state
+  nor any local adapter changes.
+  """
+  new_state, metrics = apply(server_state, frozen, client_batches)
+  num_real = local_batches.num_examples.shape[0]
+  xs, num_chunks = _chunk_clients(cfg, local_batches, num_client_shards)
+  new_local, local_bad, (l_loss, l_tokens) = _train_local(
+      cfg, local_loss_fn, chunk_sharding, server_state, frozen, local_adapters,
+      xs, num_chunks)
+  nonfinite = metrics["nonfinite"] | local_bad | ~client_lib.all_finite(new_local)
+  new_state = jax.tree.map(lambda o, n: jnp.where(nonfinite, o, n),
+                           server_state, new_state)
+  new_local = jax.tree.map(lambda o, n: jnp.where(nonfinite, o, n),
+                           local_adapters, new_local)
+  l_loss = _unchunked(l_loss)[:num_real]
+  l_tokens = _unchunked(l_tokens)[:num_real]
+  l_total = jnp.sum(l_tokens)
+  metrics.update(nonfinite=nonfinite,
+                 local_loss=jnp.sum(l_loss) / jnp.maximum(l_total, 1.0),
+                 local_num_tokens=l_total,
+                 client_local_loss=l_loss / jnp.maximum(l_tokens, 1.0))
+  return new_state, new_local, metrics
+
+
+def _train_local(cfg: AlgorithmConfig, local_loss_fn: objectives.LossFn,
+                 chunk_sharding: Callable[[PyTree], PyTree] | None,
+                 server_state: ServerState, frozen: PyTree, adapters: PyTree,
+                 xs: PyTree, num_chunks: int
+                 ) -> tuple[PyTree, jax.Array, tuple[jax.Array, jax.Array]]:
+  """The local phase: each client's private adapter on its own data.
+
+  A scan over chunks of vmapped clients, like the global phase; each client
+  starts from its own row of ``adapters`` (with the round's received global
+  adapter frozen beside the base) and its trained adapter is written back to
+  that row. Padding clients write nowhere. The client optimizer and the
+  learning-rate schedule are the global phase's.
+
+  Returns:
+    The updated stacked adapters, whether a real client went non-finite, and
+    per-client loss sums and token counts ``[num_chunks, chunk]``.
+  """
+  root = jax.random.fold_in(server_state.key(), LOCAL_STREAM)
+  round_key = jax.random.fold_in(root, server_state.round)
+  lr = client_learning_rate(cfg, server_state.round)
+  optimizer = client_lib.make_client_optimizer(
+      cfg.client_optimizer, lr, b1=cfg.client_b1, b2=cfg.client_b2,
+      weight_decay=cfg.client_weight_decay)
+  beside = (frozen, server_state.params)
+  num_clients = jax.tree.leaves(adapters)[0].shape[0]
+
+  def one_client(start, batch, step_mask, client_id):
+    out = client_lib.client_update(
+        start, beside, batch, step_mask, jax.random.fold_in(round_key, client_id),
+        loss_fn=local_loss_fn, optimizer=optimizer, learning_rate=lr,
+        grad_clip=cfg.grad_clip)
+    return jax.tree.map(jnp.add, start, out.delta), out
+
+  def body(carry, chunk_xs):
+    stacked, bad = carry
+    if chunk_sharding is not None:
+      chunk_xs = chunk_sharding(chunk_xs)
+    batch, step_mask, weights, ids = chunk_xs
+    mine = jax.tree.map(lambda t: t[ids], stacked)
+    trained, out = jax.vmap(one_client)(mine, batch, step_mask, ids)
+    real = weights > 0
+    slot = jnp.where(real, ids, num_clients)  # Out of range: dropped.
+    stacked = jax.tree.map(lambda t, v: t.at[slot].set(v, mode="drop"),
+                           stacked, trained)
+    return (stacked, bad | jnp.any(out.nonfinite & real)), (out.loss_sum,
+                                                           out.num_tokens)
+
+  (adapters, bad), sums = jax.lax.scan(body, (adapters, jnp.array(False)), xs,
+                                       length=num_chunks)
+  return adapters, bad, sums
 
 
 def _chunk_clients(cfg: AlgorithmConfig, client_batches: ClientBatches,

@@ -80,22 +80,31 @@ def client_multiple(algorithm: algorithms.FederatedAlgorithm, mesh: Mesh) -> int
   return mesh.size * max(algorithm.config.clients_per_chunk, 1)
 
 
-def build(fed_config: Any, loss_fn: objectives.LossFn,
-          mesh: Mesh) -> algorithms.FederatedAlgorithm:
+def build(fed_config: Any, loss_fn: objectives.LossFn, mesh: Mesh, *,
+          local_loss_fn: objectives.LossFn | None = None
+          ) -> algorithms.FederatedAlgorithm:
   """:func:`algorithms.build` with ``apply``/``evaluate`` jitted over ``mesh``.
 
   ``apply`` takes the server state and frozen params replicated and the
   client batches sharded on the client axis; it donates the server state.
-  ``evaluate`` takes everything replicated.
+  ``evaluate`` takes everything replicated. With ``local_loss_fn``,
+  ``apply_isolated`` likewise, with the stacked local adapters replicated
+  (they are small, and every client of a chunk gathers its own row) and
+  donated.
   """
   def constrain(chunk_xs):  # leaves [chunk, ...]: the chunk axis is split.
     return jax.lax.with_sharding_constraint(chunk_xs, client_sharding(mesh))
 
   alg = algorithms.build(fed_config, loss_fn, num_client_shards=mesh.size,
-                         chunk_sharding=constrain)
+                         chunk_sharding=constrain, local_loss_fn=local_loss_fn)
   rep, cli = replicated_sharding(mesh), client_sharding(mesh)
   apply = jax.jit(alg.apply, in_shardings=(rep, rep, cli),
                   out_shardings=(rep, rep), donate_argnums=(0,))
   evaluate = jax.jit(alg.evaluate, in_shardings=(rep, rep, rep),
                      out_shardings=(rep, rep))
-  return alg._replace(apply=apply, evaluate=evaluate)
+  apply_isolated = None
+  if alg.apply_isolated is not None:
+    apply_isolated = jax.jit(alg.apply_isolated,
+                             in_shardings=(rep, rep, rep, cli, cli),
+                             out_shardings=(rep, rep, rep), donate_argnums=(0, 1))
+  return alg._replace(apply=apply, evaluate=evaluate, apply_isolated=apply_isolated)

@@ -28,6 +28,7 @@ PIPELINES: dict[str, str] = {
     "fedit": "fedjax_u2s.pipelines.fedit",        # FedIT on instruction data.
     "u2s": "fedjax_u2s.pipelines.u2s",            # FedIT-U2S: generate -> tune -> evaluate.
     "claim": "fedjax_u2s.pipelines.claim",        # Every arm x seed (configs/experiments/).
+    "fedpit": "fedjax_u2s.pipelines.fedpit",      # FedPIT: self-generation, local + global adapters, audit.
 }
 
 

@@ -135,6 +135,27 @@ STRATEGY_RULES: dict[str, dict[str, Rule]] = {
     "top_p": {"temperature": positive(), "top_p": number_in(0, 1, lo_open=True)},
 }
 RULES["sampling.max_new_tokens"] = int_at_least(1)
+# FedPIT (pipelines/fedpit.py; the variant names are listed there too).
+RULES.update({
+    "fedpit.variant": one_of("fedpit", "no_isolation", "fedit", "local"),
+    "fedpit.selfgen.every": int_at_least(1),
+    "fedpit.selfgen.per_client": int_at_least(1),
+    "fedpit.selfgen.num_demonstrations": int_at_least(1),
+    "fedpit.selfgen.max_prompt_tokens": int_at_least(0),
+    "fedpit.selfgen.max_new_tokens": int_at_least(1),
+    "fedpit.selfgen.near_copy_ngram": int_at_least(1),
+    "fedpit.selfgen.max_near_copy": number_in(0, 1),
+    "data.articles_per_client": int_at_least(1),
+    "data.num_non_member_articles": int_at_least(1),
+    "evaluate.num_questions": int_at_least(1),
+    "audit.prefix_tokens": int_at_least(0),
+    "audit.min_tokens": int_at_least(1),
+    "audit.max_new_tokens": int_at_least(0),
+    "audit.near_threshold": number_in(0, 1),
+})
+SAMPLER_BLOCKS += ("fedpit.selfgen.sampling",)
+RULES["fedpit.selfgen.sampling.strategy"] = one_of(*sampler.STRATEGIES)
+RULES["fedpit.selfgen.sampling.decode"] = one_of(*decoding.DECODES)
 for _block in ("sampling", "u2s.sampling", "evaluate"):
   RULES[f"{_block}.decode"] = one_of(*decoding.DECODES)
 RULES["u2s.sampling.pad_multiple"] = int_at_least(1)
