@@ -54,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train_eval.batch_size = 8
 
   c.evaluate = ml_collections.ConfigDict()
-  c.evaluate.num_questions = 100       # task_unseen: articles nobody holds.
+  c.evaluate.num_questions = 80        # task_unseen: articles nobody holds.
   c.evaluate.batch_size = 8            # Rows per forward / sampler call.
   c.evaluate.seed = 0                  # Question sampling seed.
   c.evaluate.decode = "auto"           # Sampler decode path (decoding.DECODES).
