@@ -9,26 +9,34 @@ node (no text, no token ids: ``tests/test_flower.py`` inspects the replies).
 
 from __future__ import annotations
 
-import numpy as np
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-
-from fedjax_u2s.flower import node as node_lib
-from fedjax_u2s.flower import wire
 
 app = ClientApp()
 
 
 @app.query("describe")
 def describe(msg: Message, context: Context) -> Message:
-  cid = node_lib.client_id(dict(context.node_config))
-  node_lib.data_file(str(context.node_config.get("data-dir", "")))  # Fail early.
-  return Message(RecordDict({"node": wire.config_record(
-      {"client-id": -1 if cid is None else cid})}), reply_to=msg)
+  """The node's declared client id (-1: none). Imports no JAX: every message
+  runs in a fresh process, and this one should take a second, not ten."""
+  cid = context.node_config.get("client-id")
+  if cid is not None and (isinstance(cid, bool) or not isinstance(cid, int)
+                          or cid < 0):
+    raise ValueError(f"--node-config client-id={cid!r}: must be an integer >= 0.")
+  if not context.node_config.get("data-dir"):
+    raise ValueError("This SuperNode has no data: start it with --node-config "
+                     "'data-dir=\"/path/to/its/data\"'.")
+  return Message(RecordDict({"node": ConfigRecord(
+      {"client-id": -1 if cid is None else int(cid)})}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from fedjax_u2s.flower import node as node_lib
+  from fedjax_u2s.flower import wire
+  # pylint: enable=g-import-not-at-top
   node_config = dict(context.node_config)
   cache = str(node_config.get("cache-dir", "") or "")
   if cache:

@@ -84,6 +84,8 @@ class Settings:
     connect_timeout: seconds to wait for ``num_nodes`` SuperNodes.
     eval_file: server-side held-out instruction file for the eval loss ("":
       none).
+    audit_dir: where to write what every reply carried ("": nowhere); see
+      :func:`audit_reply`.
     poll_seconds: how often replies are polled.
   """
   config: ml_collections.ConfigDict
@@ -93,6 +95,7 @@ class Settings:
   round_timeout: float
   connect_timeout: float
   eval_file: str
+  audit_dir: str = ""
   poll_seconds: float = 0.2
 
 
@@ -157,7 +160,7 @@ def settings_from_run_config(run_config: dict[str, Any]) -> Settings:
                min_replies=get("min-replies", int),
                round_timeout=get("round-timeout", float),
                connect_timeout=get("connect-timeout", float),
-               eval_file=get("eval-file", str))
+               eval_file=get("eval-file", str), audit_dir=get("audit-dir", str))
   fed = AlgorithmConfig.from_config(config.federated)
   if fed.clients_per_round > s.num_nodes:
     raise ValueError(f"config.federated.clients_per_round={fed.clients_per_round} "
@@ -260,6 +263,37 @@ def aggregate_and_step(state: ServerState, deltas: PyTree, weights: jax.Array,
   return new, optax.tree.norm(mean_delta), clipped, bad
 
 
+def audit_reply(audit_dir: str, name: str, content) -> None:
+  """Writes what one reply carried: ``<name>.json`` and ``<name>.bin``.
+
+  The JSON lists every record of the reply (its kind, and for arrays dtype
+  and shape, for metrics and configs the values); the ``.bin`` file is the
+  reply's serialized arrays and records, byte for byte. An operator (or a
+  test) can check that nothing but adapter-shaped floats and scalar metrics
+  left the nodes.
+  """
+  if not audit_dir:
+    return
+  os.makedirs(audit_dir, exist_ok=True)
+  manifest, blobs = {}, []
+  for key, record in content.array_records.items():
+    manifest[key] = {"kind": "arrays", "arrays": {
+        n: {"dtype": str(record[n].dtype), "shape": list(record[n].shape)}
+        for n in record.keys()}}
+    blobs += [record[n].data for n in record.keys()]
+  for kind, records in (("metrics", content.metric_records),
+                        ("config", content.config_records)):
+    for key, record in records.items():
+      manifest[key] = {"kind": kind, "values": {
+          k: (v if isinstance(v, (int, float, bool, str)) else repr(v))
+          for k, v in record.items()}}
+      blobs.append(record.deflate())
+  with open(os.path.join(audit_dir, name + ".json"), "w", encoding="utf-8") as f:
+    json.dump(manifest, f, indent=1)
+  with open(os.path.join(audit_dir, name + ".bin"), "wb") as f:
+    f.write(b"".join(blobs))
+
+
 def client_key_data(state: ServerState, round_: int, client: int) -> np.ndarray:
   """Raw key data of ``fold_in(fold_in(root, round), client)`` (the simulation's)."""
   key = jax.random.fold_in(jax.random.fold_in(state.key(), round_), client)
@@ -326,8 +360,9 @@ class Federation:
   so its client can be sampled again.
   """
 
-  def __init__(self, grid, num_clients: int, poll: float):
+  def __init__(self, grid, num_clients: int, poll: float, audit_dir: str = ""):
     self.grid, self.num_clients, self.poll = grid, num_clients, poll
+    self.audit_dir = audit_dir
     self.node_of: dict[int, int] = {}    # client id -> node id
     self.client_of: dict[int, int] = {}  # node id -> client id
 
@@ -344,6 +379,7 @@ class Federation:
     replies, failed = exchange(self.grid, msgs, timeout=timeout, poll=self.poll)
     declared = {}
     for n, reply in replies.items():
+      audit_reply(self.audit_dir, f"describe-node{n}", reply.content)
       cid = int(reply.content["node"]["client-id"])
       declared[n] = None if cid < 0 else cid
     for n, why in failed.items():
@@ -490,6 +526,7 @@ def _run_round(srv: _Server, grid, fed_nodes: Federation, state: ServerState,
     node = fed_nodes.node_of.get(int(c))
     if node not in replies:
       continue
+    audit_reply(s.audit_dir, f"round{r + 1}-client{int(c)}", replies[node].content)
     delta, control, m = _parse_reply(srv, replies[node], int(c), node)
     bytes_up += wire.array_bytes(replies[node].content)
     wire_up += wire.content_bytes(replies[node].content)
@@ -572,7 +609,7 @@ def serve(grid, s: Settings) -> dict[str, Any]:
     f.write(config.to_json_best_effort(indent=2))
   writer = metrics_lib.MetricWriter(s.workdir, resume_round=start,
                                     tensorboard=config.train.tensorboard)
-  federation = Federation(grid, s.num_nodes, s.poll_seconds)
+  federation = Federation(grid, s.num_nodes, s.poll_seconds, s.audit_dir)
   halt = config.train.halt_after_round or fed.num_rounds
   config_json = config.to_json()
   try:

@@ -1,0 +1,337 @@
+"""The Flower app over real processes on loopback: a SuperLink, 3 SuperNodes, `flwr run`.
+
+Every process is started and stopped here. A tiny random Llama with
+SmolLM2's tokenizer (testing.write_tiny_chat_model) keeps each round to
+seconds; the data are the fedit smoke job's, split over the nodes by
+fedjax_u2s.flower.rehearsal exactly as the in-process simulation splits them.
+
+Checked: the final adapter equals the simulation's bit for bit (FedAvg, and
+FedAdam through a ServerApp killed after round 1 and restarted); the bytes of
+every round equal the simulation's accounting; the replies carry no text
+and no token ids; a SuperNode stopped mid-round leaves a round applied with
+the client that answered, a finished run, intact checkpoints and metrics
+naming the dropped client.
+"""
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import safetensors.numpy
+
+pytest.importorskip("flwr")
+psutil = pytest.importorskip("psutil")
+
+from fedjax_u2s import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+from fedjax_u2s import testing
+from fedjax_u2s.flower import rehearsal
+from fedjax_u2s.flower import server as server_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "fedit_instructions.py")
+APP = os.path.join(REPO, "flower-app")
+BIN = os.path.dirname(sys.executable)
+NUM_NODES = 3
+ROUNDS = 2
+RUN_TIMEOUT = 240
+
+
+def _overrides(model, **extra):
+  return {"model.name": model, "partition.num_clients": NUM_NODES,
+          "federated.num_rounds": ROUNDS, "train.tensorboard": False, **extra}
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(flwr_home):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["PATH"] = BIN + os.pathsep + env.get("PATH", "")
+  env["FLWR_HOME"] = flwr_home
+  return env
+
+
+class Deployment:
+  """A SuperLink and one SuperNode per node dir, each in its own session."""
+
+  def __init__(self, root, node_dirs, cache_dir):
+    self.root, self.node_dirs, self.cache_dir = root, node_dirs, cache_dir
+    self.port = _free_port()
+    home = os.path.join(root, "flwr_home")
+    os.makedirs(home, exist_ok=True)
+    with open(os.path.join(home, "config.toml"), "w") as f:
+      f.write(f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
+              f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+    self.env = _env(home)
+    self.link = self._spawn(["flower-superlink", "--insecure",
+                             "--disable-runtime-dependency-installation",
+                             "--port", str(self.port)], "superlink")
+    self._wait_port(self.port)
+    self.nodes = {i: self.start_node(i) for i in range(len(node_dirs))}
+
+  def _spawn(self, cmd, name):
+    log = open(os.path.join(self.root, f"{name}.log"), "ab")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                            env=self.env, cwd=REPO, start_new_session=True)
+
+  def _wait_port(self, port, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+      with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+          return
+      time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {port}")
+
+  def start_node(self, i):
+    cfg = (f'data-dir="{self.node_dirs[i]}" client-id={i} '
+           f'cache-dir="{self.cache_dir}"')
+    return self._spawn(["flower-supernode", "--insecure", "--superlink",
+                        f"127.0.0.1:{self.port}", "--port", str(_free_port()),
+                        "--node-config", cfg], f"node{i}")
+
+  def stop(self, proc, sig=signal.SIGTERM, timeout=30):
+    if proc.poll() is None:
+      os.killpg(proc.pid, sig)
+      try:
+        proc.wait(timeout)
+      except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout)
+
+  def run(self, workdir, overrides, background=False, **run_config):
+    items = {"workdir": workdir, "num-nodes": NUM_NODES, "connect-timeout": 90.0,
+             "overrides": " ".join(f"{k}={v}" for k, v in overrides.items()),
+             **run_config}
+    conf = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}"
+                    for k, v in items.items())
+    cmd = ["flwr", "run", APP, "test", "--stream", "-c", conf]
+    if background:
+      return self._spawn(cmd, f"run-{os.path.basename(workdir)}")
+    return subprocess.run(cmd, capture_output=True, text=True, env=self.env,
+                          cwd=REPO, timeout=RUN_TIMEOUT)
+
+  def descendants(self, proc, name):
+    try:
+      kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+      return []
+    out = []
+    for k in kids:
+      try:
+        if any(name in part for part in k.cmdline()):
+          out.append(k)
+      except psutil.Error:
+        pass
+    return out
+
+  def quiet(self, timeout=RUN_TIMEOUT):
+    """Waits until no ClientApp runs (a killed run's messages may still)."""
+    deadline = time.monotonic() + timeout
+    while any(self.descendants(n, "flwr-clientapp") for n in self.nodes.values()):
+      assert time.monotonic() < deadline
+      time.sleep(0.2)
+
+  def close(self):
+    procs = list(self.nodes.values()) + [self.link]
+    # SuperExecs start their own sessions: collect every descendant first.
+    kids = []
+    for p in procs:
+      try:
+        kids += psutil.Process(p.pid).children(recursive=True)
+      except psutil.NoSuchProcess:
+        pass
+    for p in procs:
+      self.stop(p)
+    for k in kids:
+      try:
+        k.kill()
+      except psutil.NoSuchProcess:
+        pass
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, smollm2_path):
+  del smollm2_path  # The tiny model uses SmolLM2's tokenizer; skips when absent.
+  root = str(tmp_path_factory.mktemp("flower"))
+  model = testing.write_tiny_chat_model(os.path.join(root, "tiny"))
+  config = testing.load_config(CONFIG, "smoke", **_overrides(model))
+  made = rehearsal.write_node_dirs(config, os.path.join(root, "nodes"))
+  dep = Deployment(root, made["nodes"], os.path.join(root, "jax_cache"))
+  # The simulations run beside the first Flower runs (those wait on polls).
+  sims = {name: _start_simulation(root, model, name, **extra) for name, extra in
+          (("fedavg", {}), ("fedadam", {"federated.algorithm": "fedadam"}))}
+  try:
+    yield {"root": root, "model": model, "eval": made["eval_file"], "dep": dep,
+           "sims": sims}
+  finally:
+    for proc, _ in sims.values():
+      if proc.poll() is None:
+        proc.kill()
+    dep.close()
+
+
+def _start_simulation(root, model, name, **extra):
+  """The in-process simulation (the fedit job, main command) with the same config."""
+  workdir = os.path.join(root, f"sim-{name}")
+  flags = [f"--config.{k}={v}" for k, v in _overrides(model, **extra).items()]
+  log = open(os.path.join(root, f"sim-{name}.log"), "wb")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "fedjax_u2s.main", f"--config={CONFIG}:smoke",
+       f"--workdir={workdir}", *flags], stdout=log, stderr=subprocess.STDOUT,
+      cwd=REPO, env=_env(os.path.join(root, "flwr_home")))
+  return proc, workdir
+
+
+def _simulation(setup, name):
+  proc, workdir = setup["sims"][name]
+  assert proc.wait(RUN_TIMEOUT) == 0, open(workdir + ".log").read()[-3000:]
+  return workdir
+
+
+def _adapter(workdir):
+  return safetensors.numpy.load_file(
+      os.path.join(workdir, "adapter", "adapter_model.safetensors"))
+
+
+def _assert_same_adapter(a, b):
+  a, b = _adapter(a), _adapter(b)
+  assert sorted(a) == sorted(b)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def _rows(workdir):
+  return [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def test_fedavg_equals_simulation_bytes_and_no_text_on_the_wire(setup):
+  dep, root = setup["dep"], setup["root"]
+  work = os.path.join(root, "fl-fedavg")
+  audit = os.path.join(root, "audit")
+  result = dep.run(work, _overrides(setup["model"]), **{
+      "eval-file": setup["eval"], "audit-dir": audit})
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  sim = _simulation(setup, "fedavg")
+  _assert_same_adapter(work, sim)
+
+  rows, sim_rows = _rows(work), _rows(sim)
+  assert [r["round"] for r in rows] == [r["round"] for r in sim_rows]
+  for r, s in zip(rows[1:], sim_rows[1:]):
+    assert r["clients"] == s["clients"] and r["answered"] == s["clients"]
+    assert r["dropped"] == []
+    # Bytes: the simulation's accounting, n_sampled * adapter bytes each way.
+    assert r["bytes_down"] == s["bytes_down"] and r["bytes_up"] == s["bytes_up"]
+    assert r["wire_bytes_up"] >= r["bytes_up"]
+    assert r["train_loss"] == s["train_loss"]
+    assert r["eval_loss"] == s["eval_loss"]
+  assert rows[0]["eval_loss"] == sim_rows[0]["eval_loss"]
+
+  # What the server received: adapter-shaped float32 deltas and numbers only.
+  names = {f"{t}.{m}" for t in ("q", "k", "v", "o") for m in ("a", "b")}
+  manifests = sorted(glob.glob(os.path.join(audit, "round*.json")))
+  assert len(manifests) == sum(len(r["answered"]) for r in rows[1:])
+  for path in manifests:
+    m = json.load(open(path))
+    assert set(m) == {"delta", "metrics"}
+    assert all(a["dtype"] == "float32" for a in m["delta"]["arrays"].values())
+    assert set(m["delta"]["arrays"]) == names
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool)
+               for v in m["metrics"]["values"].values())
+  for path in glob.glob(os.path.join(audit, "describe-*.json")):
+    m = json.load(open(path))
+    assert m == {"node": {"kind": "config", "values": {
+        "client-id": m["node"]["values"]["client-id"]}}}
+  blob = b"".join(open(p, "rb").read() for p in glob.glob(os.path.join(audit, "*.bin")))
+  for node_dir in glob.glob(os.path.join(root, "nodes", "node*")):
+    for line in open(os.path.join(node_dir, "instructions.jsonl")):
+      for msg in json.loads(line)["messages"]:
+        words = msg["content"][:40].encode("utf-8")
+        assert words not in blob
+
+
+def test_fedadam_serverapp_killed_and_restarted_equals_simulation(setup):
+  dep, root = setup["dep"], setup["root"]
+  work = os.path.join(root, "fl-fedadam")
+  overrides = _overrides(setup["model"], **{"federated.algorithm": "fedadam"})
+  run = dep.run(work, overrides, background=True)
+  first = os.path.join(work, "checkpoints", "1")
+  deadline = time.monotonic() + RUN_TIMEOUT
+  while not os.path.isdir(first) and time.monotonic() < deadline:
+    assert run.poll() is None, "the run ended before its first checkpoint"
+    time.sleep(0.2)
+  servers = dep.descendants(dep.link, "flwr-serverapp")
+  assert len(servers) == 1
+  servers[0].kill()  # SIGKILL: no cleanup, mid-run.
+  dep.stop(run)
+  assert not os.path.exists(os.path.join(work, "adapter"))
+  dep.quiet()  # The dead run's round-2 messages finish on the nodes.
+
+  result = dep.run(work, overrides)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert "resuming from the checkpoint of round 1" in result.stdout
+  rows = _rows(work)
+  assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
+  _assert_same_adapter(work, _simulation(setup, "fedadam"))
+
+
+def test_supernode_stopped_mid_round(setup):
+  dep, root = setup["dep"], setup["root"]
+  work = os.path.join(root, "fl-dropout")
+  victim = 1  # sample_clients(0, r, 3, 2) picks clients [1, 2] in rounds 1 and 2.
+  dep.quiet()
+  log = os.path.join(root, f"node{victim}.log")
+  seen = open(log).read().count("Receiving: train message")
+  run = dep.run(work, _overrides(setup["model"]), background=True,
+                **{"min-replies": 1})
+  node = dep.nodes[victim]
+  deadline = time.monotonic() + RUN_TIMEOUT
+  while not (open(log).read().count("Receiving: train message") > seen
+             and dep.descendants(node, "flwr-clientapp")):
+    assert time.monotonic() < deadline and run.poll() is None
+    time.sleep(0.1)
+  dep.stop(node)  # Mid-round: its ClientApp is training.
+  assert run.wait(RUN_TIMEOUT) == 0
+  rows = _rows(work)
+  assert [r["round"] for r in rows] == [1, 2]
+  for r in rows:
+    assert r["clients"] == [1, 2] and r["answered"] == [2]
+    assert [d["client"] for d in r["dropped"]] == [victim]
+  assert "left the federation" in rows[0]["dropped"][0]["reason"] or (
+      "error" in rows[0]["dropped"][0]["reason"])
+  assert rows[1]["dropped"][0]["reason"] == "no node online"
+  summary = json.load(open(os.path.join(work, "flower_run.json")))
+  assert summary["rounds"] == ROUNDS and len(summary["dropped"]) == 2
+  # Every checkpoint reads back whole.
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(work, "checkpoints"))
+  assert ckpt.all_rounds() == [1, 2]
+  for r in ckpt.all_rounds():
+    out = ckpt._manager.restore(r, args=ocp.args.Composite(  # pylint: disable=protected-access
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    assert out["meta"]["round"] == r
+  ckpt.close()
+  assert not os.path.exists(os.path.join(work, "checkpoints_corrupt"))
+  assert os.path.exists(os.path.join(work, "adapter", "adapter_model.safetensors"))
+  dep.nodes[victim] = dep.start_node(victim)  # Leave the federation whole.
+
+
+def test_run_config_is_checked():
+  with pytest.raises(ValueError, match="min-replies"):
+    server_lib.settings_from_run_config({
+        "config": "configs/fedit_instructions.py:smoke", "overrides": "",
+        "workdir": "/tmp/x", "num-nodes": 3, "min-replies": 5,
+        "round-timeout": 10.0, "connect-timeout": 10.0, "eval-file": "",
+        "audit-dir": ""})
+  assert server_lib.parse_overrides("a.b=3 c=fedadam d=(1,2) e=True") == {
+      "a.b": 3, "c": "fedadam", "d": (1, 2), "e": True}
