@@ -97,7 +97,13 @@ def test_main_command_end_to_end_and_resume(tmp_path, smollm2_path):
            "--config.u2s.max_new_tokens=80", "--config.u2s.batch_size=4",
            "--config.federated.num_rounds=1",
            "--config.evaluate.num_wiki_questions=8",
-           "--config.evaluate.num_math_questions=4"]
+           "--config.evaluate.num_math_questions=4",
+           # The stages and the resume are under test, not the data: with 4
+           # pieces a client, the lexical grounding check rejects every pair
+           # 135M writes for geography (invented places and numbers; see
+           # test_u2s_filters.py for that check), which stops the job.
+           "--config.u2s.filters.max_unsupported_facts=-1",
+           "--config.u2s.filters.min_support=0.0"]
   cmd = [sys.executable, "-m", "fedjax_u2s.main", *flags]
   result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=1200)
   assert result.returncode == 0, result.stderr[-4000:]
