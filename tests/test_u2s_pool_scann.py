@@ -155,7 +155,16 @@ def test_a_changed_pool_file_or_index_method_stops_a_rerun(tmp_path):
   wd = str(tmp_path / "wd")
   workdir_lib.check_and_record(config, wd, stages)
   os.makedirs(os.path.join(wd, "generated"))
+  embed = lambda emb: stage.pool_embeddings(pool_lib.load_pool(str(pool_path)), emb, wd,
+                                            str(pool_path), "auto", "all-minilm-l6-v2")
+  first, second = HashEmbedder(), HashEmbedder()
+  embed(first), embed(second)
+  assert (first.calls, second.calls) == (1, 0)  # Embedded once, then read back.
   pool_path.write_text(json.dumps(dict(row, response="B.")) + "\n", encoding="utf-8")
+  changed = HashEmbedder()
+  embed(changed)
+  assert changed.calls == 1  # Another file: embedded anew, beside the old entry.
+  assert len(os.listdir(os.path.join(wd, stage.POOL_CACHE_DIR))) == 4
   with pytest.raises(workdir_lib.WorkdirMismatchError,
                      match=r"file\.pool: contents differ: pool\.jsonl \(changed\)"):
     workdir_lib.check_and_record(config, wd, stages)
