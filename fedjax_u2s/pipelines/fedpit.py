@@ -194,6 +194,21 @@ class SelfGeneration:
                                        pad_multiple=self.cfg.sampling.pad_multiple,
                                        decode=self.cfg.sampling.decode)
     self.made: dict[int, dict[int, dict]] = {}  # round -> client -> counts
+    self._merged: tuple[int, Any] | None = None
+
+  def merged(self, round_: int, params) -> Any:
+    """Base + this round's global adapter as one set of weights.
+
+    Every client of a round samples from the same model, so it is merged
+    once per round; without an adapter argument the sampler takes its
+    fastest decode path (e.g. the packed CPU kernel), which a separate
+    adapter would rule out.
+    """
+    if self._merged is None or self._merged[0] != round_:
+      self._merged = None  # Free the old copy first.
+      self._merged = (round_, jax.jit(lora_lib.merge, static_argnums=2)(
+          self.model.params, params, self.lora_config))
+    return self._merged[1]
 
   def active_round(self, round_: int, client: int) -> int | None:
     """The round whose pairs ``client`` trains on in ``round_`` (None: make them)."""
@@ -209,9 +224,8 @@ class SelfGeneration:
       def make():
         if self.store.get(round_, client) is None:
           recs, counts = selfgen.generate(
-              self.sampler, self.model.params, self.real[client], client_id=client,
-              round_=round_, seed=self.seed, cfg=self.cfg,
-              lora=jax.tree.map(np.asarray, params), lora_config=self.lora_config)
+              self.sampler, self.merged(round_, params), self.real[client],
+              client_id=client, round_=round_, seed=self.seed, cfg=self.cfg)
           self.store.put(round_, client, recs, counts)
       common.lead_then_sync(make, f"selfgen_{round_}_{client}")
     records, counts = self.store.get(g, client)
