@@ -26,6 +26,7 @@ from typing import Any, Protocol, Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from fedjax_u2s import decoding
@@ -144,6 +145,24 @@ def make_strategy(name: str, **kw) -> Strategy:
     raise ValueError(f"Unknown sampling strategy {name!r}; choose from "
                      f"{sorted(STRATEGIES)}.")
   return STRATEGIES[name](**kw)
+
+
+def config_block(*, strategy: str = "top_p", temperature: float = 0.7,
+                 top_p: float = 0.9, top_k: int = 40, pad_multiple: int = 32,
+                 decode: str = "auto") -> ml_collections.ConfigDict:
+  """A sampling config block (what :func:`strategy_from_config` reads).
+
+  One definition of the fields, their comments and defaults for every job
+  that samples in bulk (U2S generation, FedPIT's self-generation).
+  """
+  c = ml_collections.ConfigDict()
+  c.strategy = strategy          # greedy | temperature | top_k | top_p.
+  c.temperature = temperature    # Softmax temperature (not used by greedy).
+  c.top_p = top_p                # Nucleus mass for top_p.
+  c.top_k = top_k                # Candidates for top_k.
+  c.pad_multiple = pad_multiple  # Prompt length bucket (fewer recompiles).
+  c.decode = decode              # decoding.DECODES; auto: the fastest decode here.
+  return c
 
 
 def strategy_from_config(cfg) -> Strategy:

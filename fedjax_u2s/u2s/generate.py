@@ -47,13 +47,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_new_tokens = 256          # Generation budget per piece.
   c.stop_strings = prompts_lib.STOP_STRINGS  # Stop after the response (EOS stops too).
   c.keep_raw = False              # Store the raw generation in every record.
-  c.sampling = ml_collections.ConfigDict()
-  c.sampling.strategy = "top_p"   # greedy | temperature | top_k | top_p.
-  c.sampling.temperature = 0.7    # Softmax temperature (not used by greedy).
-  c.sampling.top_p = 0.9          # Nucleus mass for top_p.
-  c.sampling.top_k = 40           # Candidates for top_k.
-  c.sampling.pad_multiple = 32    # Prompt length bucket (fewer recompiles).
-  c.sampling.decode = "auto"      # decoding.DECODES; auto: the fastest decode here.
+  c.sampling = sampler_lib.config_block()  # Strategy, bucket, decode path.
   c.filters = filters_lib.default_filter_config()  # Thresholds, see filters.py.
   c.lock()
   return c

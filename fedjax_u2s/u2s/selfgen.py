@@ -62,13 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_new_tokens = 128          # Generation budget per pair.
   c.near_copy_ngram = 3           # n of the word n-grams compared with real examples.
   c.max_near_copy = 0.5           # Max n-gram Jaccard with a real example (1.0: off).
-  c.sampling = ml_collections.ConfigDict()
-  c.sampling.strategy = "top_p"   # greedy | temperature | top_k | top_p.
-  c.sampling.temperature = 0.8    # Softmax temperature (not used by greedy).
-  c.sampling.top_p = 0.95         # Nucleus mass for top_p.
-  c.sampling.top_k = 40           # Candidates for top_k.
-  c.sampling.pad_multiple = 64    # Prompt length bucket (fewer recompiles).
-  c.sampling.decode = "auto"      # decoding.DECODES.
+  # Warmer than U2S: new subjects are the point, a source passage holds none.
+  c.sampling = sampler_lib.config_block(temperature=0.8, top_p=0.95, pad_multiple=64)
   c.filters = filters_lib.default_filter_config()  # Length / repetition / duplicate thresholds.
   # A task's instructions share a template ("Describe X in a few words." is
   # 0.71 word-Jaccard from "Describe Y in a few words."): only a near-exact
