@@ -51,6 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.local_epochs = 0.0         # Epochs per round instead of fixed steps.
   c.train.max_local_steps = 0        # Cap on steps with local_epochs; 0 = none.
   c.train.logits_chunk_size = 0      # Loss over T in chunks (0 = full logits; GPU: 128).
+  # Several examples per row, each attending only to itself (data/batching.py):
+  # the same steps and losses as unpacked rows, far fewer padded positions.
+  c.train.pack = True
+  c.train.pack_length = 0            # Tokens per packed row; 0 = batch_size * max_length.
   c.train.tensorboard = True         # Also write TensorBoard event files.
   c.train.halt_after_round = 0       # Stop after this round (simulated preemption); 0 = off.
 

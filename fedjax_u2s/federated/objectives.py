@@ -48,13 +48,16 @@ def causal_lm_loss(lora: PyTree, base_params: PyTree, batch: PyTree,
   """Next-token cross-entropy of the LoRA-adapted decoder on one micro-batch.
 
   Position ``t`` predicts ``tokens[:, t + 1]``; it counts where
-  ``loss_mask[:, t + 1]`` is True (response tokens only).
+  ``loss_mask[:, t + 1]`` is True (response tokens only) and, in packed rows,
+  ``t + 1`` belongs to the same example as ``t``.
 
   Args:
     lora: the trainable adapter pytree.
     base_params: the frozen base parameters.
     batch: ``{"tokens": int [B, T], "input_mask": bool [B, T],
-      "loss_mask": bool [B, T]}``.
+      "loss_mask": bool [B, T]}``, and for packed rows
+      (``data/batching.py``) ``"segment_ids"`` and ``"positions"`` int
+      [B, T]: each example attends only to itself, from position 0.
     rng: LoRA dropout key, or None for no dropout.
     model_config: the decoder's config.
     lora_config: the adapter's config.
@@ -68,12 +71,17 @@ def causal_lm_loss(lora: PyTree, base_params: PyTree, batch: PyTree,
     number.
   """
   tokens = batch["tokens"]
+  segments = batch.get("segment_ids")
   hidden, _ = llama.forward(
       base_params, tokens, config=model_config, input_mask=batch["input_mask"],
+      positions=batch.get("positions"), segment_ids=segments,
       lora=lora, lora_config=lora_config, dropout_rng=rng, return_hidden=True)
   hidden = hidden[:, :-1]  # [B, T-1, D]
   targets = tokens[:, 1:]
-  weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
+  counted = batch["loss_mask"][:, 1:]
+  if segments is not None:  # Never predict the next example's first token.
+    counted &= segments[:, 1:] == segments[:, :-1]
+  weights = counted.astype(jnp.float32)
   weight = jnp.sum(weights)
   t = hidden.shape[1]
 

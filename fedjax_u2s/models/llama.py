@@ -289,10 +289,14 @@ def _inputs(tokens, input_mask, positions, cache):
   return input_mask, positions
 
 
-def _causal_mask(input_mask):
-  """[B, T, T]: each new token sees the real new tokens up to itself."""
+def _causal_mask(input_mask, segment_ids=None):
+  """[B, T, T]: each new token sees the real new tokens up to itself, and,
+  given ``segment_ids`` [B, T] (packed rows), only those of its own segment."""
   slot = jnp.arange(input_mask.shape[1])
-  return input_mask[:, None, :] & (slot[None, :, None] >= slot[None, None, :])
+  mask = input_mask[:, None, :] & (slot[None, :, None] >= slot[None, None, :])
+  if segment_ids is not None:
+    mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+  return mask
 
 
 def _embed(params, tokens, config):
@@ -398,16 +402,19 @@ def _check_lora(lora, lora_config):
 
 
 def _self_attention_layers(params, tokens, *, config, input_mask, positions, lora,
-                           lora_config, dropout_rng, ops, cache=None):
+                           lora_config, dropout_rng, ops, cache=None,
+                           segment_ids=None):
   """The new tokens attend only to each other: the layers of a full-sequence
   pass or a prefill. Returns the final hidden states (normed), the input
   mask, and every layer's keys and values ([L, B, K, T, hd] each, or a list
   of per-layer pairs)."""
   _check_lora(lora, lora_config)
+  if segment_ids is not None and positions is None:
+    raise ValueError("segment_ids (packed rows) need per-segment positions.")
   input_mask, positions = _inputs(tokens, input_mask, positions, cache)
   call = _Call(config, ops, positions, rope_frequencies(config), lora_config,
                dropout_rng)
-  mask = _causal_mask(input_mask)
+  mask = _causal_mask(input_mask, segment_ids)
 
   def layer(x, lp, ll, i, _):
     rng = _layer_rng(call, i)
@@ -428,12 +435,20 @@ def sequence_hidden(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
                     lora: PyTree | None = None,
                     lora_config: lora_lib.LoraConfig | None = None,
                     dropout_rng: jax.Array | None = None,
-                    ops: ops_lib.Ops = ops_lib.XLA) -> jax.Array:
+                    ops: ops_lib.Ops = ops_lib.XLA,
+                    segment_ids: jax.Array | None = None) -> jax.Array:
   """The full-sequence pass (training, scoring): [B, T] -> [B, T, D] final
-  normed hidden states. Arguments as for :func:`forward`."""
+  normed hidden states. Arguments as for :func:`forward`.
+
+  ``segment_ids`` [B, T] int (packed rows, ``data/batching.py``): a token
+  attends only to earlier tokens of its own segment, so each of several
+  examples in a row is computed as if it were alone; give ``positions``
+  that restart at 0 in every segment with it. None: one segment per row.
+  """
   x, _, _ = _self_attention_layers(
       params, tokens, config=config, input_mask=input_mask, positions=positions,
-      lora=lora, lora_config=lora_config, dropout_rng=dropout_rng, ops=ops)
+      lora=lora, lora_config=lora_config, dropout_rng=dropout_rng, ops=ops,
+      segment_ids=segment_ids)
   return x
 
 
@@ -548,7 +563,8 @@ def forward(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
             dropout_rng: jax.Array | None = None,
             return_hidden: bool = False,
             prefill: bool = False,
-            ops: ops_lib.Ops = ops_lib.XLA):
+            ops: ops_lib.Ops = ops_lib.XLA,
+            segment_ids: jax.Array | None = None):
   """Runs the decoder: one of the three passes, then the LM head.
 
   Args:
@@ -571,6 +587,8 @@ def forward(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
       only to each other (:func:`prefill_hidden`); the cache is still filled.
     ops: how the products run (static): :data:`fedjax_u2s.ops.XLA`, or
       :data:`fedjax_u2s.ops.CPU_KERNEL` for decoding on the CPU.
+    segment_ids: [B, T] int, packed rows (no cache): see
+      :func:`sequence_hidden`.
 
   Returns:
     ``(logits [B, T, V] float32, cache)``; ``cache`` is None if none was given.
@@ -579,8 +597,12 @@ def forward(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
             lora_config=lora_config, ops=ops)
   if cache is not None and dropout_rng is not None:
     raise ValueError("forward(dropout_rng=...) is for training: not with a cache.")
+  if cache is not None and segment_ids is not None:
+    raise ValueError("forward(segment_ids=...) is for packed training rows: "
+                     "not with a cache.")
   if cache is None:
-    x, new_cache = sequence_hidden(params, tokens, dropout_rng=dropout_rng, **kw), None
+    x, new_cache = sequence_hidden(params, tokens, dropout_rng=dropout_rng,
+                                   segment_ids=segment_ids, **kw), None
   elif prefill:
     x, new_cache = prefill_hidden(params, tokens, cache, **kw)
   else:

@@ -82,6 +82,7 @@ RULES: dict[str, Rule] = {
     "train.local_epochs": number_in(0, float("inf")),
     "train.max_local_steps": int_at_least(0),
     "train.logits_chunk_size": int_at_least(0),
+    "train.pack_length": int_at_least(0),
     "train.halt_after_round": int_at_least(0),
     "train_eval.every": int_at_least(0),
     "train_eval.batch_size": int_at_least(1),
@@ -185,6 +186,12 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     if get("train.local_steps") == 0 and not get("train.local_epochs"):
       out.append("config.train.local_steps=0 and config.train.local_epochs=0: set "
                  "one of them > 0 (steps per round, or epochs per round).")
+  if _lookup(config, "train.pack_length")[0]:
+    pack_length, max_length = get("train.pack_length"), get("train.max_length")
+    if _is_int(pack_length) and 0 < pack_length < max_length:
+      out.append(f"config.train.pack_length={pack_length} is shorter than "
+                 f"config.train.max_length={max_length}: a packed row must hold "
+                 "the longest example (0 = batch_size * max_length).")
   if _lookup(config, "chunking.min_tokens")[0]:
     if get("chunking.min_tokens") > get("chunking.max_tokens"):
       out.append(f"config.chunking.min_tokens={get('chunking.min_tokens')} exceeds "
