@@ -355,7 +355,9 @@ def _setup(config: ml_collections.ConfigDict, fed: AlgorithmConfig, model_config
   if eval_set is not None:
     eval_batch = jax.tree.map(
         lambda x: _global_array(x, replicated),
-        batching.eval_batches(eval_set, config.train_eval.batch_size))
+        batching.eval_batches(eval_set, config.train_eval.batch_size,
+                              pack=config.train.pack,
+                              pack_length=config.train.pack_length))
   run = _Run(config=config, fed=fed, data=data, local=local, lora_config=lcfg,
              algo=algo, replicated=replicated,
              by_client=parallel.client_sharding(mesh),
@@ -448,7 +450,8 @@ def _round_batches(run: _Run, sets: Sequence[Any | None], ids: np.ndarray,
   kw = dict(batch_size=tcfg.batch_size, grad_accum=tcfg.grad_accum,
             local_steps=tcfg.local_steps or None,
             local_epochs=tcfg.local_epochs or None,
-            max_local_steps=tcfg.max_local_steps or None, seed=run.config.seed)
+            max_local_steps=tcfg.max_local_steps or None, seed=run.config.seed,
+            pack=tcfg.pack, pack_length=tcfg.pack_length)
   has = [j for j, s in enumerate(sets) if s is not None and len(s.tokens)]
   new_cursors = cursors.copy()
   if has:
