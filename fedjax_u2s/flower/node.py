@@ -125,6 +125,19 @@ def tokenized_set(config: ml_collections.ConfigDict, data_dir: str, tokenizer,
                                name=name)
 
 
+def packing(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The batching's packing arguments, when the config has them.
+
+  A node packs its own examples alone, while the simulation lays out the
+  packed rows of all of a round's clients together: the same math, but the
+  row shapes (and so float rounding) can differ. With ``train.pack`` off the
+  node's batches are the simulation's exactly.
+  """
+  if "pack" not in config.train:
+    return {}
+  return {"pack": config.train.pack, "pack_length": config.train.pack_length}
+
+
 @functools.lru_cache(maxsize=4)
 def client_program(fed: AlgorithmConfig, loss: objectives.LossFn):
   """The jitted local update of one client, as the simulation runs it.
@@ -188,7 +201,8 @@ def local_update(config: ml_collections.ConfigDict, data_dir: str, *,
       [ts], [client], [cursor], batch_size=tc.batch_size,
       grad_accum=tc.grad_accum, local_steps=tc.local_steps or None,
       local_epochs=tc.local_epochs or None,
-      max_local_steps=tc.max_local_steps or None, seed=config.seed)
+      max_local_steps=tc.max_local_steps or None, seed=config.seed,
+      **packing(config))
   loss = loss_fn(config, model.config)
   program = client_program(fed, loss)
   zeros = jax.tree.map(jnp.zeros_like, params)

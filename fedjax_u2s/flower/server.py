@@ -450,7 +450,8 @@ def _setup(s: Settings) -> tuple[_Server, ServerState]:
                                      config.train.max_length,
                                      system_prompt=config.data.system_prompt or None,
                                      name="held-out pairs")
-    batch = batching.eval_batches(eval_set, config.train_eval.batch_size)
+    batch = batching.eval_batches(eval_set, config.train_eval.batch_size,
+                                  **node_lib.packing(config))
     ev = jax.jit(algo.evaluate)
 
     def evaluate(params):

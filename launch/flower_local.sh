@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# A one-machine rehearsal of the real federation over Flower's deployment engine.
+#
+#   WORKDIR=/tmp/fl bash launch/flower_local.sh [dotted.key=value ...]
+#
+# Installs what is needed (launch/setup_env.sh), splits the job's data into one
+# directory per node (fedjax_u2s.flower.rehearsal: exactly the simulation's
+# split), starts a SuperLink and NODES=3 SuperNodes on loopback (insecure, for a
+# rehearsal only: docs/DEPLOY.md has TLS and node authentication), runs
+# `flwr run flower-app` of CONFIG (configs/fedit_instructions.py:smoke), stops
+# every process it started and exits 0 with the final adapter in
+# WORKDIR/adapter/ (PEFT format). WORKDIR also holds metrics.jsonl, curves.png,
+# checkpoints/ (a rerun resumes), nodes/ (each node's data) and logs/.
+# Extra arguments are config overrides, e.g. federated.algorithm=fedadam.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+bash launch/setup_env.sh
+VENV=${VENV:-.venv}
+CONFIG=${CONFIG:-configs/fedit_instructions.py:smoke}
+NODES=${NODES:-3}
+WORKDIR=$(realpath -m "${WORKDIR:-workdir/flower_local}")
+# flower-superlink and flower-supernode start flower-superexec by name.
+export PATH="$REPO/$VENV/bin:$PATH"
+export FLWR_HOME="$WORKDIR/flwr_home"
+PY="$REPO/$VENV/bin/python"
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PORT=${PORT:-$(free_port)}
+OVERRIDES="partition.num_clients=$NODES $*"
+mkdir -p "$WORKDIR/logs" "$FLWR_HOME"
+start=$(date +%s)
+
+"$PY" -m fedjax_u2s.flower.rehearsal --config="$CONFIG" --out="$WORKDIR/nodes" $OVERRIDES
+EVAL_FILE=""
+[ -f "$WORKDIR/nodes/server/eval.jsonl" ] && EVAL_FILE="$WORKDIR/nodes/server/eval.jsonl"
+cat > "$FLWR_HOME/config.toml" <<EOF
+[superlink]
+default = "rehearsal"
+
+[superlink.rehearsal]
+address = "127.0.0.1:$PORT"
+insecure = true
+EOF
+
+pids=()
+descendants() { local c; for c in $(pgrep -P "$1" || true); do echo "$c"; descendants "$c"; done; }
+cleanup() {
+  local all=() p
+  for p in "${pids[@]}"; do all+=("$p" $(descendants "$p")); done
+  for p in "${pids[@]}"; do kill -TERM -- "-$p" 2>/dev/null || true; done
+  sleep 2
+  for p in "${all[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+# Each in its own session (setsid), so cleanup stops it with all its children.
+setsid flower-superlink --insecure --disable-runtime-dependency-installation \
+  --port "$PORT" > "$WORKDIR/logs/superlink.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do
+  "$PY" -c "import socket,sys; sys.exit(socket.socket().connect_ex(('127.0.0.1',$PORT)))" && break
+  sleep 0.2
+done
+for ((i = 0; i < NODES; i++)); do
+  setsid flower-supernode --insecure --superlink "127.0.0.1:$PORT" --port "$(free_port)" \
+    --node-config "data-dir=\"$WORKDIR/nodes/node$i\" client-id=$i cache-dir=\"$WORKDIR/jax_cache\"" \
+    > "$WORKDIR/logs/node$i.log" 2>&1 &
+  pids+=($!)
+done
+
+rm -f "$WORKDIR/flower_run.json"
+flwr run flower-app rehearsal --stream -c "config=\"$CONFIG\" overrides=\"$OVERRIDES\" \
+workdir=\"$WORKDIR\" num-nodes=$NODES eval-file=\"$EVAL_FILE\"" 2>&1 | tee "$WORKDIR/logs/serverapp.log"
+
+if [ ! -f "$WORKDIR/flower_run.json" ] || [ ! -f "$WORKDIR/adapter/adapter_model.safetensors" ]; then
+  echo "error: the Flower run did not finish; see $WORKDIR/logs/ (serverapp.log, node*.log, superlink.log)" >&2
+  exit 1
+fi
+echo "Flower rehearsal done in $(( $(date +%s) - start ))s: adapter in $WORKDIR/adapter, metrics in $WORKDIR/metrics.jsonl"
