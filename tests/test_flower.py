@@ -383,3 +383,33 @@ def test_node_and_server_steps_equal_the_simulated_round(overrides):
     assert not bool(bad)
     for a, b in zip(jax.tree.leaves(sim), jax.tree.leaves(fl)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_node_data_dir_and_wire_records_are_checked(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  from fedjax_u2s.flower import node as node_lib  # pylint: disable=g-import-not-at-top
+  from fedjax_u2s.flower import wire  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="data-dir"):
+    node_lib.data_file("")
+  with pytest.raises(ValueError, match="found none"):
+    node_lib.data_file(str(tmp_path))
+  (tmp_path / "instructions.jsonl").write_text("{}\n")
+  (tmp_path / "instructions.csv").write_text("a\n")
+  with pytest.raises(ValueError, match="exactly one"):
+    node_lib.data_file(str(tmp_path))
+  with pytest.raises(ValueError, match="client-id"):
+    node_lib.client_id({"client-id": -2})
+  # A node can only send the adapter's own float arrays.
+  like = {"q": {"a": jax.ShapeDtypeStruct((2, 3), np.float32),
+                "b": jax.ShapeDtypeStruct((3, 2), np.float32)}}
+  tree = {"q": {"a": np.ones((2, 3), np.float32), "b": np.zeros((3, 2), np.float32)}}
+  back = wire.from_record(wire.to_record(tree), like, "delta")
+  np.testing.assert_array_equal(back["q"]["a"], tree["q"]["a"])
+  assert wire.array_bytes(__import__("flwr.app", fromlist=["RecordDict"]).RecordDict(
+      {"d": wire.to_record(tree)})) == wire.tree_bytes(tree) == 48
+  tokens = {"q": {"a": np.ones((2, 3), np.int32), "b": tree["q"]["b"]}}
+  with pytest.raises(ValueError, match="int32"):
+    wire.from_record(wire.to_record(tokens), like, "delta")
+  with pytest.raises(ValueError, match="unexpected"):
+    wire.from_record(wire.to_record({**tree, "text": np.zeros(1, np.float32)}),
+                     like, "delta")

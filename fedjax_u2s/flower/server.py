@@ -34,7 +34,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -310,8 +310,8 @@ def _message(content, node_id: int, message_type: str, group: str):
                  group_id=group)
 
 
-def exchange(grid, messages: Sequence[Any], *, timeout: float, poll: float,
-             log: Callable[[str], None] = print) -> tuple[dict[int, Any], dict[int, str]]:
+def exchange(grid, messages: Sequence[Any], *, timeout: float, poll: float
+             ) -> tuple[dict[int, Any], dict[int, str]]:
   """Sends ``messages``; their replies by destination node, and who failed why.
 
   Waits until every message has a reply, its node left the federation (the
@@ -321,7 +321,6 @@ def exchange(grid, messages: Sequence[Any], *, timeout: float, poll: float,
   Returns:
     ``({node_id: reply message}, {node_id: reason})``.
   """
-  del log
   ids = list(grid.push_messages(messages))
   pending = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages)}
   replies, failed = {}, {}
@@ -443,7 +442,7 @@ def _setup(s: Settings) -> tuple[_Server, ServerState]:
   algo = algorithms.build(fed, loss)
   fresh = jax.jit(lambda p: algo.init(p, jax.random.fold_in(rng, 1),
                                       s.num_nodes))(init_lora)
-  evaluate = None
+  evaluate: Callable[[PyTree], float] | None = None
   if s.eval_file and config.train_eval.every:
     examples = instructions.load_examples(s.eval_file)
     eval_set = instructions.tokenize(list(examples), model.tokenizer,
@@ -454,9 +453,10 @@ def _setup(s: Settings) -> tuple[_Server, ServerState]:
                                   **node_lib.packing(config))
     ev = jax.jit(algo.evaluate)
 
-    def evaluate(params):
+    def eval_loss(params):
       loss_sum, weight = ev(params, model.params, batch)
       return float(loss_sum) / max(float(weight), 1.0)
+    evaluate = eval_loss
   srv = _Server(settings=s, fed=fed, model=model, lora_config=lcfg,
                 template=jax.eval_shape(lambda: init_lora),
                 lora_bytes=wire.tree_bytes(init_lora), evaluate=evaluate)
