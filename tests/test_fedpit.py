@@ -20,6 +20,7 @@ import pytest
 from fedjax_u2s import lora as lora_lib
 from fedjax_u2s import testing
 from fedjax_u2s import train
+from fedjax_u2s.evaluation import report
 from fedjax_u2s.federated import algorithms
 from fedjax_u2s.federated import client as client_lib
 from fedjax_u2s.federated.state import ClientBatches
@@ -346,8 +347,13 @@ def test_job_end_to_end(tiny_model, tmp_path, variant, dp):
   for c in (0, 1):
     assert os.path.exists(tmp_path / "local_adapters" / f"client_{c:04d}" /
                           "adapter_config.json")
-  report = (tmp_path / "report.md").read_text()
-  assert "Task accuracy and privacy" in report and "MIA AUC" in report
+  report_md = (tmp_path / "report.md").read_text()
+  assert "Task accuracy and privacy" in report_md and "MIA AUC" in report_md
+  with open(tmp_path / "stages" / "evaluate.json") as f:
+    summary = json.load(f)
+  row = report.fedpit_arms_table({variant: summary}).splitlines()[2]
+  assert row.startswith(f"| {variant} | personal |")
+  assert row.rstrip(" |").endswith("-") != dp  # epsilon only with DP.
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   trained = [r for r in rows if "train_loss" in r]
   assert len(trained) == 2 and all("local_loss" in r for r in trained)

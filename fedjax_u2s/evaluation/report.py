@@ -666,3 +666,36 @@ def fedpit_summary(summary: Mapping[str, Any], report_path: str) -> str:
     lines.append(f"  DP: epsilon {_fmt(dp['epsilon'])} at delta {dp['delta']:g}")
   lines.append(f"Report: {report_path}")
   return "\n".join(lines)
+
+
+def fedpit_arms_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
+  """Markdown: one row per FedPIT arm (its evaluate-stage summary), the model
+  each arm ships to clients (personal where it has one, else global).
+
+  Accuracy on ``task_unseen`` and ``task_own`` with the paired difference
+  from the base model, the extraction and membership numbers of that model
+  and of the global adapter (what the server sees), and epsilon.
+  """
+  header = ["arm", "model", "task_unseen acc", "vs base", "task_own acc", "vs base",
+            "verbatim (shipped)", "MIA AUC (shipped)", "verbatim (global)",
+            "MIA AUC (global)", "epsilon"]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for arm, s in summaries.items():
+    model = "personal" if "personal" in s["accuracy"] else "global"
+    acc, paired = s["accuracy"][model], s["paired_vs_base"].get(model, {})
+    ext = s["privacy"]["extraction"]
+    cells = [arm, model]
+    for task in ("task_unseen", "task_own"):
+      cells.append(f"{acc[task]['accuracy']:.3f} (n={acc[task]['n']})")
+      cells.append(stats.format_interval(paired[task]) if task in paired else "-")
+    for name in (model, "global"):
+      e = ext.get(name)
+      if not e:
+        cells += ["-", "-"]
+        continue
+      cells.append(f"{e['verbatim']}/{e['n']}")
+      cells.append("-" if e.get("mia_auc") is None else f"{e['mia_auc']:.3f}")
+    dp = s["privacy"]["dp"]
+    cells.append("-" if dp is None else _fmt(dp["epsilon"]))
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
