@@ -87,13 +87,13 @@ def test_server_state_does_not_depend_on_the_local_phase():
 
 def test_aggregation_inputs_hold_no_local_adapter(monkeypatch):
   seen = []
-  real_step = algorithms._server_step
+  real_step = algorithms.server_step
 
   def spy(cfg, server_opt, server_state, sums):
     seen.append(jax.tree.map(lambda x: x.shape, (server_state, sums)))
     return real_step(cfg, server_opt, server_state, sums)
 
-  monkeypatch.setattr(algorithms, "_server_step", spy)
+  monkeypatch.setattr(algorithms, "server_step", spy)
   alg = _algorithm()
   state, local = _start(alg)
   alg.apply_isolated(state, local, None, _batches(0, [0, 2]), _batches(1, [0, 2]))

@@ -62,7 +62,9 @@ PyTree = Any
 # The config and the registry live in the light federated.config module (no
 # JAX) so experiment configs can build config.federated from them.
 __all__ = ["ALGORITHMS", "LR_SCHEDULES", "AlgorithmConfig", "AlgorithmSpec",
-           "FederatedAlgorithm", "build", "client_learning_rate"]
+           "FederatedAlgorithm", "RoundSums", "add_clients", "build",
+           "client_learning_rate", "empty_sums", "keep_old_if_nonfinite",
+           "server_optimizer", "server_step"]
 
 # fold_in stream of the local phase's randomness (the global phase uses the
 # root key folded with the round directly), so the two phases never share
@@ -124,8 +126,13 @@ def _unchunked(x: jax.Array) -> jax.Array:
   return x.reshape((-1,) + x.shape[2:])
 
 
-class _Sums(NamedTuple):
-  """The scan carry of a round: what the chunks of clients add up.
+class RoundSums(NamedTuple):
+  """What the clients of a round add up (the scan carry of a round).
+
+  What the server step receives, and all it receives: the round's sums of
+  global-adapter deltas, never a client's data or local adapter. The Flower
+  server (:mod:`fedjax_u2s.flower.server`) builds the same sums from the
+  replies with :func:`add_clients`.
 
   Attributes:
     delta: example-weighted sum of client deltas (a params tree); with DP the
@@ -169,10 +176,7 @@ def build(fed_config: Any, loss_fn: objectives.LossFn, *,
     A :class:`FederatedAlgorithm`.
   """
   cfg = AlgorithmConfig.from_config(fed_config)
-  server_opt = aggregation.make_server_optimizer(
-      cfg.spec.server_optimizer, learning_rate=cfg.server_lr,
-      momentum=cfg.server_momentum, b1=cfg.server_b1, b2=cfg.server_b2,
-      tau=cfg.server_tau)
+  server_opt = server_optimizer(cfg)
   apply = functools.partial(_apply, cfg=cfg, server_opt=server_opt,
                             loss_fn=loss_fn, num_client_shards=num_client_shards,
                             chunk_sharding=chunk_sharding)
@@ -207,6 +211,14 @@ def _init(params: PyTree, rng: jax.Array, num_clients: int, *,
       rng=state_lib.key_data(rng))
 
 
+def server_optimizer(cfg: AlgorithmConfig) -> optax.GradientTransformation:
+  """The server optimizer of ``cfg``'s algorithm."""
+  return aggregation.make_server_optimizer(
+      cfg.spec.server_optimizer, learning_rate=cfg.server_lr,
+      momentum=cfg.server_momentum, b1=cfg.server_b1, b2=cfg.server_b2,
+      tau=cfg.server_tau)
+
+
 def _apply(server_state: ServerState, frozen: PyTree,
            client_batches: ClientBatches, *, cfg: AlgorithmConfig,
            server_opt: optax.GradientTransformation, loss_fn: objectives.LossFn,
@@ -218,8 +230,8 @@ def _apply(server_state: ServerState, frozen: PyTree,
   xs, num_chunks = _chunk_clients(cfg, client_batches, num_client_shards)
   sums, (c_loss, c_tokens) = _train_clients(
       cfg, loss_fn, chunk_sharding, server_state, frozen, xs, num_chunks)
-  new_state, mean_delta = _server_step(cfg, server_opt, server_state, sums)
-  new_state, nonfinite = _keep_old_if_nonfinite(server_state, new_state,
+  new_state, mean_delta = server_step(cfg, server_opt, server_state, sums)
+  new_state, nonfinite = keep_old_if_nonfinite(server_state, new_state,
                                                 sums.nonfinite)
   c_loss = _unchunked(c_loss)[:num_real]
   c_tokens = _unchunked(c_tokens)[:num_real]
@@ -340,11 +352,11 @@ def _chunk_clients(cfg: AlgorithmConfig, client_batches: ClientBatches,
 def _train_clients(cfg: AlgorithmConfig, loss_fn: objectives.LossFn,
                    chunk_sharding: Callable[[PyTree], PyTree] | None,
                    server_state: ServerState, frozen: PyTree, xs: PyTree,
-                   num_chunks: int) -> tuple[_Sums, tuple[jax.Array, jax.Array]]:
+                   num_chunks: int) -> tuple[RoundSums, tuple[jax.Array, jax.Array]]:
   """Local training of every client: a scan over chunks of vmapped clients.
 
   Returns:
-    The round's :class:`_Sums`, and each client's loss sum and token count
+    The round's :class:`RoundSums`, and each client's loss sum and token count
     ``[num_chunks, chunk]``.
   """
   spec = cfg.spec
@@ -365,46 +377,63 @@ def _train_clients(cfg: AlgorithmConfig, loss_fn: objectives.LossFn,
         prox_mu=prox_mu, server_control=control,
         client_control=client_control)
 
-  def body(sums: _Sums, chunk_xs):
+  def body(sums: RoundSums, chunk_xs):
     if chunk_sharding is not None:
       chunk_xs = chunk_sharding(chunk_xs)
     batch, step_mask, weights, ids = chunk_xs
     ci = (jax.tree.map(lambda t: t[ids], sums.client_controls)
           if spec.scaffold else None)
     out = jax.vmap(one_client)(batch, step_mask, ids, ci)
-    clipped = sums.clipped
-    if cfg.dp.enabled:
-      # Uniform weights: 1 per real client (0 for padding), times its clip
-      # factor, so the accumulated sum is that of the clipped deltas.
-      real = (weights > 0).astype(jnp.float32)
-      factors, norms = privacy.clip_factors(out.delta, cfg.dp.clip_norm)
-      weights = real * factors
-      clipped = clipped + jnp.sum(real * (norms > cfg.dp.clip_norm))
-      weight = sums.weight + jnp.sum(real)
-    else:
-      weight = sums.weight + jnp.sum(weights)
-    delta = aggregation.accumulate(sums.delta, out.delta, weights)
-    nonfinite = sums.nonfinite | jnp.any(out.nonfinite)
-    control_delta, client_controls = sums.control_delta, sums.client_controls
-    if spec.scaffold:
-      control_delta = jax.tree.map(lambda s, d: s + jnp.sum(d, axis=0),
-                                   control_delta, out.control_delta)
-      client_controls = jax.tree.map(lambda t, d: t.at[ids].add(d),
-                                     client_controls, out.control_delta)
-    sums = _Sums(delta, weight, clipped, nonfinite, control_delta,
-                 client_controls)
+    sums = add_clients(cfg, sums, out.delta, weights, ids, out.nonfinite,
+                       out.control_delta)
     return sums, (out.loss_sum, out.num_tokens)
 
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  sums0 = _Sums(zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-                jnp.array(False),
-                zeros if spec.scaffold else None, server_state.client_controls)
+  sums0 = empty_sums(cfg, params, server_state.client_controls)
   return jax.lax.scan(body, sums0, xs, length=num_chunks)
 
 
-def _server_step(cfg: AlgorithmConfig, server_opt: optax.GradientTransformation,
-                 server_state: ServerState, sums: _Sums
-                 ) -> tuple[ServerState, PyTree]:
+def empty_sums(cfg: AlgorithmConfig, params: PyTree,
+               client_controls: PyTree | None) -> RoundSums:
+  """The sums before any client is added (``client_controls``: the state's)."""
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  return RoundSums(zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+                   jnp.array(False), zeros if cfg.spec.scaffold else None,
+                   client_controls)
+
+
+def add_clients(cfg: AlgorithmConfig, sums: RoundSums, deltas: PyTree,
+                weights: jax.Array, ids: jax.Array, nonfinite: jax.Array,
+                control_deltas: PyTree | None) -> RoundSums:
+  """``sums`` plus a group of clients (leaves ``[k, ...]``).
+
+  Example-weighted, or with DP each delta clipped to ``dp.clip_norm`` and
+  weighted 1 (0 for padding, whose weight is 0), so the sum is that of the
+  clipped deltas; SCAFFOLD's control deltas summed and written to each
+  client's row.
+  """
+  clipped = sums.clipped
+  if cfg.dp.enabled:
+    real = (weights > 0).astype(jnp.float32)
+    factors, norms = privacy.clip_factors(deltas, cfg.dp.clip_norm)
+    weights = real * factors
+    clipped = clipped + jnp.sum(real * (norms > cfg.dp.clip_norm))
+    weight = sums.weight + jnp.sum(real)
+  else:
+    weight = sums.weight + jnp.sum(weights)
+  delta = aggregation.accumulate(sums.delta, deltas, weights)
+  control_delta, client_controls = sums.control_delta, sums.client_controls
+  if cfg.spec.scaffold:
+    control_delta = jax.tree.map(lambda s, d: s + jnp.sum(d, axis=0),
+                                 control_delta, control_deltas)
+    client_controls = jax.tree.map(lambda t, d: t.at[ids].add(d),
+                                   client_controls, control_deltas)
+  return RoundSums(delta, weight, clipped, sums.nonfinite | jnp.any(nonfinite),
+                   control_delta, client_controls)
+
+
+def server_step(cfg: AlgorithmConfig, server_opt: optax.GradientTransformation,
+                server_state: ServerState, sums: RoundSums
+                ) -> tuple[ServerState, PyTree]:
   """The server optimizer on the mean delta, and SCAFFOLD's control.
 
   The mean is example-weighted, or with DP the noised sum of clipped deltas
@@ -435,7 +464,7 @@ def _server_step(cfg: AlgorithmConfig, server_opt: optax.GradientTransformation,
   return new_state, mean_delta
 
 
-def _keep_old_if_nonfinite(old: ServerState, new: ServerState,
+def keep_old_if_nonfinite(old: ServerState, new: ServerState,
                            client_nonfinite: jax.Array
                            ) -> tuple[ServerState, jax.Array]:
   """``old`` (the round not applied) if anything went non-finite, else ``new``."""

@@ -10,11 +10,11 @@
 3. waits for the replies until all came, the node left the federation, or
    ``round-timeout`` passed; a round needs ``min-replies`` of them, and the
    metrics row names every client that did not answer and why;
-4. sums the deltas in client order with the simulation's own pieces
-   (:func:`aggregation.accumulate`; with DP :func:`privacy.clip_factors`),
-   then the server step (:func:`aggregation.weighted_mean` or
-   :func:`privacy.noised_mean`, :func:`aggregation.server_update`; SCAFFOLD's
-   controls) on the same :class:`~fedjax_u2s.federated.state.ServerState`;
+4. sums the deltas in client order and takes the server step with the
+   simulation's own functions (:func:`algorithms.add_clients`: weights, DP
+   clipping, SCAFFOLD's controls; :func:`algorithms.server_step`;
+   :func:`algorithms.keep_old_if_nonfinite`) on the same
+   :class:`~fedjax_u2s.federated.state.ServerState`;
 5. writes the metrics row (``metrics.jsonl``, the simulation's fields plus
    ``answered``, ``dropped`` and the serialized message bytes) and the orbax
    checkpoint (:mod:`fedjax_u2s.checkpoint`, the simulation's format: the
@@ -37,7 +37,6 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -49,9 +48,7 @@ from fedjax_u2s import lora as lora_lib
 from fedjax_u2s import metrics as metrics_lib
 from fedjax_u2s.data import batching
 from fedjax_u2s.data import instructions
-from fedjax_u2s.federated import aggregation
 from fedjax_u2s.federated import algorithms
-from fedjax_u2s.federated import client as client_lib
 from fedjax_u2s.federated import privacy
 from fedjax_u2s.federated import sampling
 from fedjax_u2s.federated.config import AlgorithmConfig
@@ -177,14 +174,6 @@ def settings_from_run_config(run_config: dict[str, Any]) -> Settings:
 # The server step: the simulation's aggregation, one client at a time.
 
 
-def server_optimizer(fed: AlgorithmConfig) -> optax.GradientTransformation:
-  """The server optimizer :func:`algorithms.build` makes for ``fed``."""
-  return aggregation.make_server_optimizer(
-      fed.spec.server_optimizer, learning_rate=fed.server_lr,
-      momentum=fed.server_momentum, b1=fed.server_b1, b2=fed.server_b2,
-      tau=fed.server_tau)
-
-
 @functools.partial(jax.jit, static_argnames=("fed",))
 def aggregate_and_step(state: ServerState, deltas: PyTree, weights: jax.Array,
                        ids: jax.Array, nonfinite: jax.Array,
@@ -192,10 +181,9 @@ def aggregate_and_step(state: ServerState, deltas: PyTree, weights: jax.Array,
                        ) -> tuple[ServerState, jax.Array, jax.Array, jax.Array]:
   """Sums the answered clients' deltas and takes the server step.
 
-  The clients are summed in order, each as a chunk of one, with the
-  operations of the simulation's scan (``algorithms._train_clients``), so the
-  sum is the simulation's bit for bit; then its server step
-  (``algorithms._server_step``) and its keep-the-old-state-if-non-finite rule.
+  The clients are added in order, each as a chunk of one, with the
+  simulation's own steps (``algorithms.add_clients``, ``server_step``,
+  ``keep_old_if_nonfinite``), so the result is the simulation's bit for bit.
 
   Args:
     state: the server state before the round.
@@ -209,58 +197,20 @@ def aggregate_and_step(state: ServerState, deltas: PyTree, weights: jax.Array,
   Returns:
     ``(new state, mean delta's norm, clipped count, non-finite flag)``.
   """
-  spec = fed.spec
-  opt = server_optimizer(fed)
-  params = state.params
+  opt = algorithms.server_optimizer(fed)
+  one = lambda x: x[:, None]  # A chunk of one client.
 
   def body(sums, xs):
-    delta_sum, weight, clipped, control_sum, controls = sums
-    d, w, i, c = xs  # leaves [1, ...]: a chunk of one client.
-    if fed.dp.enabled:
-      real = (w > 0).astype(jnp.float32)
-      factors, norms = privacy.clip_factors(d, fed.dp.clip_norm)
-      w_eff = real * factors
-      clipped = clipped + jnp.sum(real * (norms > fed.dp.clip_norm))
-      weight = weight + jnp.sum(real)
-    else:
-      w_eff = w
-      weight = weight + jnp.sum(w)
-    delta_sum = aggregation.accumulate(delta_sum, d, w_eff)
-    if spec.scaffold:
-      control_sum = jax.tree.map(lambda s, x: s + jnp.sum(x, axis=0), control_sum, c)
-      controls = jax.tree.map(lambda t, x: t.at[i].add(x), controls, c)
-    return (delta_sum, weight, clipped, control_sum, controls), None
+    d, w, i, bad, c = xs
+    return algorithms.add_clients(fed, sums, d, w, i, bad, c), None
 
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  one = lambda x: x[:, None]
-  xs = (jax.tree.map(one, deltas), one(weights), one(ids),
-        jax.tree.map(one, control_deltas) if spec.scaffold else None)
-  init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-          zeros if spec.scaffold else None, state.client_controls)
-  (delta_sum, weight, clipped, control_sum, controls), _ = jax.lax.scan(
-      body, init, xs)
-
-  if fed.dp.enabled:
-    mean_delta = privacy.noised_mean(
-        delta_sum, privacy.noise_key(state.key(), state.round),
-        clip_norm=fed.dp.clip_norm, noise_multiplier=fed.dp.noise_multiplier,
-        expected_clients=fed.clients_per_round)
-  else:
-    mean_delta = aggregation.weighted_mean(delta_sum, weight)
-  new_params, new_opt_state = aggregation.server_update(
-      params, state.opt_state, mean_delta, opt)
-  new_control = state.control
-  if spec.scaffold:
-    num_clients = jax.tree.leaves(state.client_controls)[0].shape[0]
-    new_control = jax.tree.map(lambda c, s: c + s / num_clients,
-                               state.control, control_sum)
-  new = ServerState(params=new_params, opt_state=new_opt_state,
-                    control=new_control, client_controls=controls,
-                    round=state.round + 1, rng=state.rng)
-  bad = jnp.any(nonfinite) | ~client_lib.all_finite(
-      (new.params, new.opt_state, new.control, new.client_controls))
-  new = jax.tree.map(lambda o, n: jnp.where(bad, o, n), state, new)
-  return new, optax.tree.norm(mean_delta), clipped, bad
+  xs = (jax.tree.map(one, deltas), one(weights), one(ids), one(nonfinite),
+        jax.tree.map(one, control_deltas) if fed.spec.scaffold else None)
+  sums, _ = jax.lax.scan(
+      body, algorithms.empty_sums(fed, state.params, state.client_controls), xs)
+  new, mean_delta = algorithms.server_step(fed, opt, state, sums)
+  new, bad = algorithms.keep_old_if_nonfinite(state, new, sums.nonfinite)
+  return new, optax.tree.norm(mean_delta), sums.clipped, bad
 
 
 def audit_reply(audit_dir: str, name: str, content) -> None:
