@@ -190,9 +190,14 @@ def _tokenize_stats(s) -> dict:
 
 def tune_and_export(config: ml_collections.ConfigDict, workdir: str,
                     model: registry.LoadedModel, client_examples: Sequence[list],
-                    eval_examples: list, read: instructions.DropReport | None = None
+                    eval_examples: list, read: instructions.DropReport | None = None,
+                    client_sets: Sequence[instructions.TokenizedSet] | None = None
                     ) -> tuple[train.TrainResult, dict]:
   """Tokenizes client data, runs federated training, exports the adapter.
+
+  ``client_sets`` given (already tokenized, e.g. the claim experiment's
+  raw-text windows), they are trained on as they are and ``client_examples``
+  only names what each set came from (its length is reported).
 
   Writes ``data_stats.json`` before training: what the reader dropped
   (``read``), and per client and for the held-out set the examples
@@ -206,7 +211,8 @@ def tune_and_export(config: ml_collections.ConfigDict, workdir: str,
   system = config.data.system_prompt or None
   tok = lambda exs, name: instructions.tokenize(
       exs, model.tokenizer, config.train.max_length, system_prompt=system, name=name)
-  client_sets = [tok(exs, f"client {i}") for i, exs in enumerate(client_examples)]
+  if client_sets is None:
+    client_sets = [tok(exs, f"client {i}") for i, exs in enumerate(client_examples)]
   eval_set = tok(eval_examples, "held-out pairs") if eval_examples else None
   stats: dict[str, Any] = {}
   if read is not None:
