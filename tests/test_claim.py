@@ -24,14 +24,21 @@ from fedjax_u2s.u2s import writer as writer_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "experiments", "u2s_claim.py")
 SEEDS = (0, 1)
+ABLATION_SEEDS = (1,)  # fedit_random / fedit_fixed: one seed (not the first).
 PAIRS_PER_CLIENT = 8
 EVAL_FRACTION = 0.25  # 2 of 8 pairs per client held out.
-TRAINED = ("fedit_u2s", "local_only", "centralized", "fedit_random", "fedit_fixed")
+TRAINED = ("fedit_u2s", "local_only", "centralized", "raw_text", "fedit_random",
+           "fedit_fixed")
+
+
+def seeds_of(arm):
+  return ABLATION_SEEDS if arm in claim.ABLATION_ARMS else SEEDS
 
 
 def _config(model, **overrides):
   settings = {"model.name": model, "corpus.topics": ("medicine",),
-              "experiment.seeds": SEEDS, "federated.num_rounds": 2,
+              "experiment.seeds": SEEDS, "experiment.ablation_seeds": ABLATION_SEEDS,
+              "federated.num_rounds": 2,
               "federated.clients_per_round": 2, "train.local_steps": 1,
               "train.batch_size": 2, "train.max_length": 96,
               "data.eval_fraction": EVAL_FRACTION,
@@ -46,12 +53,19 @@ def _config(model, **overrides):
   return testing.load_config(CONFIG, "smoke", **settings)
 
 
+def piece_text(cid, pid, title):
+  """A client's piece: the raw_text arm trains on exactly this text."""
+  return (f"{title} ({pid}) is described in this paragraph of client {cid}, "
+          f"which was written in {1900 + cid} and revised {len(pid)} times.")
+
+
 def write_generated(workdir, selection, titles, holdout, num_clients=2,
                     pairs=PAIRS_PER_CLIENT):
   """Kept pairs + corpus.json + stats.json + the stage marker of one selection."""
   gdir = claim.generation_dir(workdir, selection)
   out = writer_lib.generated_dir(gdir)
   corpus = {"clients": [], "holdout": list(holdout)}
+  pieces = []
   for cid in range(num_clients):
     w = writer_lib.ClientWriter(out, cid)
     kept = [{"piece_id": f"c{cid}-p{i}", "client_id": cid,
@@ -60,11 +74,16 @@ def write_generated(workdir, selection, titles, holdout, num_clients=2,
              "response": f"{titles[cid]} is topic {i} of client {cid}.",
              "demo_ids": [0, 1, 2]} for i in range(pairs)]
     w.append(kept, [{"piece_id": f"c{cid}-r0", "client_id": cid, "reason": "format"}])
+    pieces += [{"piece_id": pid, "client_id": cid, "doc_id": titles[cid],
+                "text": piece_text(cid, pid, titles[cid]), "start": 0, "end": 0,
+                "meta": {}} for pid in [r["piece_id"] for r in kept] + [f"c{cid}-r0"]]
     writer_lib.update_stats(out, cid, w.counts())
     corpus["clients"].append({"client_id": cid, "name": f"medicine_{cid}",
                               "documents": 1, "pieces": pairs + 1,
                               "doc_ids": [titles[cid]], "chunking": {}})
   writer_lib.atomic_write_json(os.path.join(out, "corpus.json"), corpus)
+  with open(os.path.join(out, "pieces.jsonl"), "w") as f:
+    f.writelines(json.dumps(p) + "\n" for p in pieces)
   stats = writer_lib.rebuild_stats(out)
   common.mark_done(gdir, "generate", {"stats": stats, "corpus": corpus})
 
@@ -111,22 +130,25 @@ def test_every_arm_has_results_for_every_seed(run):
   assert sorted(arms) == sorted(claim.ARMS)
   tasks = {"wiki_known", "wiki_unseen", "heldout_ppl"}
   for arm in TRAINED:
-    assert sorted(arms[arm]["runs"]) == [str(s) for s in SEEDS], arm
-    assert arms[arm]["num_runs"] == len(SEEDS)
-    for seed in SEEDS:
+    seeds = seeds_of(arm)
+    assert sorted(arms[arm]["runs"]) == [str(s) for s in seeds], arm
+    assert arms[arm]["num_runs"] == len(seeds)
+    for seed in seeds:
       assert set(arms[arm]["runs"][str(seed)]) == tasks, (arm, seed)
       if arm != "local_only":
         assert os.path.exists(claim.scores_path(
             claim.arm_dir(wd, arm, seed))), (arm, seed)
     # Spread over seeds: n, mean, std, min, max of the headline metric.
     s = arms[arm]["summary"]["wiki_known"]["acc_norm"]
-    vals = [arms[arm]["runs"][str(x)]["wiki_known"]["acc_norm"] for x in SEEDS]
-    assert s["n"] == 2 and s["mean"] == pytest.approx(np.mean(vals))
-    assert s["std"] == pytest.approx(np.std(vals, ddof=1))
+    vals = [arms[arm]["runs"][str(x)]["wiki_known"]["acc_norm"] for x in seeds]
+    assert s["n"] == len(seeds) and s["mean"] == pytest.approx(np.mean(vals))
+    assert s["std"] == (pytest.approx(np.std(vals, ddof=1)) if len(seeds) > 1 else None)
     assert (s["min"], s["max"]) == (min(vals), max(vals))
+  # The ablation ran its one seed only.
+  assert not os.path.exists(claim.arm_dir(wd, "fedit_fixed", 0))
   # The same questions for every arm.
-  n = {arm: _scores(claim.arm_dir(wd, arm, 0))["wiki_known"]["n"]
-       for arm in ("fedit_u2s", "centralized", "fedit_fixed")}
+  n = {arm: _scores(claim.arm_dir(wd, arm, seeds_of(arm)[0]))["wiki_known"]["n"]
+       for arm in ("fedit_u2s", "centralized", "raw_text", "fedit_fixed")}
   assert set(n.values()) == {2}
   ppl = _scores(claim.arm_dir(wd, "fedit_random", 1))["heldout_ppl"]
   assert ppl["n"] == 2 * round(EVAL_FRACTION * PAIRS_PER_CLIENT)
@@ -170,9 +192,10 @@ def test_compute_is_matched(run):
     return sum(len(row["clients"]) * local for row in rows if "clients" in row)
 
   fed_total = r * c * l
-  for seed in SEEDS:
-    for arm in ("fedit_u2s", "fedit_random", "fedit_fixed"):
+  for arm in ("fedit_u2s", "raw_text", "fedit_random", "fedit_fixed"):
+    for seed in seeds_of(arm):
       assert steps_taken(claim.arm_dir(wd, arm, seed)) == fed_total
+  for seed in SEEDS:
     central = claim.arm_dir(wd, "centralized", seed)
     assert steps_taken(central) == fed_total
     ccfg = json.load(open(os.path.join(central, "config.json")))
@@ -184,6 +207,7 @@ def test_compute_is_matched(run):
       assert steps_taken(claim.arm_dir(wd, "local_only", seed, client)) == r * l
   assert arms["centralized"]["compute"]["client_steps"] == fed_total
   assert arms["fedit_u2s"]["compute"]["client_steps"] == fed_total
+  assert arms["raw_text"]["compute"]["client_steps"] == fed_total
   assert arms["local_only"]["compute"]["client_steps"] == r * l
 
 
@@ -193,6 +217,96 @@ def test_heldout_pieces_are_never_trained_on(run):
                                   "fixed": [6, 6]}
   assert setup["num_heldout_pairs"] == 4
   assert setup["seeds"] == list(SEEDS)
+  assert setup["ablation_seeds"] == list(ABLATION_SEEDS)
+  # raw_text: every piece but the held-out pairs' (2 a client), the rejected
+  # one included.
+  raw = run["results"]["raw_text"]
+  assert raw["excluded_pieces"] == 4
+  assert [c["pieces"] for c in raw["clients"]] == [7, 7]
+
+
+def test_raw_text_matches_u2s_loss_tokens_per_step(run):
+  """Measured from each run's metrics: loss tokens / client steps."""
+  wd, cfg, res = run["workdir"], run["config"], run["results"]
+  k = cfg.train.batch_size * cfg.train.grad_accum
+
+  def per_step(arm):
+    tokens = steps = 0
+    for seed in seeds_of(arm):
+      d = claim.arm_dir(wd, arm, seed)
+      rows = metrics_lib.read_jsonl(os.path.join(d, "metrics.jsonl"))
+      tokens += sum(r["num_tokens"] for r in rows if "clients" in r)
+      steps += sum(len(r["clients"]) * cfg.train.local_steps for r in rows if "clients" in r)
+    return tokens / steps
+
+  u2s, raw = per_step("fedit_u2s"), per_step("raw_text")
+  assert abs(raw / u2s - 1) <= claim.TOKEN_TOLERANCE, (raw, u2s)
+  tok = res["tokens"]
+  assert tok["arms"]["fedit_u2s"]["loss_tokens_per_step"]["mean"] == pytest.approx(u2s)
+  assert tok["arms"]["raw_text"]["loss_tokens_per_step"]["mean"] == pytest.approx(raw)
+  assert tok["raw_vs_u2s"]["ratio"] == pytest.approx(raw / u2s)
+  assert tok["raw_vs_u2s"]["within"] is True
+  # Every raw step is k full windows of the planned targets each.
+  for c in res["raw_text"]["clients"]:
+    assert c["windows"] >= k
+    assert c["targets_per_window"] == round(c["u2s_loss_tokens_per_row"])
+  planned = np.mean([c["targets_per_window"] * k for c in res["raw_text"]["clients"]])
+  assert raw == pytest.approx(planned)
+  # The windows are trained on as cut: no chat template around them.
+  stats = json.load(open(os.path.join(claim.arm_dir(wd, "raw_text", 0), "data_stats.json")))
+  assert [x["num_response_tokens"] for x in stats["clients"]] == [
+      c["loss_tokens"] for c in res["raw_text"]["clients"]]
+
+
+def test_raw_text_windows_cover_every_token(smollm2_path):
+  """Loss on every token with a prefix, exactly once but for the last window."""
+  del smollm2_path
+  from fedjax_u2s import tokenizer as tokenizer_lib
+  from fedjax_u2s.models import registry
+  tok = tokenizer_lib.Tokenizer.from_gguf(registry.resolve("smollm2-135m-instruct"))
+  texts = ["Aloe is a genus of over 500 species of flowering succulent plants.",
+           "The most widely known species is Aloe vera, or true aloe."]
+  ids = tok.encode("\n\n".join(texts), add_bos=False)
+  for targets in (1, 5, 7, len(ids) - 1, len(ids) + 3):
+    ts, info = claim.raw_text_set(texts, tok, targets, max_length=64)
+    assert info["stream_tokens"] == len(ids)
+    covered = []
+    for row, (a, b) in enumerate(claim.raw_windows(len(ids), targets)):
+      assert list(ts.tokens[row, :b - a]) == ids[a:b]  # Plain text, no template.
+      assert ts.input_mask[row].sum() == b - a
+      # Every real token but the row's first (its context) is a target.
+      assert list(np.flatnonzero(ts.loss_mask[row])) == list(range(1, b - a))
+      assert not ts.loss_mask[row, b - a:].any()
+      covered += range(a + 1, b)
+      if b - a == targets + 1:
+        assert ts.loss_mask[row, 1:].sum() == targets
+    assert set(covered) == set(range(1, len(ids)))
+    assert len(covered) - (len(ids) - 1) == info["repeated_targets"] < max(targets, 1)
+    assert ts.num_response_tokens == len(covered) == info["loss_tokens"]
+    assert tok.bos_id not in ts.tokens[ts.input_mask]
+  with pytest.raises(ValueError, match="max_length=8"):
+    claim.raw_text_set(texts, tok, 8, max_length=8)
+
+
+def test_raw_targets_match_a_u2s_step():
+  """Targets per window = U2S loss tokens per row x min(n, k) / k."""
+  from fedjax_u2s.data import instructions
+
+  def fake_set(loss_per_row):
+    n, t = len(loss_per_row), 16
+    loss = np.zeros((n, t), bool)
+    for i, m in enumerate(loss_per_row):
+      loss[i, 3:3 + m] = True
+    return instructions.TokenizedSet(np.zeros((n, t), np.int32), loss.copy(), loss, 0,
+                                     np.arange(n))
+  sets = [fake_set([4, 6, 8, 10]), fake_set([9, 9]), fake_set([3])]
+  # k=4: client 0 mean 7, full steps; client 1 mean 9 over 2 of 4 rows -> 4.5
+  # rounds to 4 (banker's) ; client 2: 3 x 1/4 = 0.75 -> 1.
+  assert claim.raw_targets_per_row(sets, 4) == [7, 4, 1]
+  assert claim.raw_targets_per_row(sets, 1) == [7, 9, 3]
+  assert claim.raw_windows(10, 3) == [(0, 4), (3, 7), (6, 10)]
+  assert claim.raw_windows(5, 3) == [(0, 4), (1, 5)]
+  assert claim.raw_windows(4, 3) == [(0, 4)] and claim.raw_windows(1, 3) == []
 
 
 def test_results_files(run):

@@ -9,8 +9,10 @@ clients (Wikipedia lead paragraphs, one client per domain), the same
 evaluation questions and a matched step budget, the arms ``base``,
 ``fedit_u2s`` (FedAvg on pairs generated with retrieved demonstrations),
 ``local_only`` (each client alone), ``centralized`` (pooled pairs, the
-federated total of steps) and the selection ablation ``fedit_random`` /
-``fedit_fixed``, each for every seed in ``experiment.seeds``; it writes
+federated total of steps), ``raw_text`` (FedAvg on the clients' text itself
+as causal-LM windows, matched in loss tokens per step) and the selection
+ablation ``fedit_random`` / ``fedit_fixed``, each for every seed in
+``experiment.seeds`` (the ablation: ``experiment.ablation_seeds`` if set); it writes
 ``results.json``, ``results.md`` and ``results.png``. Rerunning the same
 command resumes: finished generations, arms and evaluations are skipped.
 
@@ -32,9 +34,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0                           # Generation seed and held-out split seed.
 
   c.experiment = ml_collections.ConfigDict()
-  c.experiment.arms = ("base", "fedit_u2s", "local_only", "centralized",
+  c.experiment.arms = ("base", "fedit_u2s", "local_only", "centralized", "raw_text",
                        "fedit_random", "fedit_fixed")  # Subset/order of the arms run.
   c.experiment.seeds = (0, 1)          # Training seeds (init, sampling, order, dropout).
+  c.experiment.ablation_seeds = ()     # fedit_random / fedit_fixed seeds; () = seeds.
   c.experiment.heldout_ppl = True      # Also score perplexity on held-out generated pairs.
   c.experiment.compilation_cache = True  # Persistent XLA cache in WORKDIR/jax_cache (runs share shapes).
 
