@@ -316,6 +316,8 @@ def test_results_files(run):
     assert f"| {arm} |" in md
   assert "wiki_known acc_norm ↑" in md and "heldout_ppl perplexity ↓" in md
   assert " ± " in md
+  assert "## Loss tokens per client step (measured)" in md
+  assert "raw_text / fedit_u2s: " in md and "within the +/-10% tolerance" in md
   # Two questions per suite here: reported, but too few to judge.
   assert "fedit_u2s against base: too few questions to judge (n=2 < 10)" in md
   with open(os.path.join(wd, "results.png"), "rb") as f:

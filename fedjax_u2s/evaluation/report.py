@@ -444,6 +444,29 @@ def plot_arms(results: dict, path: str) -> str | None:
   return path
 
 
+def token_lines(results: dict) -> list[str]:
+  """Markdown lines: measured loss tokens per client step of each arm.
+
+  From ``results["tokens"]`` (``claim.token_summary``); none without it.
+  """
+  tokens = results.get("tokens")
+  if not tokens or not tokens.get("arms"):
+    return []
+  lines = ["## Loss tokens per client step (measured)", "",
+           "| arm | loss tokens / client step | runs | client steps |",
+           "|---|---|---|---|"]
+  for arm, t in tokens["arms"].items():
+    lines.append(f"| {arm} | {_cell(t['loss_tokens_per_step'], 1)} | "
+                 f"{t['loss_tokens_per_step']['n']} | {t['client_steps']} |")
+  lines.append("")
+  m = tokens.get("raw_vs_u2s")
+  if m:
+    lines += [f"raw_text / fedit_u2s: {m['ratio']:.3f} "
+              f"({'within' if m['within'] else 'OUTSIDE'} the +/-{m['tolerance']:.0%} "
+              "tolerance of the matched token budget).", ""]
+  return lines
+
+
 def write_claim_results(workdir: str, results: dict) -> tuple[str, str | None]:
   """Writes ``results.md`` and ``results.png`` of a ``results.json`` content.
 
@@ -471,6 +494,7 @@ def write_claim_results(workdir: str, results: dict) -> tuple[str, str | None]:
             "centralized takes exactly the federated total on pooled data. "
             "heldout_ppl is measured on retrieval-generated pairs, so it favours "
             "the arms trained on retrieval-generated pairs.", ""]
+  lines += token_lines(results)
   if "local_only" in results["arms"] and results["arms"]["local_only"].get("client_spread"):
     lines += ["## local_only spread over clients (all clients x seeds)", "",
               "| task | metric | mean | std | min | max | n |", "|---|---|---|---|---|---|---|"]
