@@ -54,7 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Several examples per row, each attending only to itself (data/batching.py):
   # the same steps and losses as unpacked rows, far fewer padded positions.
   c.train.pack = True
-  c.train.pack_length = 0            # Tokens per packed row; 0 = batch_size * max_length.
+  # Tokens per packed row; 0 = batch_size * max_length. Attention is quadratic
+  # in a row: set e.g. 2048 when batch_size * max_length is much longer.
+  c.train.pack_length = 0
   c.train.tensorboard = True         # Also write TensorBoard event files.
   c.train.halt_after_round = 0       # Stop after this round (simulated preemption); 0 = off.
 
