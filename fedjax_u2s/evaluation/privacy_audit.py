@@ -137,7 +137,11 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
   denom = 1 + z * z / n
   center = (p + z * z / (2 * n)) / denom
   half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-  return max(0.0, center - half), min(1.0, center + half)
+  # At k = 0 (k = n) the bound is exactly 0 (1); in floating point it comes
+  # out a rounding error away, e.g. 7e-18.
+  lo = 0.0 if k == 0 else max(0.0, center - half)
+  hi = 1.0 if k == n else min(1.0, center + half)
+  return lo, hi
 
 
 def auc(positive_scores: Sequence[float], negative_scores: Sequence[float]) -> float:
