@@ -12,6 +12,13 @@
 # WORKDIR/adapter/ (PEFT format). WORKDIR also holds metrics.jsonl, curves.png,
 # checkpoints/ (a rerun resumes), nodes/ (each node's data) and logs/.
 # Extra arguments are config overrides, e.g. federated.algorithm=fedadam.
+#
+#   CONFIG=configs/u2s_wiki.py:smoke WORKDIR=/tmp/fl_u2s bash launch/flower_local.sh
+#
+# rehearses FedIT-U2S with generation on the nodes: each node's dir gets the raw
+# text (text/*.txt) the in-process job gives that client, and every SuperNode
+# turns it into its own pairs (nodes/node<i>/generated/) before its first
+# training reply.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -26,9 +33,11 @@ export FLWR_HOME="$WORKDIR/flwr_home"
 PY="$REPO/$VENV/bin/python"
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PORT=${PORT:-$(free_port)}
-OVERRIDES="partition.num_clients=$NODES $*"
 mkdir -p "$WORKDIR/logs" "$FLWR_HOME"
 start=$(date +%s)
+# partition.num_clients (fedit) or corpus.num_clients (u2s).
+CLIENTS_KEY=$("$PY" -m fedjax_u2s.flower.rehearsal --config="$CONFIG" --out=/dev/null --clients-key "$@")
+OVERRIDES="$CLIENTS_KEY=$NODES $*"
 
 "$PY" -m fedjax_u2s.flower.rehearsal --config="$CONFIG" --out="$WORKDIR/nodes" $OVERRIDES
 EVAL_FILE=""

@@ -10,7 +10,9 @@ FedAdam through a ServerApp killed after round 1 and restarted); the bytes of
 every round equal the simulation's accounting; the replies carry no text
 and no token ids; a SuperNode stopped mid-round leaves a round applied with
 the client that answered, a finished run, intact checkpoints and metrics
-naming the dropped client.
+naming the dropped client. U2S nodes (raw text in their data dirs) generate
+their own pairs on the node, the same pairs and the same adapter as the
+in-process u2s job, and neither their text nor their pairs leave them.
 """
 
 import glob
@@ -38,6 +40,7 @@ from fedjax_u2s.flower import server as server_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "fedit_instructions.py")
+U2S_CONFIG = os.path.join(REPO, "configs", "u2s_wiki.py")
 APP = os.path.join(REPO, "flower-app")
 BIN = os.path.dirname(sys.executable)
 NUM_NODES = 3
@@ -413,3 +416,188 @@ def test_node_data_dir_and_wire_records_are_checked(tmp_path):
   with pytest.raises(ValueError, match="unexpected"):
     wire.from_record(wire.to_record({**tree, "text": np.zeros(1, np.float32)}),
                      like, "delta")
+
+
+# ----------------------------------------------------------------------------
+# U2S generation on the nodes.
+
+# What the scripted model writes after the prefilled "Instruction:": a pair
+# the parser and the (relaxed) filters accept. Every token occurs once, so a
+# model that maps each token to the next one writes it (" :" is not the
+# prompt's last token ":").
+SCRIPT = (" Describe the main topic of this passage.\nResponse : It covers one "
+          "medical subject briefly!")
+
+
+def _write_scripted_chat_model(path, script=SCRIPT, seed=0):
+  """A tiny Llama with SmolLM2's tokenizer that writes ``script`` and stops.
+
+  A random tiny model writes no parseable pair, and real SmolLM2 takes
+  minutes: this one's embeddings and lm_head form a bigram table (every
+  token of ``script`` leads to the next, the last to EOS, any other token
+  to the first, with logit margin 30), while its layers keep their small
+  random weights, so the LoRA adapter on them trains to non-zero deltas.
+  The real generation path (prompting, retrieval, sampler, parser,
+  filters, writer) runs unchanged.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from fedjax_u2s import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from fedjax_u2s.models import hf_loader  # pylint: disable=g-import-not-at-top
+  from fedjax_u2s.models import llama  # pylint: disable=g-import-not-at-top
+  from fedjax_u2s.models import registry  # pylint: disable=g-import-not-at-top
+  tok = tokenizer_lib.Tokenizer.from_gguf(registry.resolve("smollm2-135m-instruct"))
+  ids = tok.encode(script) + [tok.eos_ids[0]]
+  assert len(set(ids)) == len(ids), [tok.decode([i]) for i in ids]
+  config = testing.tiny_llama_config(vocab_size=tok.vocab_size,
+                                     max_position_embeddings=2048,
+                                     name="scripted-chat")
+  d = config.hidden_size
+  assert len(ids) < d
+  params = llama.init_params(jax.random.key(seed), config)
+  embed = np.zeros((tok.vocab_size, d), np.float32)
+  embed[:, d - 1] = 1.0  # Any token: the "start" direction.
+  lm_head = np.zeros((d, tok.vocab_size), np.float32)
+  margin = 30.0 / np.sqrt(d)  # The final RMSNorm scales a one-hot by sqrt(d).
+  lm_head[d - 1, ids[0]] = margin
+  for i, (a, b) in enumerate(zip(ids[:-1], ids[1:])):
+    embed[a] = 0.0
+    embed[a, i] = 1.0
+    lm_head[i, b] = margin
+  params = dict(params, embed=jnp.asarray(embed), lm_head=jnp.asarray(lm_head),
+                final_norm=jnp.ones((d,), jnp.float32))
+  hf_loader.save_hf_dir(path, config, params)
+  tok.save(path)
+  return path
+
+
+def _u2s_overrides(model):
+  """configs/u2s_wiki.py:smoke on 2 clients of 1 piece each, the scripted
+  model, filters that take its pair (it is about no piece), unpacked rows."""
+  return {"model.name": model, "corpus.topics": "('medicine','math')",
+          "corpus.num_clients": 0, "chunking.max_pieces_per_client": 1,
+          "u2s.max_new_tokens": 24, "u2s.batch_size": 1,
+          "u2s.filters.min_grounding": -1.0,
+          "u2s.filters.max_unsupported_facts": -1, "u2s.filters.min_support": 0.0,
+          "federated.num_rounds": ROUNDS, "federated.clients_per_round": 2,
+          "train.pack": False, "train.tensorboard": False}
+
+
+_U2S_SIMULATION = """
+import sys
+from fedjax_u2s import config_blocks
+from fedjax_u2s.flower import server
+from fedjax_u2s.pipelines import common, u2s
+config = config_blocks.load(sys.argv[1], "smoke", **server.parse_overrides(sys.argv[2]))
+model = common.load_model(config)
+gen = u2s.generate(config, sys.argv[3], model)
+train_sets, heldout = u2s.client_examples(config, sys.argv[3], gen["corpus"])
+common.tune_and_export(config, sys.argv[3], model, train_sets, heldout)
+"""
+
+
+def test_u2s_nodes_generate_their_own_pairs(tmp_path, smollm2_path):
+  """Each node turns its own text into pairs in its own dir; the run ends with
+  the in-process u2s job's pairs and adapter (generation and training stages
+  of pipelines/u2s.py, evaluation left out); no text or pair on the wire."""
+  del smollm2_path
+  from fedjax_u2s.data import wiki  # pylint: disable=g-import-not-at-top
+  try:
+    wiki.resolve_path()
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
+  root = str(tmp_path)
+  model = _write_scripted_chat_model(os.path.join(root, "scripted"))
+  overrides = _u2s_overrides(model)
+  text = " ".join(f"{k}={v}" for k, v in overrides.items())
+  sim = os.path.join(root, "sim")
+  sim_log = open(os.path.join(root, "sim.log"), "wb")
+  sim_proc = subprocess.Popen(
+      [sys.executable, "-c", _U2S_SIMULATION, U2S_CONFIG, text, sim],
+      stdout=sim_log, stderr=subprocess.STDOUT, cwd=REPO,
+      env=_env(os.path.join(root, "flwr_home")))
+  config = testing.load_config(U2S_CONFIG, "smoke",
+                               **server_lib.parse_overrides(text))
+  made = rehearsal.write_node_dirs(config, os.path.join(root, "nodes"))
+  assert made["eval_file"] == "" and len(made["nodes"]) == 2
+  dep = Deployment(root, made["nodes"], os.path.join(root, "jax_cache"))
+  try:
+    work = os.path.join(root, "fl")
+    audit = os.path.join(root, "audit")
+    result = dep.run(work, overrides, config=f"{U2S_CONFIG}:smoke",
+                     **{"num-nodes": 2, "audit-dir": audit})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  finally:
+    dep.close()
+  assert sim_proc.wait(RUN_TIMEOUT) == 0, open(os.path.join(root, "sim.log")).read()[-3000:]
+
+  # Each node generated its own pairs, in its own dir: the simulation's.
+  keys = ("instruction", "response", "demo_ids", "batch_seed", "row_seed",
+          "generator", "start", "end")
+  for i, node_dir in enumerate(made["nodes"]):
+    gen = os.path.join(node_dir, "generated")
+    node = json.load(open(os.path.join(gen, "node.json")))
+    assert node["done"] and node["kept"] == 1 and node["fingerprint"]["client_id"] == i
+    mine = [json.loads(l) for l in open(os.path.join(gen, f"client_{i:04d}.jsonl"))]
+    theirs = [json.loads(l) for l in open(
+        os.path.join(sim, "generated", f"client_{i:04d}.jsonl"))]
+    assert [{k: r[k] for k in keys} for r in mine] == [
+        {k: r[k] for k in keys} for r in theirs]
+    assert mine[0]["instruction"] == "Describe the main topic of this passage."
+    assert json.load(open(os.path.join(gen, "stats.json")))["totals"]["kept"] == 1
+  _assert_same_adapter(work, sim)
+  assert any(np.abs(v).max() > 0 for v in _adapter(work).values())
+  rows, sim_rows = _rows(work), _rows(sim)
+  for r, s in zip(rows, sim_rows):
+    assert r["answered"] == [0, 1] and r["train_loss"] == s["train_loss"]
+
+  # The replies: the delta and numbers only; no text, no pair.
+  manifests = sorted(glob.glob(os.path.join(audit, "round*.json")))
+  assert len(manifests) == 2 * ROUNDS
+  for path in manifests:
+    m = json.load(open(path))
+    assert set(m) == {"delta", "metrics"}
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool)
+               for v in m["metrics"]["values"].values())
+  first = [json.load(open(os.path.join(audit, f"round1-client{i}.json")))
+           for i in range(2)]
+  assert [m["metrics"]["values"]["u2s-kept"] for m in first] == [1, 1]
+  blob = b"".join(open(p, "rb").read() for p in glob.glob(os.path.join(audit, "*.bin")))
+  for node_dir in made["nodes"]:
+    for path in glob.glob(os.path.join(node_dir, "text", "*.txt")):
+      assert open(path, "rb").read()[:40] not in blob
+    for line in open(glob.glob(os.path.join(node_dir, "generated", "client_*.jsonl"))[0]):
+      pair = json.loads(line)
+      for field in ("instruction", "response"):
+        assert pair[field][:20].encode("utf-8") not in blob
+
+
+def test_u2s_node_refuses_pairs_made_otherwise(tmp_path):
+  """A node's generated/ made with other settings is not mixed into a run."""
+  from fedjax_u2s.flower import node as node_lib  # pylint: disable=g-import-not-at-top
+  from fedjax_u2s.flower import node_u2s  # pylint: disable=g-import-not-at-top
+  config = testing.load_config(U2S_CONFIG, "smoke")
+  (tmp_path / "text").mkdir()
+  (tmp_path / "text" / "a.txt").write_text("Some text.")
+  assert node_lib.holds_text(str(tmp_path))
+  gen = tmp_path / "generated"
+  gen.mkdir()
+  old = node_u2s.generation_fingerprint(config, 0, "text", {})
+  (gen / "node.json").write_text(json.dumps({"fingerprint": old, "done": True,
+                                             "pieces": 1}))
+  other = testing.load_config(U2S_CONFIG, "smoke", **{"seed": 1})
+  with pytest.raises(ValueError, match=r"differing: \['config.seed'\]"):
+    node_u2s.ensure_pairs(other, str(tmp_path), 0, {})
+  with pytest.raises(ValueError, match=r"differing: \['client_id'\]"):
+    node_u2s.ensure_pairs(config, str(tmp_path), 1, {})
+  (tmp_path / "instructions.jsonl").write_text("{}\n")
+  with pytest.raises(ValueError, match="both an instruction file and raw text"):
+    node_lib.holds_text(str(tmp_path))
+  (tmp_path / "instructions.jsonl").unlink()
+  (tmp_path / "corpus.jsonl").write_text('{"text": "x"}\n')
+  with pytest.raises(ValueError, match="more than one text source"):
+    node_u2s.text_source(str(tmp_path))
+  fedit = testing.load_config(CONFIG, "smoke")
+  (tmp_path / "corpus.jsonl").unlink()
+  with pytest.raises(ValueError, match="has no U2S settings"):
+    node_u2s.ensure_pairs(fedit, str(tmp_path), 0, {})

@@ -4,7 +4,9 @@
 (``--node-config client-id=i``; -1 when it declares none). ``train`` runs
 :func:`fedjax_u2s.flower.node.local_update` on the node's own data and
 answers with the adapter delta and scalar metrics; nothing else leaves the
-node (no text, no token ids: ``tests/test_flower.py`` inspects the replies).
+node (no text, no token ids, no generated pair: ``tests/test_flower.py``
+inspects the replies). A node holding raw text generates its U2S pairs in
+its first ``train`` message (:mod:`fedjax_u2s.flower.node_u2s`).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def train(msg: Message, context: Context) -> Message:
       config, str(node_config.get("data-dir", "")), params=params, client=client,
       round_=int(rnd["round"]), cursor=int(rnd["cursor"]),
       key_data=np.asarray(rnd["key-data"], np.uint32), control=control,
-      client_control=client_control)
+      client_control=client_control, node_config=node_config)
   content = RecordDict({"delta": wire.to_record(result.delta),
                         "metrics": wire.metric_record(result.metrics)})
   if result.control_delta is not None:

@@ -3,12 +3,16 @@
 A SuperNode is started with ``--node-config 'data-dir="/path"'`` (and
 optionally ``client-id=3``, ``cache-dir="/path"``). Its data directory holds
 exactly one instruction file ``instructions.{jsonl,json,parquet,csv}`` in any
-format :func:`fedjax_u2s.data.instructions.load_examples` reads; it never
-leaves the node. For every ``train`` message the node
+format :func:`fedjax_u2s.data.instructions.load_examples` reads, or raw text
+(``text/`` of .txt/.md files, or ``corpus.jsonl``) from which the node
+generates its own pairs with U2S before its first training reply
+(:mod:`fedjax_u2s.flower.node_u2s`); neither ever leaves the node. For every
+``train`` message the node
 
 1. reads the experiment config the server sent (model, LoRA, optimizer,
    batch sizes: the node trains exactly as the simulation's client would),
-2. loads the base model and tokenizes its own file,
+2. loads the base model and tokenizes its own file (a text node: its
+   generated pairs, generating them first if not done yet),
 3. takes the round's batches from its data stream at the cursor the server
    sent (:func:`fedjax_u2s.data.batching.round_batches`: the same examples,
    in the same order, as the simulation's client with that id),
@@ -56,7 +60,8 @@ def data_file(data_dir: str) -> str:
   if not data_dir:
     raise ValueError("This SuperNode has no data: start it with --node-config "
                      "'data-dir=\"/path/to/its/data\"' (a directory holding "
-                     "instructions.jsonl).")
+                     "instructions.jsonl, or raw text for U2S: text/ or "
+                     "corpus.jsonl).")
   found = sorted(p for p in glob.glob(os.path.join(data_dir, DATA_PATTERN))
                  if p.endswith(DATA_SUFFIXES))
   if len(found) != 1:
@@ -64,6 +69,22 @@ def data_file(data_dir: str) -> str:
                      f"instructions{{{','.join(DATA_SUFFIXES)}}}, found "
                      f"{[os.path.basename(p) for p in found] or 'none'}.")
   return found[0]
+
+
+def holds_text(data_dir: str) -> bool:
+  """Whether the node holds raw text to generate its pairs from (U2S), not
+  an instruction file (:mod:`fedjax_u2s.flower.node_u2s`)."""
+  from fedjax_u2s.flower import node_u2s  # pylint: disable=g-import-not-at-top
+  if not data_dir:
+    data_file(data_dir)  # The error that names the missing data-dir.
+  has_instructions = any(p.endswith(DATA_SUFFIXES) for p in
+                         glob.glob(os.path.join(data_dir, DATA_PATTERN)))
+  source = node_u2s.text_source(data_dir)
+  if source is not None and has_instructions:
+    raise ValueError(f"Node data dir {data_dir}: holds both an instruction file and "
+                     f"raw text ({source[1]}); keep one (the node trains on "
+                     "instructions, or generates its pairs from its text).")
+  return source is not None
 
 
 def client_id(node_config: dict) -> int | None:
@@ -114,12 +135,21 @@ def adapter_template(config: ml_collections.ConfigDict, model_config) -> PyTree:
 
 
 def tokenized_set(config: ml_collections.ConfigDict, data_dir: str, tokenizer,
-                  name: str = "node") -> instructions.TokenizedSet:
-  """The node's instruction file, tokenized as the simulation tokenizes a client."""
-  path = data_file(data_dir)
-  examples = instructions.load_examples(path)
-  if not examples:
-    raise ValueError(f"{path}: no usable examples ({examples.drops.summary()}).")
+                  name: str = "node", client: int | None = None
+                  ) -> instructions.TokenizedSet:
+  """The node's training data, tokenized as the simulation tokenizes a client.
+
+  An instruction file as it is; U2S pairs (``client`` given, the node holds
+  text) as the u2s job takes a client's kept pairs.
+  """
+  if client is not None and holds_text(data_dir):
+    from fedjax_u2s.flower import node_u2s  # pylint: disable=g-import-not-at-top
+    examples = node_u2s.training_examples(config, data_dir, client)
+  else:
+    path = data_file(data_dir)
+    examples = instructions.load_examples(path)
+    if not examples:
+      raise ValueError(f"{path}: no usable examples ({examples.drops.summary()}).")
   return instructions.tokenize(list(examples), tokenizer, config.train.max_length,
                                system_prompt=config.data.system_prompt or None,
                                name=name)
@@ -190,12 +220,25 @@ class LocalResult:
 def local_update(config: ml_collections.ConfigDict, data_dir: str, *,
                  params: PyTree, client: int, round_: int, cursor: int,
                  key_data: np.ndarray, control: PyTree | None = None,
-                 client_control: PyTree | None = None) -> LocalResult:
-  """One round of local training on this node's data (see the module doc)."""
+                 client_control: PyTree | None = None,
+                 node_config: dict | None = None) -> LocalResult:
+  """One round of local training on this node's data (see the module doc).
+
+  A node holding raw text first makes sure its U2S pairs exist
+  (:func:`fedjax_u2s.flower.node_u2s.ensure_pairs`: generated at its first
+  ``train`` message, read back after).
+  """
   t0 = time.perf_counter()
   fed = AlgorithmConfig.from_config(config.federated)
   model = load_model(config)
-  ts = tokenized_set(config, data_dir, model.tokenizer, name=f"client {client}")
+  generation = None
+  if holds_text(data_dir):
+    from fedjax_u2s.flower import node_u2s  # pylint: disable=g-import-not-at-top
+    generation = node_u2s.ensure_pairs(config, data_dir, client, node_config or {},
+                                       model=model)
+    t0 += generation.seconds  # setup-seconds leaves generation out.
+  ts = tokenized_set(config, data_dir, model.tokenizer, name=f"client {client}",
+                     client=client)
   tc = config.train
   batches, new_cursor = batching.round_batches(
       [ts], [client], [cursor], batch_size=tc.batch_size,
@@ -220,6 +263,10 @@ def local_update(config: ml_collections.ConfigDict, data_dir: str, *,
              "loss-sum": float(out.loss_sum), "num-tokens": float(out.num_tokens),
              "num-steps": int(out.num_steps), "nonfinite": int(bool(out.nonfinite)),
              "train-seconds": seconds, "setup-seconds": t1 - t0}
+  if generation is not None:  # Counts and seconds: numbers about its own data.
+    metrics.update({"u2s-kept": generation.kept, "u2s-rejected": generation.rejected,
+                    "u2s-pieces": generation.pieces,
+                    "generation-seconds": generation.seconds})
   return LocalResult(delta=out.delta,
                      control_delta=out.control_delta if fed.spec.scaffold else None,
                      metrics=metrics)

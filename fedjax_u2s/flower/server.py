@@ -96,6 +96,25 @@ class Settings:
   poll_seconds: float = 0.2
 
 
+PIPELINES = ("fedit", "u2s")
+
+
+def config_num_clients(config: ml_collections.ConfigDict) -> int:
+  """The number of clients a config's simulation has (0: it does not say).
+
+  fedit: ``partition.num_clients``; u2s: ``corpus.num_clients``, where 0 on
+  the wiki corpus split by topic means one client per topic.
+  """
+  if config.get("pipeline") != "u2s":
+    return int(config.partition.num_clients)
+  c = config.corpus
+  if c.num_clients:
+    return int(c.num_clients)
+  if c.kind == "wiki" and c.partition == "topic":
+    return len(c.topics)
+  return 0
+
+
 def parse_overrides(text: str) -> dict[str, Any]:
   """``"federated.algorithm=fedadam train.batch_size=2"`` -> typed values.
 
@@ -144,15 +163,20 @@ def settings_from_run_config(run_config: dict[str, Any]) -> Settings:
     return value
   path, arg = resolve_config_path(get("config", str))
   config = config_blocks.load(path, arg, **parse_overrides(get("overrides", str)))
-  if config.get("pipeline") != "fedit":
+  if config.get("pipeline") not in PIPELINES:
     raise ValueError(f"Run config config={get('config', str)!r} is a "
                      f"{config.get('pipeline')!r} config; the Flower app runs the "
-                     "fedit job (configs/fedit_instructions.py).")
+                     "fedit job (configs/fedit_instructions.py: nodes hold "
+                     "instruction files) or the u2s job (configs/u2s_wiki.py: "
+                     "nodes hold raw text and generate their own pairs).")
   workdir = get("workdir", str)
   if not workdir:
     raise ValueError("Run config workdir is empty: flwr run ... -c "
                      "'workdir=\"/path/on/the/server\"'.")
-  num_nodes = get("num-nodes", int) or config.partition.num_clients
+  num_nodes = get("num-nodes", int) or config_num_clients(config)
+  if num_nodes < 1:
+    raise ValueError(f"Run config num-nodes={num_nodes}: set it to the number of "
+                     "SuperNodes (the config does not fix its number of clients).")
   s = Settings(config=config, workdir=os.path.abspath(workdir), num_nodes=num_nodes,
                min_replies=get("min-replies", int),
                round_timeout=get("round-timeout", float),
