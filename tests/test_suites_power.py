@@ -153,6 +153,11 @@ def test_from_config_cloze_sets_and_merge():
   assert [t.name for t in merged] == ["wiki_known", "wiki_unseen"]
   assert merged[0].questions == sep[0].questions + sep[2].questions
   assert merged[1].questions == sep[1].questions + sep[3].questions
+  only_cloze = suites.from_config(_eval_cfg(num_wiki_questions=0, num_cloze_questions=7,
+                                            cloze_per_article=1, cloze_merge=True),
+                                  held, unheld)
+  assert [(t.name, t.questions) for t in only_cloze] == [
+      ("wiki_known", sep[2].questions), ("wiki_unseen", sep[3].questions)]
 
 
 # ----------------------------------------------------------------------------

@@ -662,7 +662,7 @@ def from_config(cfg, held_titles: Sequence[str], unheld_titles: Sequence[str]
                               num_questions=num_cloze,
                               per_article=int(cfg.get("cloze_per_article", 3)),
                               include_titles=set(titles)))
-    if merge and len(parts) == 2:
+    if merge and parts:  # One set per split, named as without cloze.
       out.append(merge_multiple_choice(f"wiki_{split}", parts))
     else:
       out += parts
