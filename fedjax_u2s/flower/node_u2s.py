@@ -28,7 +28,9 @@ and regenerates the rest exactly), so a node stopped mid-generation picks up
 at its next ``train`` message. Once ``node.json`` says done, later rounds
 only read the kept pairs back. A node whose ``generated/`` was made with
 other settings (another generator, seed, client id, chunking, ...) refuses
-to train rather than mix them.
+to train rather than mix them. A pool file's embeddings (``config.pool.path``;
+a path on the node) are cached in ``DATA_DIR/cache/pool_embeddings/`` as the
+in-process job caches them in its workdir.
 
 The node trains on its kept pairs minus the share ``config.data.eval_fraction``
 that the in-process job holds out (:func:`fedjax_u2s.u2s.stage.split_eval`,
