@@ -601,3 +601,58 @@ def test_u2s_node_refuses_pairs_made_otherwise(tmp_path):
   (tmp_path / "corpus.jsonl").unlink()
   with pytest.raises(ValueError, match="has no U2S settings"):
     node_u2s.ensure_pairs(fedit, str(tmp_path), 0, {})
+
+
+@pytest.mark.slow  # MiniLM and three generations in-process: about a minute.
+def test_u2s_node_generation_resumes_after_a_crash(tmp_path, smollm2_path,
+                                                   monkeypatch):
+  """A node that dies mid-generation resumes from its own files at its next
+  message (its pieces read back, not re-chunked) and ends with the files of
+  an uninterrupted run."""
+  del smollm2_path
+  from fedjax_u2s.data import wiki  # pylint: disable=g-import-not-at-top
+  from fedjax_u2s.flower import node_u2s  # pylint: disable=g-import-not-at-top
+  from fedjax_u2s.u2s import writer  # pylint: disable=g-import-not-at-top
+  try:
+    wiki.resolve_path()
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
+  model = _write_scripted_chat_model(str(tmp_path / "scripted"))
+  overrides = _u2s_overrides(model)
+  overrides.update({"corpus.topics": "('medicine',)",
+                    "chunking.max_pieces_per_client": 2})
+  config = testing.load_config(U2S_CONFIG, "smoke", **server_lib.parse_overrides(
+      " ".join(f"{k}={v}" for k, v in overrides.items())))
+  dirs = {}
+  for name in ("clean", "crash"):
+    dirs[name] = rehearsal.write_node_dirs(config, str(tmp_path / name))["nodes"][0]
+  clean = node_u2s.ensure_pairs(config, dirs["clean"], 0, {})
+  assert (clean.kept, clean.rejected, clean.pieces) == (1, 1, 2)
+
+  real = writer._append_lines  # pylint: disable=protected-access
+
+  def flaky(path, records):
+    if path.endswith(".rejected.jsonl") and records:  # Batch 1: the duplicate.
+      raise OSError("node killed")
+    real(path, records)
+
+  monkeypatch.setattr(writer, "_append_lines", flaky)
+  with pytest.raises(OSError, match="node killed"):
+    node_u2s.ensure_pairs(config, dirs["crash"], 0, {})
+  monkeypatch.setattr(writer, "_append_lines", real)
+  gen = os.path.join(dirs["crash"], "generated")
+  assert not json.load(open(os.path.join(gen, "node.json")))["done"]
+  # Text added after the crash is not chunked into the interrupted run.
+  with open(os.path.join(dirs["crash"], "text", "0000_Added.txt"), "w") as f:
+    f.write("A new document the node received later. " * 20)
+  again = node_u2s.ensure_pairs(config, dirs["crash"], 0, {})
+  assert (again.kept, again.rejected, again.pieces) == (1, 1, 2)
+  for name in ("client_0000.jsonl", "client_0000.rejected.jsonl", "stats.json"):
+    assert open(os.path.join(gen, name)).read() == open(
+        os.path.join(dirs["clean"], "generated", name)).read(), name
+  pieces = lambda d: [(r["piece_id"], r["text"]) for r in writer.read_records(
+      os.path.join(d, "generated", "pieces.jsonl"))]  # meta.path is the dir's.
+  assert pieces(dirs["crash"]) == pieces(dirs["clean"])
+  assert not any("Added" in piece_id for piece_id, _ in pieces(dirs["crash"]))
+  # Done: read back without generating.
+  assert node_u2s.ensure_pairs(config, dirs["crash"], 0, {}).seconds == 0.0
