@@ -71,9 +71,10 @@ def test_main_command_writes_everything(reference):
   train_rows = rows[1:]
   assert all(np.isfinite(r["train_loss"]) and r["num_tokens"] > 0 for r in train_rows)
   assert all(len(r["clients"]) == 2 and r["bytes_up"] > 0 for r in train_rows)
-  # The round's shape never changes: compiled once, timed apart from round 1.
+  # Compiled before round 1 and timed apart. Packed rows (the default) have
+  # per-round shapes (data/batching.py), so a later round may compile again,
+  # once per shape not seen before.
   assert train_rows[0]["compile_s"] > 0
-  assert not any("compile_s" in r for r in train_rows[1:])
   assert all("eval_loss" in r for r in rows)
   for name in ("curves.png", "data_stats.json", "config.json",
                "adapter/adapter_config.json"):
