@@ -5,8 +5,8 @@
 #
 # Installs what is needed (launch/setup_env.sh), splits the job's data into one
 # directory per node (fedjax_u2s.flower.rehearsal: exactly the simulation's
-# split), starts a SuperLink and NODES=3 SuperNodes on loopback (insecure, for a
-# rehearsal only: docs/DEPLOY.md has TLS and node authentication), runs
+# split), starts a SuperLink and NODES=3 SuperNodes on loopback (insecure unless
+# TLS=1, below: docs/DEPLOY.md has TLS and node authentication), runs
 # `flwr run flower-app` of CONFIG (configs/fedit_instructions.py:smoke), stops
 # every process it started and exits 0 with the final adapter in
 # WORKDIR/adapter/ (PEFT format). WORKDIR also holds metrics.jsonl, curves.png,
@@ -19,6 +19,14 @@
 # text (text/*.txt) the in-process job gives that client, and every SuperNode
 # turns it into its own pairs (nodes/node<i>/generated/) before its first
 # training reply.
+#
+#   TLS=1 WORKDIR=/tmp/fl_tls bash launch/flower_local.sh
+#
+# rehearses docs/DEPLOY.md's secured setup: a CA and a certificate for
+# localhost/127.0.0.1 (openssl) and one ECDSA key per node (ssh-keygen), made in
+# WORKDIR/pki/; the SuperLink serves HTTPS with --enable-supernode-auth, every
+# node key is registered with `flwr supernode register`, and the SuperNodes
+# verify the SuperLink with the CA and sign with their keys.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -26,6 +34,7 @@ bash launch/setup_env.sh
 VENV=${VENV:-.venv}
 CONFIG=${CONFIG:-configs/fedit_instructions.py:smoke}
 NODES=${NODES:-3}
+TLS=${TLS:-0}
 WORKDIR=$(realpath -m "${WORKDIR:-workdir/flower_local}")
 # flower-superlink and flower-supernode start flower-superexec by name.
 export PATH="$REPO/$VENV/bin:$PATH"
@@ -42,13 +51,36 @@ OVERRIDES="$CLIENTS_KEY=$NODES $*"
 "$PY" -m fedjax_u2s.flower.rehearsal --config="$CONFIG" --out="$WORKDIR/nodes" $OVERRIDES
 EVAL_FILE=""
 [ -f "$WORKDIR/nodes/server/eval.jsonl" ] && EVAL_FILE="$WORKDIR/nodes/server/eval.jsonl"
+LINK_SECURITY=(--insecure)
+NODE_SECURITY=(--insecure)
+FLWR_SECURITY="insecure = true"
+if [ "$TLS" = 1 ]; then
+  PKI="$WORKDIR/pki"
+  mkdir -p "$PKI"
+  ( cd "$PKI"
+    if [ ! -f server.pem ]; then
+      openssl req -x509 -newkey rsa:2048 -sha256 -days 30 -nodes \
+        -keyout ca.key -out ca.crt -subj "/CN=fedjax-u2s rehearsal CA" 2>/dev/null
+      openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr \
+        -subj "/CN=localhost" 2>/dev/null
+      printf "subjectAltName=DNS:localhost,IP:127.0.0.1\n" > san.ext
+      openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+        -out server.pem -days 30 -sha256 -extfile san.ext 2>/dev/null
+    fi
+    for ((i = 0; i < NODES; i++)); do
+      [ -f "node$i.key" ] || ssh-keygen -q -t ecdsa -b 384 -N "" -f "node$i.key"
+    done )
+  LINK_SECURITY=(--ssl-ca-certfile "$PKI/ca.crt" --ssl-certfile "$PKI/server.pem"
+                 --ssl-keyfile "$PKI/server.key" --enable-supernode-auth)
+  FLWR_SECURITY="root-certificates = \"$PKI/ca.crt\""
+fi
 cat > "$FLWR_HOME/config.toml" <<EOF
 [superlink]
 default = "rehearsal"
 
 [superlink.rehearsal]
 address = "127.0.0.1:$PORT"
-insecure = true
+$FLWR_SECURITY
 EOF
 
 pids=()
@@ -64,7 +96,7 @@ cleanup() {
 trap cleanup EXIT
 
 # Each in its own session (setsid), so cleanup stops it with all its children.
-setsid flower-superlink --insecure --disable-runtime-dependency-installation \
+setsid flower-superlink "${LINK_SECURITY[@]}" --disable-runtime-dependency-installation \
   --port "$PORT" > "$WORKDIR/logs/superlink.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do
@@ -72,7 +104,12 @@ for _ in $(seq 100); do
   sleep 0.2
 done
 for ((i = 0; i < NODES; i++)); do
-  setsid flower-supernode --insecure --superlink "127.0.0.1:$PORT" --port "$(free_port)" \
+  if [ "$TLS" = 1 ]; then
+    # The SuperLink admits only registered keys (its state is in memory: every run).
+    flwr supernode register "$PKI/node$i.key.pub" rehearsal >> "$WORKDIR/logs/register.log"
+    NODE_SECURITY=(--root-certificates "$PKI/ca.crt" --auth-supernode-private-key "$PKI/node$i.key")
+  fi
+  setsid flower-supernode "${NODE_SECURITY[@]}" --superlink "127.0.0.1:$PORT" --port "$(free_port)" \
     --node-config "data-dir=\"$WORKDIR/nodes/node$i\" client-id=$i cache-dir=\"$WORKDIR/jax_cache\"" \
     > "$WORKDIR/logs/node$i.log" 2>&1 &
   pids+=($!)

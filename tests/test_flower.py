@@ -13,11 +13,15 @@ the client that answered, a finished run, intact checkpoints and metrics
 naming the dropped client. U2S nodes (raw text in their data dirs) generate
 their own pairs on the node, the same pairs and the same adapter as the
 in-process u2s job, and neither their text nor their pairs leave them.
+With TLS (our own CA) and SuperNode authentication, registered nodes train
+and a node with an unregistered key is refused.
 """
 
+import collections
 import glob
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -71,23 +75,84 @@ def _env(flwr_home):
   return env
 
 
-class Deployment:
-  """A SuperLink and one SuperNode per node dir, each in its own session."""
+# ca: the CA certificate (SuperNodes and `flwr` verify the SuperLink with it);
+# cert, key: the SuperLink's certificate and key; node_keys: private key paths
+# (OpenSSH ECDSA; `<path>.pub` beside each).
+Pki = collections.namedtuple("Pki", ["ca", "cert", "key", "node_keys"])
 
-  def __init__(self, root, node_dirs, cache_dir):
+
+def write_pki(out, num_node_keys):
+  """A CA, a server certificate for localhost/127.0.0.1 and node key pairs.
+
+  With docs/DEPLOY.md's commands (openssl, ssh-keygen), all offline; skips
+  when either tool is missing.
+  """
+  for tool in ("openssl", "ssh-keygen"):
+    if shutil.which(tool) is None:
+      pytest.skip(f"{tool} is not installed")
+  os.makedirs(out, exist_ok=True)
+  path = lambda name: os.path.join(out, name)
+
+  def sh(*cmd):
+    done = subprocess.run(cmd, cwd=out, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"{cmd}: {done.stderr[-2000:]}"
+
+  # RSA 2048 rather than DEPLOY.md's 4096: the same commands, a faster test.
+  sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-sha256", "-days", "2",
+     "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=test CA")
+  sh("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key",
+     "-out", "server.csr", "-subj", "/CN=localhost")
+  with open(path("san.ext"), "w") as f:
+    f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+  sh("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey",
+     "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "2", "-sha256",
+     "-extfile", "san.ext")
+  keys = []
+  for i in range(num_node_keys):
+    sh("ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", f"node{i}.key")
+    keys.append(path(f"node{i}.key"))
+  return Pki(path("ca.crt"), path("server.pem"), path("server.key"), keys)
+
+
+class Deployment:
+  """A SuperLink and one SuperNode per node dir, each in its own session.
+
+  With `tls` (a `Pki`): the SuperLink serves HTTPS with its certificate and
+  admits only registered SuperNodes (`--enable-supernode-auth`); the first
+  len(node_dirs) node keys are registered with `flwr supernode register`
+  before the nodes start, as docs/DEPLOY.md says.
+  """
+
+  def __init__(self, root, node_dirs, cache_dir, tls=None):
     self.root, self.node_dirs, self.cache_dir = root, node_dirs, cache_dir
+    self.tls = tls
+    self.num_nodes = len(node_dirs)
     self.port = _free_port()
     home = os.path.join(root, "flwr_home")
     os.makedirs(home, exist_ok=True)
+    security = (f'root-certificates = "{tls.ca}"\n' if tls else "insecure = true\n")
     with open(os.path.join(home, "config.toml"), "w") as f:
       f.write(f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
-              f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+              f'address = "127.0.0.1:{self.port}"\n{security}')
     self.env = _env(home)
-    self.link = self._spawn(["flower-superlink", "--insecure",
+    security = ["--insecure"] if tls is None else [
+        "--ssl-ca-certfile", tls.ca, "--ssl-certfile", tls.cert,
+        "--ssl-keyfile", tls.key, "--enable-supernode-auth"]
+    self.link = self._spawn(["flower-superlink", *security,
                              "--disable-runtime-dependency-installation",
                              "--port", str(self.port)], "superlink")
     self._wait_port(self.port)
+    if tls is not None:
+      for i in range(self.num_nodes):
+        self.flwr("supernode", "register", tls.node_keys[i] + ".pub")
     self.nodes = {i: self.start_node(i) for i in range(len(node_dirs))}
+
+  def flwr(self, *args):
+    """`flwr ARGS test` (the Control API); its stdout, or an error with its output."""
+    out = subprocess.run(["flwr", *args, "test"], capture_output=True, text=True,
+                         env=self.env, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
 
   def _spawn(self, cmd, name):
     log = open(os.path.join(self.root, f"{name}.log"), "ab")
@@ -103,12 +168,16 @@ class Deployment:
       time.sleep(0.2)
     raise TimeoutError(f"nothing listens on {port}")
 
-  def start_node(self, i):
+  def start_node(self, i, key=None, name=None):
+    """SuperNode i (data dir i); with TLS, signed with node key `key` (default i)."""
     cfg = (f'data-dir="{self.node_dirs[i]}" client-id={i} '
            f'cache-dir="{self.cache_dir}"')
-    return self._spawn(["flower-supernode", "--insecure", "--superlink",
+    security = ["--insecure"] if self.tls is None else [
+        "--root-certificates", self.tls.ca, "--auth-supernode-private-key",
+        self.tls.node_keys[i if key is None else key]]
+    return self._spawn(["flower-supernode", *security, "--superlink",
                         f"127.0.0.1:{self.port}", "--port", str(_free_port()),
-                        "--node-config", cfg], f"node{i}")
+                        "--node-config", cfg], name or f"node{i}")
 
   def stop(self, proc, sig=signal.SIGTERM, timeout=30):
     if proc.poll() is None:
@@ -120,7 +189,8 @@ class Deployment:
         proc.wait(timeout)
 
   def run(self, workdir, overrides, background=False, **run_config):
-    items = {"workdir": workdir, "num-nodes": NUM_NODES, "connect-timeout": 90.0,
+    items = {"workdir": workdir, "num-nodes": self.num_nodes,
+             "connect-timeout": 90.0,
              "overrides": " ".join(f"{k}={v}" for k, v in overrides.items()),
              **run_config}
     conf = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}"
@@ -656,3 +726,50 @@ def test_u2s_node_generation_resumes_after_a_crash(tmp_path, smollm2_path,
   assert not any("Added" in piece_id for piece_id, _ in pieces(dirs["crash"]))
   # Done: read back without generating.
   assert node_u2s.ensure_pairs(config, dirs["crash"], 0, {}).seconds == 0.0
+
+
+def _listed_nodes(dep):
+  """`flwr supernode list --format json`: {node id: status}."""
+  out = dep.flwr("supernode", "list", "--format", "json")
+  return {n["node-id"]: n["status"] for n in json.loads(out[out.index("{"):])["nodes"]}
+
+
+def test_tls_and_supernode_auth(tmp_path, smollm2_path):
+  """docs/DEPLOY.md's multi-machine setup on loopback: HTTPS with our own CA,
+  SuperNode authentication with registered ECDSA keys. Two registered nodes
+  train a round; a third, whose key was never registered, is refused."""
+  del smollm2_path  # The tiny model uses SmolLM2's tokenizer.
+  root = str(tmp_path)
+  pki = write_pki(os.path.join(root, "pki"), 3)
+  model = testing.write_tiny_chat_model(os.path.join(root, "tiny"))
+  overrides = _overrides(model, **{"partition.num_clients": 2,
+                                   "federated.num_rounds": 1})
+  config = testing.load_config(CONFIG, "smoke", **overrides)
+  made = rehearsal.write_node_dirs(config, os.path.join(root, "nodes"))
+  assert len(made["nodes"]) == 2
+  dep = Deployment(root, made["nodes"], os.path.join(root, "jax_cache"), tls=pki)
+  try:
+    registered = _listed_nodes(dep)
+    assert len(registered) == 2
+    # The intruder: a valid TLS client (it trusts the CA) with an unregistered
+    # key. The SuperLink refuses to activate it and it exits.
+    intruder = dep.start_node(0, key=2, name="intruder")
+    assert intruder.wait(120) != 0
+    log = open(os.path.join(root, "intruder.log")).read()
+    assert "Failed to activate SuperNode" in log, log[-2000:]
+    link_log = open(os.path.join(root, "superlink.log")).read()
+    assert "No SuperNode found with the given public key" in link_log
+    dep.stop(intruder)  # Its SuperExec, if any is left.
+
+    work = os.path.join(root, "fl-tls")
+    result = dep.run(work, overrides, **{"eval-file": made["eval_file"]})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = _rows(work)
+    assert [r["round"] for r in rows] == [0, 1]  # 0: the eval before training.
+    assert rows[1]["answered"] == rows[1]["clients"] == [0, 1]
+    assert rows[1]["dropped"] == []
+    assert os.path.exists(os.path.join(work, "adapter", "adapter_model.safetensors"))
+    # Only the registered nodes ever joined: the intruder was never added.
+    assert _listed_nodes(dep) == {n: "online" for n in registered}
+  finally:
+    dep.close()
