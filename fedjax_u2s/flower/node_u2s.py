@@ -253,16 +253,10 @@ def ensure_pairs(config: ml_collections.ConfigDict, data_dir: str, client: int,
 def training_examples(config: ml_collections.ConfigDict, data_dir: str, client: int
                       ) -> list:
   """The node's kept pairs minus the held-out share, as training examples."""
-  # pylint: disable=g-import-not-at-top
-  from fedjax_u2s.pipelines import common
-  from fedjax_u2s.u2s import stage
-  # pylint: enable=g-import-not-at-top
+  # Deferred: the u2s job pulls JAX, which a node's describe reply avoids.
+  from fedjax_u2s.pipelines import u2s  # pylint: disable=g-import-not-at-top
   out_dir = generated_dir(data_dir)
   records = writer_lib.read_records(writer_lib.client_path(out_dir, client))
-  if not records:
-    raise ValueError(
-        f"U2S node (client {client}, {data_dir}) kept no pairs (see "
-        f"{os.path.join(out_dir, 'stats.json')}): give it more text, relax "
-        "config.u2s.filters, or leave this node out.")
-  train, _ = stage.split_eval(records, config.data.eval_fraction, config.seed, client)
-  return [common.record_to_example(r, client) for r in train]
+  train, _ = u2s.split_pairs(config, client, records, f"node {data_dir}",
+                             os.path.join(out_dir, "stats.json"))
+  return train

@@ -43,19 +43,33 @@ def generate(config: ml_collections.ConfigDict, workdir: str, model) -> dict:
   return common.run_stage(workdir, "generate", run)
 
 
+def split_pairs(config: ml_collections.ConfigDict, cid: int, records: list[dict],
+                who: str, stats_path: str) -> tuple[list, list]:
+  """One client's kept pairs as (training, held-out) examples.
+
+  The held-out share is ``data.eval_fraction``, drawn per client with the
+  run's seed, wherever the client's pairs were made (here, or on its own
+  Flower node). ``who`` and ``stats_path`` name the client and its counts in
+  the error when it kept no pairs.
+  """
+  if not records:
+    raise ValueError(
+        f"U2S client {cid} ({who}) kept no pairs (see {stats_path}): give it "
+        "more text, relax config.u2s.filters, or drop the client.")
+  tr, ev = stage.split_eval(records, config.data.eval_fraction, config.seed, cid)
+  return ([common.record_to_example(r, cid) for r in tr],
+          [common.record_to_example(r, cid) for r in ev])
+
+
 def client_examples(config: ml_collections.ConfigDict, workdir: str, corpus: dict
                     ) -> tuple[list[list], list]:
   """Each client's training examples and the held-out ones, from its pairs."""
   train_sets, heldout = [], []
+  stats_path = os.path.join(workdir, "generated", "stats.json")
   for cid, recs in enumerate(stage.load_pairs(workdir, len(corpus["clients"]))):
-    if not recs:
-      raise ValueError(
-          f"U2S client {cid} ({corpus['clients'][cid]['name']}) kept no pairs "
-          f"(see {os.path.join(workdir, 'generated', 'stats.json')}): give it "
-          "more text, relax config.u2s.filters, or drop the client.")
-    tr, ev = stage.split_eval(recs, config.data.eval_fraction, config.seed, cid)
-    train_sets.append([common.record_to_example(r, cid) for r in tr])
-    heldout.extend(common.record_to_example(r, cid) for r in ev)
+    tr, ev = split_pairs(config, cid, recs, corpus["clients"][cid]["name"], stats_path)
+    train_sets.append(tr)
+    heldout.extend(ev)
   return train_sets, heldout
 
 
