@@ -169,12 +169,15 @@ class Deployment:
     raise TimeoutError(f"nothing listens on {port}")
 
   def start_node(self, i, key=None, name=None):
-    """SuperNode i (data dir i); with TLS, signed with node key `key` (default i)."""
+    """SuperNode i (data dir i); with TLS, signed with node key `key` (default
+    i; False: no key)."""
     cfg = (f'data-dir="{self.node_dirs[i]}" client-id={i} '
            f'cache-dir="{self.cache_dir}"')
     security = ["--insecure"] if self.tls is None else [
-        "--root-certificates", self.tls.ca, "--auth-supernode-private-key",
-        self.tls.node_keys[i if key is None else key]]
+        "--root-certificates", self.tls.ca]
+    if self.tls is not None and key is not False:
+      security += ["--auth-supernode-private-key",
+                   self.tls.node_keys[i if key is None else key]]
     return self._spawn(["flower-supernode", *security, "--superlink",
                         f"127.0.0.1:{self.port}", "--port", str(_free_port()),
                         "--node-config", cfg], name or f"node{i}")
@@ -737,7 +740,8 @@ def _listed_nodes(dep):
 def test_tls_and_supernode_auth(tmp_path, smollm2_path):
   """docs/DEPLOY.md's multi-machine setup on loopback: HTTPS with our own CA,
   SuperNode authentication with registered ECDSA keys. Two registered nodes
-  train a round; a third, whose key was never registered, is refused."""
+  train a round; a third, whose key was never registered, is refused, and so
+  is one without a key."""
   del smollm2_path  # The tiny model uses SmolLM2's tokenizer.
   root = str(tmp_path)
   pki = write_pki(os.path.join(root, "pki"), 3)
@@ -760,6 +764,11 @@ def test_tls_and_supernode_auth(tmp_path, smollm2_path):
     link_log = open(os.path.join(root, "superlink.log")).read()
     assert "No SuperNode found with the given public key" in link_log
     dep.stop(intruder)  # Its SuperExec, if any is left.
+    keyless = dep.start_node(1, key=False, name="keyless")
+    assert keyless.wait(120) != 0
+    log = open(os.path.join(root, "keyless.log")).read()
+    assert "All SuperNodes must be registered via the CLI" in log, log[-2000:]
+    dep.stop(keyless)
 
     work = os.path.join(root, "fl-tls")
     result = dep.run(work, overrides, **{"eval-file": made["eval_file"]})
