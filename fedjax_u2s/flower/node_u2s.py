@@ -163,7 +163,7 @@ def ensure_pairs(config: ml_collections.ConfigDict, data_dir: str, client: int,
   """
   # pylint: disable=g-import-not-at-top
   from fedjax_u2s import sampler as sampler_lib
-  from fedjax_u2s.flower import node as node_lib
+  from fedjax_u2s.pipelines import common
   from fedjax_u2s.models import bert
   from fedjax_u2s.u2s import chunking
   from fedjax_u2s.u2s import generate as generate_lib
@@ -194,12 +194,8 @@ def ensure_pairs(config: ml_collections.ConfigDict, data_dir: str, client: int,
                         pieces=int(node["pieces"]), seconds=0.0)
   start = time.perf_counter()
   if model is None:
-    model = node_lib.load_model(config)
-  generator = model
-  if config.generator.name and config.generator.name != config.model.name:
-    m = config.model
-    generator = node_lib._model(config.generator.name, m.dtype, m.param_dtype,  # pylint: disable=protected-access
-                                bool(m.get("remat", False)))
+    model = common.load_model(config)
+  generator = common.load_generator(config, model)
   generator_name = config.generator.name or config.model.name
   os.makedirs(out_dir, exist_ok=True)
   if node is not None and os.path.exists(pieces_path):
