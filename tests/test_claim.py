@@ -88,11 +88,10 @@ def write_generated(workdir, selection, titles, holdout, num_clients=2,
   common.mark_done(gdir, "generate", {"stats": stats, "corpus": corpus})
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, smollm2_path):
-  """One full experiment run and a second identical one (resume)."""
-  del smollm2_path  # The tiny model needs the real tokenizer.
-  from fedjax_u2s.data import wiki
+def generated_workdir(workdir: str) -> None:
+  """Every selection's generation stage done in ``workdir``: two medicine
+  articles held by clients, ten held out (skips without the wiki package)."""
+  from fedjax_u2s.data import wiki  # pylint: disable=g-import-not-at-top
   try:
     wiki.resolve_path()
   except FileNotFoundError as e:
@@ -101,10 +100,17 @@ def run(tmp_path_factory, smollm2_path):
           and a.description.strip()]
   titles = [arts[0].title, arts[1].title]
   holdout = [a.title for a in arts[2:12]]
-  model = testing.write_tiny_chat_model(str(tmp_path_factory.mktemp("tiny")))
-  workdir = str(tmp_path_factory.mktemp("claim"))
   for sel in ("retrieval", "random", "fixed"):
     write_generated(workdir, sel, titles, holdout)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, smollm2_path):
+  """One full experiment run and a second identical one (resume)."""
+  del smollm2_path  # The tiny model needs the real tokenizer.
+  workdir = str(tmp_path_factory.mktemp("claim"))
+  generated_workdir(workdir)
+  model = testing.write_tiny_chat_model(str(tmp_path_factory.mktemp("tiny")))
   config = _config(model)
   start = time.time()
   pipelines.run(config, workdir)

@@ -18,7 +18,7 @@ from fedjax_u2s import testing
 from fedjax_u2s.pipelines import claim
 from fedjax_u2s.pipelines import validate
 
-from test_claim import write_generated  # pylint: disable=g-bad-import-order
+from test_claim import generated_workdir  # pylint: disable=g-bad-import-order
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "experiments", "u2s_decisive.py")
@@ -77,19 +77,9 @@ def test_question_sets_have_power():
 
 def test_smoke_runs_end_to_end(tmp_path, smollm2_path):
   del smollm2_path  # The tiny model needs the real tokenizer.
-  from fedjax_u2s.data import wiki
-  try:
-    wiki.resolve_path()
-  except FileNotFoundError as e:
-    pytest.skip(str(e))
-  arts = [a for a in wiki.load_articles() if a.topic == wiki.topic_name("medicine")
-          and a.description.strip()]
-  titles = [arts[0].title, arts[1].title]
-  holdout = [a.title for a in arts[2:12]]
-  model = testing.write_tiny_chat_model(str(tmp_path / "tiny"))
   workdir = str(tmp_path / "decisive")
-  for sel in ("retrieval", "random", "fixed"):
-    write_generated(workdir, sel, titles, holdout)
+  generated_workdir(workdir)
+  model = testing.write_tiny_chat_model(str(tmp_path / "tiny"))
   config = testing.load_config(
       CONFIG, "smoke", **{
           "model.name": model, "corpus.topics": ("medicine",),
