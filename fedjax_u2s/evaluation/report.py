@@ -650,7 +650,10 @@ def write_fedpit_report(workdir: str, config, summary: Mapping[str, Any],
            f"({config.federated.num_rounds} rounds of {config.federated.algorithm}, "
            f"{config.federated.clients_per_round} clients per round); "
            f"{len(split['non_member_titles'])} non-member articles. Final train loss "
-           f"{_fmt(summary['final_train_loss'])}, held-out (non-member) loss "
+           f"of the global adapter {_fmt(summary['final_train_loss'])}"
+           + (f", of the local adapters {_fmt(summary['final_local_loss'])}"
+              if summary.get("final_local_loss") is not None else "")
+           + f"; held-out (non-member) loss of the global model "
            f"{_fmt(summary['final_eval_loss'])}.")
   synth = summary["synthetic"]
   if synth:

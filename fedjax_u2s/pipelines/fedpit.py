@@ -483,7 +483,11 @@ def summarize(variant: str, scores: dict, audits: dict, dp: dict | None,
           "audits": {n: {k: v for k, v in a.items() if k != "records"}
                      for n, a in audits.items()},
           "synthetic": counts,
+          # The global adapter's loss (None where it trained on nothing,
+          # as in the local variant) and the local adapters'.
           "final_train_loss": next((r["train_loss"] for r in reversed(metrics)
-                                    if "train_loss" in r), None),
+                                    if r.get("num_tokens")), None),
+          "final_local_loss": next((r["local_loss"] for r in reversed(metrics)
+                                    if "local_loss" in r), None),
           "final_eval_loss": next((r["eval_loss"] for r in reversed(metrics)
                                    if "eval_loss" in r), None)}
