@@ -498,10 +498,12 @@ def _run_round(run: _Run, ckpt: checkpoint_lib.Checkpointer, state: PyTree,
                                            fed.clients_per_round), np.int64)
   params = state["server"].params if run.isolated else state.params
   phases = [("", run.data)] + ([("local_", run.local)] if run.isolated else [])
-  batches, new_cursors = [], {}
+  batches, new_cursors, uploading = [], {}, len(ids)
   for name, source in phases:
-    host, new_cursors[name] = _round_batches(
-        run, source.sets(r, ids, params), ids, cursors[name][ids])
+    sets = source.sets(r, ids, params)
+    if not name:  # A client without data for the global adapter sends nothing.
+      uploading = sum(1 for s in sets if s is not None and len(s.tokens))
+    host, new_cursors[name] = _round_batches(run, sets, ids, cursors[name][ids])
     batches.append(jax.tree.map(lambda x: _global_array(x, run.by_client), host))
   extra = {k: v for _, source in phases for k, v in source.round_metrics(r).items()}
   t_data = time.perf_counter()
@@ -524,7 +526,7 @@ def _run_round(run: _Run, ckpt: checkpoint_lib.Checkpointer, state: PyTree,
          "clients": [int(i) for i in ids],
          "bytes_down": n_sampled * run.lora_bytes,
          # Only the global adapter's update leaves a client.
-         "bytes_up": n_sampled * run.lora_bytes}
+         "bytes_up": uploading * run.lora_bytes}
   if run.isolated:
     row["local_loss"] = float(m["local_loss"])
     row["local_num_tokens"] = int(m["local_num_tokens"])

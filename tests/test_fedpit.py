@@ -363,4 +363,5 @@ def test_job_end_to_end(tiny_model, tmp_path, variant, dp):
     assert all(r["dp_epsilon"] > 0 for r in trained)
   else:
     assert not os.path.exists(tmp_path / "synthetic")
-    assert all(r["num_tokens"] == 0 for r in trained)  # The global phase is empty.
+    assert all(r["num_tokens"] == 0 for r in trained)  # The global phase is empty,
+    assert all(r["bytes_up"] == 0 for r in trained)    # so nothing leaves a client.
