@@ -465,7 +465,6 @@ def _round_batches(run: _Run, sets: Sequence[Any | None], ids: np.ndarray,
                for k in ("tokens", "input_mask", "loss_mask")},
         step_mask=np.zeros((1, 1), bool), num_examples=np.zeros(1, np.float32),
         client_ids=np.zeros(1, np.int32))
-    has = []
   if len(has) < len(sets):
     rows = np.asarray(has, np.int64)
 
@@ -498,12 +497,12 @@ def _run_round(run: _Run, ckpt: checkpoint_lib.Checkpointer, state: PyTree,
                                            fed.clients_per_round), np.int64)
   params = state["server"].params if run.isolated else state.params
   phases = [("", run.data)] + ([("local_", run.local)] if run.isolated else [])
-  batches, new_cursors, uploading = [], {}, len(ids)
+  batches, new_cursors = [], {}
   for name, source in phases:
-    sets = source.sets(r, ids, params)
-    if not name:  # A client without data for the global adapter sends nothing.
-      uploading = sum(1 for s in sets if s is not None and len(s.tokens))
-    host, new_cursors[name] = _round_batches(run, sets, ids, cursors[name][ids])
+    host, new_cursors[name] = _round_batches(
+        run, source.sets(r, ids, params), ids, cursors[name][ids])
+    if not name:  # A client without data for the global adapter (weight 0) sends nothing.
+      uploading = int(np.count_nonzero(host.num_examples))
     batches.append(jax.tree.map(lambda x: _global_array(x, run.by_client), host))
   extra = {k: v for _, source in phases for k, v in source.round_metrics(r).items()}
   t_data = time.perf_counter()
