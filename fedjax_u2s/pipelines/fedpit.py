@@ -195,6 +195,7 @@ class SelfGeneration:
                                        decode=self.cfg.sampling.decode)
     self.made: dict[int, dict[int, dict]] = {}  # round -> client -> counts
     self._merged: tuple[int, Any] | None = None
+    self._read: dict[tuple[int, int], tuple[list[dict], dict]] = {}
 
   def merged(self, round_: int, params) -> Any:
     """Base + this round's global adapter as one set of weights.
@@ -228,7 +229,9 @@ class SelfGeneration:
               client_id=client, round_=round_, seed=self.seed, cfg=self.cfg)
           self.store.put(round_, client, recs, counts)
       common.lead_then_sync(make, f"selfgen_{round_}_{client}")
-    records, counts = self.store.get(g, client)
+    if (g, client) not in self._read:  # Both phases of a round ask.
+      self._read[(g, client)] = self.store.get(g, client)
+    records, counts = self._read[(g, client)]
     if g == round_:  # Made for this round (now, or before a restart).
       self.made.setdefault(round_, {})[client] = counts
     return records
@@ -287,7 +290,9 @@ class PhaseData:
 
 def _phases(variant: str, tokenize, clients, gen):
   """``(global data, local data or None)`` of a variant (see the module doc)."""
-  real = [tokenize(exs, f"client {i}") for i, exs in enumerate(clients)]
+  def real():
+    return [tokenize(exs, f"client {i}") for i, exs in enumerate(clients)]
+
   if variant == "fedpit":
     return (PhaseData(tokenize, clients, gen, use_real=False, use_synthetic=True,
                       report_metrics=True),
@@ -296,10 +301,10 @@ def _phases(variant: str, tokenize, clients, gen):
     return PhaseData(tokenize, clients, gen, use_real=True, use_synthetic=True,
                      report_metrics=True), None
   if variant == "fedit":
-    return real, None
+    return real(), None
   if variant == "local":
     return PhaseData(tokenize, clients, None, use_real=False,
-                     use_synthetic=False), real
+                     use_synthetic=False), real()
   raise ValueError(f"config.fedpit.variant={variant!r} is not one of {VARIANTS}.")
 
 
