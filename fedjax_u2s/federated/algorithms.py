@@ -63,8 +63,8 @@ PyTree = Any
 # JAX) so experiment configs can build config.federated from them.
 __all__ = ["ALGORITHMS", "LR_SCHEDULES", "AlgorithmConfig", "AlgorithmSpec",
            "FederatedAlgorithm", "RoundSums", "add_clients", "build",
-           "client_learning_rate", "empty_sums", "keep_old_if_nonfinite",
-           "server_optimizer", "server_step"]
+           "client_learning_rate", "client_optimizer", "empty_sums",
+           "keep_old_if_nonfinite", "server_optimizer", "server_step"]
 
 # fold_in stream of the local phase's randomness (the global phase uses the
 # root key folded with the round directly), so the two phases never share
@@ -88,6 +88,18 @@ def client_learning_rate(cfg: AlgorithmConfig, round_: jax.Array) -> jax.Array:
   if cfg.warmup_rounds > 0:
     lr = lr * jnp.minimum(1.0, (r + 1.0) / cfg.warmup_rounds)
   return lr
+
+
+def client_optimizer(cfg: AlgorithmConfig, round_: jax.Array
+                     ) -> tuple[optax.GradientTransformation, jax.Array]:
+  """The client optimizer of round ``round_`` and its learning rate.
+
+  Every local phase (global, FedPIT's local, a Flower node's) builds it here.
+  """
+  lr = client_learning_rate(cfg, round_)
+  return client_lib.make_client_optimizer(
+      cfg.client_optimizer, lr, b1=cfg.client_b1, b2=cfg.client_b2,
+      weight_decay=cfg.client_weight_decay), lr
 
 
 class FederatedAlgorithm(NamedTuple):
@@ -294,10 +306,7 @@ def _train_local(cfg: AlgorithmConfig, local_loss_fn: objectives.LossFn,
   """
   root = jax.random.fold_in(server_state.key(), LOCAL_STREAM)
   round_key = jax.random.fold_in(root, server_state.round)
-  lr = client_learning_rate(cfg, server_state.round)
-  optimizer = client_lib.make_client_optimizer(
-      cfg.client_optimizer, lr, b1=cfg.client_b1, b2=cfg.client_b2,
-      weight_decay=cfg.client_weight_decay)
+  optimizer, lr = client_optimizer(cfg, server_state.round)
   beside = (frozen, server_state.params)
   num_clients = jax.tree.leaves(adapters)[0].shape[0]
 
@@ -362,10 +371,7 @@ def _train_clients(cfg: AlgorithmConfig, loss_fn: objectives.LossFn,
   spec = cfg.spec
   params = server_state.params
   round_key = jax.random.fold_in(server_state.key(), server_state.round)
-  lr = client_learning_rate(cfg, server_state.round)
-  optimizer = client_lib.make_client_optimizer(
-      cfg.client_optimizer, lr, b1=cfg.client_b1, b2=cfg.client_b2,
-      weight_decay=cfg.client_weight_decay)
+  optimizer, lr = client_optimizer(cfg, server_state.round)
   control = server_state.control if spec.scaffold else None
   prox_mu = cfg.prox_mu if spec.prox else 0.0
 

@@ -183,10 +183,7 @@ def client_program(fed: AlgorithmConfig, loss: objectives.LossFn):
 
   def run(params, frozen, batch, step_mask, key_data, round_, control,
           client_control):
-    lr = algorithms.client_learning_rate(fed, round_)
-    optimizer = client_lib.make_client_optimizer(
-        fed.client_optimizer, lr, b1=fed.client_b1, b2=fed.client_b2,
-        weight_decay=fed.client_weight_decay)
+    optimizer, lr = algorithms.client_optimizer(fed, round_)
 
     def one_client(b, mask, key, cc):
       return client_lib.client_update(
