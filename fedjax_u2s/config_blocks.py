@@ -144,6 +144,7 @@ def u2s_config() -> ml_collections.ConfigDict:
   c.evaluate.num_cloze_questions = 0   # Sentence-cloze questions per split (suites.wiki_cloze); 0 = none.
   c.evaluate.cloze_per_article = 3     # At most this many cloze questions per article.
   c.evaluate.cloze_merge = False       # True: cloze joins wiki_known / wiki_unseen (one set each).
+  c.evaluate.num_champ_questions = 0   # corpus.kind="champ": held CHAMP problems (MC); 0 = none.
   c.evaluate.math_max_new_tokens = 48  # Decode budget per math answer.
   c.evaluate.batch_size = 8            # Rows per forward / sampler call.
   c.evaluate.seed = 0                  # Question sampling seed.

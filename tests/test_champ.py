@@ -65,3 +65,59 @@ def test_champ_heldout_suites():
   assert [(q.id, q.answer) for q in gen.questions] == [(p.id, p.answer) for p in s.held]
   with pytest.raises(ValueError, match="form must be"):
     suites.champ_heldout("essay")
+
+
+def test_champ_corpus_clients_and_their_questions():
+  """corpus.kind="champ": clients by category, the holdout is what is asked."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from fedjax_u2s.config_blocks import u2s_config  # pylint: disable=g-import-not-at-top
+  from fedjax_u2s.pipelines import validate  # pylint: disable=g-import-not-at-top
+  from fedjax_u2s.u2s import corpus  # pylint: disable=g-import-not-at-top
+
+  clients, held = corpus.champ_clients(num_clients=3, holdout_fraction=0.9, seed=0)
+  s = champ.split(0.9, 0)
+  assert [d.doc_id for d in held] == [p.id for p in s.held]
+  assert [c.name for c in clients] == ["math:Combinatorics+Polynomial",
+                                       "math:Inequality+Sequence", "math:Number-Theory"]
+  docs = [d for c in clients for d in c.documents]
+  # Every kept problem and used concept exactly once, and no held problem text.
+  assert sorted(d.doc_id for d in docs) == sorted(i for i, _, _ in champ.client_texts(s))
+  blob = "\n".join(d.text for d in docs)
+  assert not any(p.text in blob for p in s.held)
+  for c, cats in zip(clients, (("Combinatorics", "Polynomial"), ("Inequality", "Sequence"),
+                               ("Number-Theory",))):
+    problem_cats = {d.meta["category"] for d in c.documents if d.doc_id.startswith("P_")}
+    assert problem_cats == set(cats)
+  # A concept of a problem category goes with that category; a general one
+  # (e.g. "Algebra") to the client whose kept problems use it most.
+  owner = {"Combinatorics": 0, "Polynomial": 0, "Inequality": 1, "Sequence": 1,
+           "Number-Theory": 2}
+  where = {d.doc_id: k for k, c in enumerate(clients) for d in c.documents}
+  for concept in s.concepts:
+    counts = [0, 0, 0]
+    for p in s.kept:
+      counts[owner[p.category]] += concept.id in p.concepts
+    expected = owner.get(concept.category, counts.index(max(counts)))
+    assert where[concept.id] == expected
+
+  # The evaluation asks exactly the held problems, through the config path.
+  cfg = u2s_config()
+  cfg.corpus.kind, cfg.corpus.num_clients, cfg.corpus.holdout_fraction = "champ", 3, 0.9
+  cfg.evaluate.num_wiki_questions = cfg.evaluate.num_math_questions = 0
+  cfg.evaluate.num_champ_questions = 10
+  clients2, held2 = corpus.load_corpora_and_holdout(cfg.corpus)
+  assert [d.doc_id for d in held2] == [d.doc_id for d in held]
+  (task,) = suites.from_config(cfg.evaluate, [d.doc_id for d in docs],
+                               [d.doc_id for d in held2])
+  assert task.name == "champ_heldout" and len(task.questions) == 10
+  assert {q.id for q in task.questions} <= {d.doc_id for d in held}
+  with pytest.raises(ValueError, match="not CHAMP problems"):
+    suites.champ_heldout("mc", ids=["Paris"])
+
+  # Asked of a Wikipedia run, the field is refused by name.
+  bad = ml_collections.ConfigDict(cfg.to_dict())
+  bad.corpus.kind = "wiki"
+  with pytest.raises(ValueError, match=r"num_champ_questions=10 needs config.corpus.kind='champ'"):
+    validate.validate(bad)
+  with pytest.raises(ValueError, match="corpus.num_clients=7"):
+    corpus.champ_clients(num_clients=7)

@@ -62,9 +62,11 @@ at batch 4 are ~4 epochs. ``train.pack`` (the default) only makes steps
 cheaper than the 6.0 s measured before it; the raw-text arm's steps are
 cheaper still (no prompt tokens).
 
-Not in it yet: CHAMP held-out problems (``suites.champ_heldout``) need a
-math client whose text is CHAMP (``data/champ.py``) and a ``from_config``
-entry; ``evaluate.num_champ_questions`` stays 0 until both exist (TODO).
+Math is its own run: configs/experiments/u2s_champ.py gives the clients
+CHAMP's worked problems as text (``corpus.kind="champ"``) and asks the held
+problems of the same concepts (``evaluate.num_champ_questions``); the
+Wikipedia math client's encyclopedia paragraphs teach nothing a math
+question here measures.
 Arithmetic is left out: the base model gets 1 of 20 and no client text
 teaches it.
 
@@ -145,9 +147,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.evaluate.cloze_per_article = 3
   c.evaluate.cloze_merge = True        # One headline set per split (wiki_known / wiki_unseen).
   c.evaluate.num_math_questions = 0    # Arithmetic: at the floor (1/20), nothing teaches it.
-  # TODO(CHAMP): suites.champ_heldout is not in evaluate.from_config and no corpus
-  # gives the math client CHAMP text yet; set > 0 once both exist.
-  c.evaluate.num_champ_questions = 0
+  c.evaluate.num_champ_questions = 0   # Math: configs/experiments/u2s_champ.py.
 
   if arg == "smoke":
     c.corpus.max_docs_per_client = 3

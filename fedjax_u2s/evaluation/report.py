@@ -27,7 +27,8 @@ METRICS = {
 # Direction of "better" for deltas.
 LOWER_IS_BETTER = {"perplexity", "nll"}
 # Tasks shown first, in this order, in the claim experiment's tables.
-HEADLINE_TASKS = ("wiki_known", "wiki_unseen", "math_arithmetic", "heldout_ppl")
+HEADLINE_TASKS = ("wiki_known", "wiki_unseen", "champ_heldout", "math_arithmetic",
+                  "heldout_ppl")
 
 
 

@@ -509,7 +509,8 @@ def _answer_shape(answer: str) -> str:
 def champ_heldout(form: str = "mc", *, held_fraction: float = 0.9, seed: int = 0,
                   num_options: int = 4, max_new_tokens: int = 48,
                   template: str | None = None, path: str | None = None,
-                  name: str | None = None) -> tasks.Task:
+                  name: str | None = None, ids: Sequence[str] | None = None,
+                  num_questions: int = 0) -> tasks.Task:
   """The CHAMP problems a math client's text does not hold (:func:`champ.split`).
 
   Their concepts appear, worked, in the kept problems the client holds, so
@@ -528,8 +529,28 @@ def champ_heldout(form: str = "mc", *, held_fraction: float = 0.9, seed: int = 0
     template: the user message, with ``{question}``.
     path: CHAMP's v0.json (default: the packaged one).
     name: task name (default ``champ_heldout_<form>``).
+    ids: the held problems by id instead of ``held_fraction`` (a run's
+      ``corpus.kind="champ"`` holdout: the questions are then exactly the
+      problems no client's text contains, whatever split made them).
+    num_questions: at most this many (seeded sample, in id order; 0 = all).
   """
-  held = champ.split(held_fraction, seed, path=path).held
+  if ids is not None:
+    problems, _ = champ.load(path)
+    by_id = {p.id: p for p in problems}
+    unknown = sorted(set(ids) - set(by_id))
+    if unknown:
+      raise ValueError(f"champ_heldout: ids {unknown[:3]} are not CHAMP problems "
+                       "(is the run's corpus.kind 'champ'?).")
+    not_numeric = sorted(i for i in ids if not by_id[i].numeric)
+    if not_numeric:
+      raise ValueError(f"champ_heldout: problems {not_numeric[:3]} have no "
+                       "single-number answer to score.")
+    held = tuple(by_id[i] for i in sorted(set(ids)))
+  else:
+    held = champ.split(held_fraction, seed, path=path).held
+  if num_questions and len(held) > num_questions:
+    keep = set(random.Random(f"{seed}:champ_heldout").sample(range(len(held)), num_questions))
+    held = tuple(p for i, p in enumerate(held) if i in keep)
   name = name or f"champ_heldout_{form}"
   if form == "generation":
     template = template or MATH_TEMPLATE
@@ -643,7 +664,8 @@ def from_config(cfg, held_titles: Sequence[str], unheld_titles: Sequence[str]
     cfg: ``topics``, ``seed``, ``num_wiki_questions``, ``num_math_questions``,
       ``math_max_new_tokens`` (0 questions leaves a suite out), and optionally
       ``num_cloze_questions``, ``cloze_per_article``, ``cloze_merge`` (absent:
-      no cloze questions).
+      no cloze questions) and ``num_champ_questions`` (``champ_heldout``
+      multiple choice on the held CHAMP problems; needs corpus.kind="champ").
     held_titles: titles of the articles the clients hold.
     unheld_titles: titles of the articles no client holds.
   """
@@ -670,4 +692,11 @@ def from_config(cfg, held_titles: Sequence[str], unheld_titles: Sequence[str]
   if cfg.num_math_questions:
     out.append(math("arithmetic", num_questions=cfg.num_math_questions,
                     seed=cfg.seed, max_new_tokens=cfg.math_max_new_tokens))
+  num_champ = int(cfg.get("num_champ_questions", 0) or 0)
+  if num_champ:
+    # The run's held-out documents are CHAMP problem ids (corpus.kind="champ";
+    # validate.py refuses any other corpus), so no question's text is in any
+    # client's.
+    out.append(champ_heldout("mc", ids=list(unheld_titles), seed=cfg.seed,
+                             num_questions=num_champ, name="champ_heldout"))
   return out

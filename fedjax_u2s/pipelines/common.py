@@ -22,6 +22,7 @@ import ml_collections
 
 from fedjax_u2s import export
 from fedjax_u2s import train
+from fedjax_u2s.data import champ
 from fedjax_u2s.data import instructions
 from fedjax_u2s.data import wiki
 from fedjax_u2s.evaluation import report
@@ -58,8 +59,8 @@ def generation_files(config: ml_collections.ConfigDict) -> dict[str, str]:
   if config.generator.name:
     files["generator"] = registry.resolve(config.generator.name)
   files["embedder"] = bert.resolve(config.embedder.name)
-  files["corpus"] = config.corpus.path or (
-      wiki.resolve_path() if config.corpus.kind == "wiki" else "")
+  builtin = {"wiki": wiki.resolve_path, "champ": champ.resolve_path}.get(config.corpus.kind)
+  files["corpus"] = config.corpus.path or (builtin() if builtin else "")
   files["pool"] = config.pool.path or pool_lib.DEFAULT_POOL
   return files
 

@@ -96,7 +96,7 @@ RULES: dict[str, Rule] = {
     "partition.num_clients": int_at_least(1),
     "partition.alpha": positive(),
     "partition.min_size": int_at_least(0),
-    "corpus.kind": one_of("wiki", "folder", "files"),
+    "corpus.kind": one_of("wiki", "champ", "folder", "files"),
     "corpus.partition": one_of(*corpus.PARTITIONS),
     "corpus.num_clients": int_at_least(0),
     "corpus.alpha": positive(),
@@ -120,6 +120,7 @@ RULES: dict[str, Rule] = {
     "evaluate.num_wiki_questions": int_at_least(0),
     "evaluate.num_math_questions": int_at_least(0),
     "evaluate.num_cloze_questions": int_at_least(0),
+    "evaluate.num_champ_questions": int_at_least(0),
     "evaluate.cloze_per_article": int_at_least(1),
     "evaluate.math_max_new_tokens": int_at_least(1),
     "evaluate.batch_size": int_at_least(1),
@@ -192,6 +193,13 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
       out.append(f"config.train.pack_length={pack_length} is shorter than "
                  f"config.train.max_length={max_length}: a packed row must hold "
                  "the longest example (0 = batch_size * max_length).")
+  if _lookup(config, "evaluate.num_champ_questions")[0]:
+    kind = get("corpus.kind") if _lookup(config, "corpus.kind")[0] else None
+    if _is_int(get("evaluate.num_champ_questions")) and get(
+        "evaluate.num_champ_questions") > 0 and kind != "champ":
+      out.append(f"config.evaluate.num_champ_questions={get('evaluate.num_champ_questions')} "
+                 f"needs config.corpus.kind='champ' (got {kind!r}): the questions are "
+                 "the CHAMP problems the run's corpus held out from every client.")
   if _lookup(config, "chunking.min_tokens")[0]:
     if get("chunking.min_tokens") > get("chunking.max_tokens"):
       out.append(f"config.chunking.min_tokens={get('chunking.min_tokens')} exceeds "

@@ -47,6 +47,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from fedjax_u2s.data import champ
 from fedjax_u2s.data import partition as partition_lib
 from fedjax_u2s.data import wiki
 
@@ -101,7 +102,7 @@ class ClientCorpus:
 def default_config() -> ml_collections.ConfigDict:
   """The ``corpus`` block of an experiment config (locked: typos raise)."""
   c = ml_collections.ConfigDict()
-  c.kind = "wiki"              # wiki (built-in) | folder (.txt/.md) | files.
+  c.kind = "wiki"              # wiki (built-in) | champ (built-in math) | folder (.txt/.md) | files.
   c.path = ""                  # Folder, file or glob; wiki: JSON ("" = packaged).
   c.text_field = "text"        # files: the field holding the document text.
   c.id_field = ""              # files: document id field ("" = "<file>:<row>").
@@ -112,7 +113,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.alpha = 0.5                # Dirichlet concentration (small = skewed).
   c.max_docs_per_client = 0    # Seeded sample per client (0 = all documents).
   c.seed = 0                   # Seed of holdout, splits and sampling.
-  c.holdout_fraction = 0.0     # wiki: share of each topic held by no client.
+  c.holdout_fraction = 0.0     # wiki: share of each topic held by no client;
+                               # champ: share of each category's problems held out.
   c.encoding = "utf-8"         # folder: the text files' encoding (e.g. latin-1, cp1252).
   c.decode_errors = "strict"   # folder: strict (undecodable file = error) | replace (U+FFFD, warned).
   c.lock()
@@ -611,6 +613,65 @@ def _local_clients(config) -> list[ClientCorpus]:
   return out
 
 
+def champ_clients(num_clients: int = 0, holdout_fraction: float = 0.3,
+                  max_docs_per_client: int = 0, seed: int = 0,
+                  path: str | None = None
+                  ) -> tuple[list[ClientCorpus], list[Document]]:
+  """CHAMP competition math as clients' text, and the problems no client holds.
+
+  The math setting in which a client's text can teach what the evaluation
+  measures (:mod:`fedjax_u2s.data.champ`): the clients hold concept statements
+  and worked problems (statement, solution, answer); the held-out problems,
+  whose concepts those documents show at work, are the returned holdout
+  (``doc_id`` = the problem id, which ``evaluate.num_champ_questions`` turns
+  into multiple-choice questions). Clients are the five categories
+  (``num_clients=0``) or the categories dealt in order over ``num_clients``
+  clients, so each client's text is one kind of mathematics (non-IID by
+  construction).
+
+  Args:
+    num_clients: 0 = one per category, else 1..5.
+    holdout_fraction: share of each category's single-number problems held
+      out (:func:`fedjax_u2s.data.champ.split`).
+    max_docs_per_client: seeded sample per client (0 = all).
+    seed: seed of the split and the sampling.
+    path: CHAMP's v0.json (default: the packaged one).
+  """
+  cats = champ.CATEGORIES
+  n = num_clients or len(cats)
+  if not 1 <= n <= len(cats):
+    raise ValueError(f"corpus.num_clients={num_clients} with corpus.kind='champ': "
+                     f"use 0 (one client per category) or 1..{len(cats)}.")
+  if not 0.0 < holdout_fraction < 1.0:
+    raise ValueError(f"corpus.holdout_fraction={holdout_fraction} with corpus.kind="
+                     "'champ': set the share of problems held out for evaluation, "
+                     "in (0, 1).")
+  s = champ.split(holdout_fraction, seed, path=path)
+  groups: list[list[Document]] = [[] for _ in range(n)]
+  owner = {c: i % n for i, c in enumerate(cats)}
+  # A concept of a problem category goes with that category; a general one
+  # (e.g. "Algebra") to the client whose kept problems use it most (ties:
+  # lowest id).
+  uses: dict[str, list[int]] = {}
+  for p in s.kept:
+    for cid in p.concepts:
+      uses.setdefault(cid, [0] * n)[owner[p.category]] += 1
+  for doc_id, cat, text in champ.client_texts(s):
+    k = owner[cat] if cat in owner else int(np.argmax(uses[doc_id]))
+    groups[k].append(Document(doc_id=doc_id, text=text,
+                              meta={"category": cat, "source": "champ"}))
+  out = []
+  for k, group in enumerate(groups):
+    name = "math:" + "+".join(c for c in cats if owner[c] == k)
+    group = sample_documents(group, max_docs_per_client, seed, name)
+    out.append(ClientCorpus(client_id=k, name=name, documents=group,
+                            stats={"documents": len(group), "source": "champ"}))
+  held = [Document(doc_id=p.id, text=p.text, meta={"category": p.category,
+                                                    "source": "champ"})
+          for p in s.held]
+  return out, held
+
+
 # ----------------------------------------------------------------------------
 # Entry point.
 
@@ -636,12 +697,17 @@ def load_corpora_and_holdout(config) -> tuple[list[ClientCorpus], list[Document]
         max_docs_per_client=cfg.max_docs_per_client, seed=cfg.seed,
         holdout_fraction=cfg.holdout_fraction, path=cfg.path or None)
     return clients, held
+  if cfg.kind == "champ":
+    return champ_clients(num_clients=cfg.num_clients,
+                         holdout_fraction=cfg.holdout_fraction,
+                         max_docs_per_client=cfg.max_docs_per_client,
+                         seed=cfg.seed, path=cfg.path or None)
   if cfg.kind in ("folder", "files"):
     if cfg.holdout_fraction:
       raise ValueError("corpus.holdout_fraction applies to kind='wiki' only.")
     return _local_clients(cfg), []
   raise ValueError(
-      f"corpus.kind={cfg.kind!r} is unknown; use 'wiki', 'folder' or 'files'.")
+      f"corpus.kind={cfg.kind!r} is unknown; use 'wiki', 'champ', 'folder' or 'files'.")
 
 
 def load_client_corpora(config) -> list[ClientCorpus]:
