@@ -110,7 +110,8 @@ def pack_weights(params: PyTree, config: ModelConfig, *,
 
   Each layer's q/k/v weights become one packed ``qkv`` (biases concatenated
   too), gate/up one ``gate_up`` for ``Ops.swiglu`` (where neither has a
-  bias), o and down packed alone, and the LM head a packed ``lm_head`` (the
+  bias and the activation is SiLU; GeGLU keeps them apart), o and down
+  packed alone, and the LM head a packed ``lm_head`` (the
   tied embedding stays for the lookup): fewer, larger calls, each streaming
   contiguous panels (see kernels/cpu_gemm.cc). A copy of the weights; the
   decoder takes it like the original (the fused layout in
@@ -135,7 +136,8 @@ def pack_weights(params: PyTree, config: ModelConfig, *,
     if "b" in q:
       qkv["b"] = jnp.concatenate([q["b"], k["b"], v["b"]])
     lp["qkv"] = qkv
-    if "b" not in lp["gate"] and "b" not in lp["up"]:
+    # gate/up fuse with the SiLU only (ops.swiglu); GeGLU models keep them apart.
+    if config.hidden_act == "silu" and "b" not in lp["gate"] and "b" not in lp["up"]:
       gate, up = lp.pop("gate"), lp.pop("up")
       lp["gate_up"] = {"w": ops_lib.pack_swiglu(gate["w"], up["w"], formats=formats)}
     return {name: ({**p, "w": pack(p["w"])}

@@ -140,10 +140,80 @@ TINY_HF_LLAMA_BIAS = {
     "eos_token_id": 2,
 }
 
+# Gemma 3 (text): local and global layers mixed (local, global, local), a
+# window of 4 (shorter than the 12-token golden rows, so it matters), q and k
+# norms, four norms a layer, GeGLU, embeddings scaled by sqrt(D), and
+# query_pre_attn_scalar != head_dim (so the attention scale matters).
+TINY_HF_GEMMA3 = {
+    "model_type": "gemma3_text",
+    "architectures": ["Gemma3ForCausalLM"],
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "rope_local_base_freq": 10000.0,
+    "query_pre_attn_scalar": 24,
+    "sliding_window": 4,
+    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+    "max_position_embeddings": 512,
+    "final_logit_softcapping": None,
+    "attn_logit_softcapping": None,
+    "tie_word_embeddings": True,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+}
+
+# Gemma 3 with what the 270M lacks: linear RoPE scaling on the global layers
+# only (as Gemma 3 4B+), final logit soft-capping, untied embeddings,
+# multi-head attention, a global layer first.
+TINY_HF_GEMMA3_SCALED = {
+    **TINY_HF_GEMMA3,
+    "num_hidden_layers": 2,
+    "num_key_value_heads": 4,
+    "query_pre_attn_scalar": 16,
+    "sliding_window": 5,
+    "layer_types": ["full_attention", "sliding_attention"],
+    "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+    "final_logit_softcapping": 3.0,
+    "tie_word_embeddings": False,
+}
+
+# Qwen3: RMSNorm on q and k per head, no q/k/v bias, head_dim * heads != hidden.
+TINY_HF_QWEN3 = {
+    "model_type": "qwen3",
+    "architectures": ["Qwen3ForCausalLM"],
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 512,
+    "attention_bias": False,
+    "use_sliding_window": False,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
 TINY_HF_CONFIGS = {
     "llama": TINY_HF_LLAMA,
     "qwen2": TINY_HF_QWEN2,
     "llama_bias": TINY_HF_LLAMA_BIAS,
+    "gemma3": TINY_HF_GEMMA3,
+    "gemma3_scaled": TINY_HF_GEMMA3_SCALED,
+    "qwen3": TINY_HF_QWEN3,
 }
 
 
@@ -151,23 +221,26 @@ def random_hf_state_dict(hf_config: dict, seed: int) -> dict[str, np.ndarray]:
   """A deterministic random float32 state dict with Hugging Face names/layout.
 
   Linear weights are ``[out, in]`` as in PyTorch. Matrices and biases are
-  ``0.02 * normal``; RMSNorm weights are ``1 + 0.1 * normal`` so that a
-  loader that drops or misplaces a norm changes the logits. The draw order is
+  ``0.02 * normal``; RMSNorm weights are ``1 + 0.1 * normal`` (Gemma's, which
+  are applied as ``1 + w``, ``0.1 * normal``) so that a loader that drops or
+  misplaces a norm changes the logits. The draw order is
   fixed, so the same ``(hf_config, seed)`` always gives the same tensors (the
   golden logits in ``tests/testdata`` depend on it: regenerate them with
   ``tests/reference/make_golden_logits.py`` if this function changes).
 
   Args:
-    hf_config: a ``config.json`` dict of a Llama or Qwen2 model.
+    hf_config: a ``config.json`` dict of a Llama, Qwen2, Qwen3 or Gemma 3 model.
     seed: seed for ``np.random.default_rng``.
 
   Returns:
     ``{hf_name: float32 array}``; no ``lm_head.weight`` when embeddings are tied.
   """
   model_type = hf_config["model_type"]
-  if model_type not in ("llama", "qwen2"):
+  if model_type not in ("llama", "qwen2", "qwen3", "gemma3_text"):
     raise ValueError(f"random_hf_state_dict: model_type {model_type!r} is not "
-                     "'llama' or 'qwen2'.")
+                     "'llama', 'qwen2', 'qwen3' or 'gemma3_text'.")
+  gemma = model_type == "gemma3_text"
+  qk_norm = model_type in ("qwen3", "gemma3_text")
   rng = np.random.default_rng(seed)
   v, d = hf_config["vocab_size"], hf_config["hidden_size"]
   f, n = hf_config["intermediate_size"], hf_config["num_hidden_layers"]
@@ -182,9 +255,11 @@ def random_hf_state_dict(hf_config: dict, seed: int) -> dict[str, np.ndarray]:
     return (0.02 * rng.standard_normal(shape)).astype(np.float32)
 
   def norm(dim):
-    return (1.0 + 0.1 * rng.standard_normal(dim)).astype(np.float32)
+    return ((0.0 if gemma else 1.0) + 0.1 * rng.standard_normal(dim)).astype(np.float32)
 
-  sd = {"model.embed_tokens.weight": normal(v, d)}
+  # Gemma's tied head reads the embedding: drawn 10x larger so its logits
+  # are O(1) like the others' (the layers see it through RMSNorm).
+  sd = {"model.embed_tokens.weight": normal(v, d) * (10.0 if gemma else 1.0)}
   for i in range(n):
     p = f"model.layers.{i}."
     sd[p + "input_layernorm.weight"] = norm(d)
@@ -201,8 +276,14 @@ def random_hf_state_dict(hf_config: dict, seed: int) -> dict[str, np.ndarray]:
       sd[p + f"mlp.{name}_proj.weight"] = normal(*shape)
       if mlp_bias:
         sd[p + f"mlp.{name}_proj.bias"] = normal(shape[0])
+    if qk_norm:  # Drawn after Llama's tensors: their draws stay as they were.
+      sd[p + "self_attn.q_norm.weight"] = norm(hd)
+      sd[p + "self_attn.k_norm.weight"] = norm(hd)
+    if gemma:
+      sd[p + "pre_feedforward_layernorm.weight"] = norm(d)
+      sd[p + "post_feedforward_layernorm.weight"] = norm(d)
   sd["model.norm.weight"] = norm(d)
-  if not hf_config.get("tie_word_embeddings", False):
+  if not hf_config.get("tie_word_embeddings", gemma):
     sd["lm_head.weight"] = normal(v, d)
   return sd
 

@@ -1,7 +1,9 @@
 """Tokenizer: a Hugging Face ``tokenizers.Tokenizer`` plus chat template.
 
-Built either from a ``tokenizer.json`` (:meth:`Tokenizer.from_file`) or from the
-vocabulary a GGUF file carries in its metadata (:meth:`Tokenizer.from_gguf`):
+Built from a ``tokenizer.json`` (:meth:`Tokenizer.from_file`), from a
+sentencepiece ``tokenizer.model`` (:meth:`Tokenizer.from_sentencepiece`; what
+older Llama and Gemma repositories ship instead), or from the vocabulary a GGUF
+file carries in its metadata (:meth:`Tokenizer.from_gguf`):
 
 * ``tokenizer.ggml.model == "gpt2"``: byte-level BPE. The vocabulary and merges
   are stored already in GPT-2's byte-to-unicode alphabet; the pre-tokenizer is
@@ -11,6 +13,16 @@ vocabulary a GGUF file carries in its metadata (:meth:`Tokenizer.from_gguf`):
   rebuilt as in Llama-2's ``tokenizer.json`` (a normalizer turns spaces into
   ``▁`` and prepends one; merges come from the file or, if it has none, from
   the piece scores), which reproduces sentencepiece's ids.
+
+A ``tokenizer.model`` is read with ``sentencepiece`` and rebuilt the same way
+as a GGUF ``llama`` vocabulary (pieces, scores and piece types are exactly what
+llama.cpp's converter copies into the GGUF), for BPE models with the identity
+normalizer (Llama-2, Gemma); others are refused by name.
+
+Gemma 3 GGUF files carry no chat template: :data:`GEMMA3_CHAT_TEMPLATE` (the
+one in google/gemma-3-*'s tokenizer_config.json) is used for ``gemma3`` files
+without one, so ``<start_of_turn>user ... <end_of_turn>`` prompts and the stop
+at ``<end_of_turn>`` work as with Gemma's own tokenizer.
 
 Tokens marked CONTROL in ``tokenizer.ggml.token_type`` become special added
 tokens (matched whole, dropped by ``decode(skip_special_tokens=True)``), and
@@ -40,6 +52,51 @@ _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 # on it even if the file's EOS is another token.
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>",
                        "<end_of_turn>", "<|end_of_turn|>")
+
+# Gemma 3's chat template, as google/gemma-3-*'s tokenizer_config.json has
+# it: BOS first, a system message folded into the first user turn, the
+# assistant's role written "model", each turn closed by <end_of_turn>.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\n'}}\n"
+    "{%- endif -%}\n")
 
 # Split regexes of the byte-level pre-tokenizers, as in the models'
 # tokenizer.json files (and llama.cpp's llama-vocab.cpp for the same names).
@@ -161,38 +218,30 @@ class Tokenizer:
 
     Beside it, ``tokenizer_config.json`` (optional) gives the chat template,
     the bos/eos/pad/unk tokens and ``add_bos_token``; a ``chat_template.jinja``
-    file, if present, gives the template too.
+    file, if present, gives the template too. A directory without
+    ``tokenizer.json`` but with a sentencepiece ``tokenizer.model`` is read
+    with :meth:`from_sentencepiece`.
 
     Raises:
-      FileNotFoundError: if there is no tokenizer.json.
+      FileNotFoundError: if there is neither tokenizer.json nor tokenizer.model.
       ValueError: naming the file, if it cannot be parsed.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
       directory, file = path, os.path.join(path, "tokenizer.json")
+      if not os.path.isfile(file) and os.path.isfile(os.path.join(path, SPM_FILE)):
+        return cls.from_sentencepiece(os.path.join(path, SPM_FILE))
     else:
       directory, file = os.path.dirname(path) or ".", path
     if not os.path.isfile(file):
       raise FileNotFoundError(f"{file} not found: a Hugging Face tokenizer needs a "
-                              "tokenizer.json.")
+                              f"tokenizer.json (or a sentencepiece {SPM_FILE}).")
     try:
       hf = tokenizers.Tokenizer.from_file(file)
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON.
       raise ValueError(f"{file}: not a valid tokenizer.json: {e}") from e
 
-    cfg: dict[str, Any] = {}
-    cfg_file = os.path.join(directory, "tokenizer_config.json")
-    if os.path.isfile(cfg_file):
-      try:
-        with open(cfg_file, encoding="utf-8") as f:
-          cfg = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_file}: not valid JSON (line {e.lineno}): {e.msg}") from e
-    template = _pick_template(cfg.get("chat_template"))
-    jinja_file = os.path.join(directory, "chat_template.jinja")
-    if os.path.isfile(jinja_file):
-      with open(jinja_file, encoding="utf-8") as f:
-        template = f.read()
+    cfg, template = _tokenizer_config(directory)
 
     def token(key):
       v = cfg.get(key)
@@ -208,6 +257,69 @@ class Tokenizer:
     return cls(hf, bos_token=bos, eos_token=token("eos_token"),
                pad_token=token("pad_token"), unk_token=token("unk_token"),
                add_bos=bool(add_bos), chat_template=template, name=file)
+
+  @classmethod
+  def from_sentencepiece(cls, path: str | os.PathLike) -> "Tokenizer":
+    """Builds the tokenizer of a sentencepiece ``tokenizer.model``.
+
+    The model is opened with ``sentencepiece`` (which validates it); its
+    pieces, scores and piece types become a byte-fallback BPE exactly as a
+    GGUF ``llama`` vocabulary does (:meth:`from_gguf`), giving
+    sentencepiece's ids. ``tokenizer_config.json`` beside it, if present,
+    gives the chat template, special tokens and ``add_bos_token`` (default:
+    add BOS, as Llama and Gemma do).
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: naming the file, if sentencepiece cannot read it.
+      NotImplementedError: for a unigram / word / char model, or a
+        normalizer other than identity, or ``remove_extra_whitespaces``
+        (this rebuild would give other ids than sentencepiece).
+    """
+    import sentencepiece  # Lazy: only directories without tokenizer.json need it.
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path}: no such sentencepiece model.")
+    sp = sentencepiece.SentencePieceProcessor()
+    try:
+      sp.Load(path)
+    except (OSError, RuntimeError) as e:
+      raise ValueError(f"{path}: not a sentencepiece model ({e}).") from e
+    spec = _read_spm_proto(sp.serialized_model_proto())
+    if spec["model_type"] != 2:
+      kinds = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
+      raise NotImplementedError(
+          f"{path}: a sentencepiece {kinds.get(spec['model_type'], spec['model_type'])}"
+          " model; only BPE models (Llama, Gemma) are implemented.")
+    if spec["normalizer"] not in ("identity", ""):
+      raise NotImplementedError(
+          f"{path}: normalizer_spec.name={spec['normalizer']!r}; only 'identity' "
+          "is implemented (Llama and Gemma models use it).")
+    if spec["remove_extra_whitespaces"]:
+      raise NotImplementedError(
+          f"{path}: normalizer_spec.remove_extra_whitespaces=true is not "
+          "implemented (Llama and Gemma models set it false).")
+    n = sp.get_piece_size()
+    tokens = [sp.id_to_piece(i) for i in range(n)]
+    md = {"tokenizer.ggml.tokens": tokens,
+          "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)],
+          "tokenizer.ggml.add_space_prefix": spec["add_dummy_prefix"],
+          "tokenizer.ggml.unknown_token_id": sp.unk_id() if sp.unk_id() >= 0 else None}
+    hf = _sentencepiece_bpe(md, tokens, spec["types"], path)
+    cfg, template = _tokenizer_config(os.path.dirname(path) or ".")
+
+    def token(key, spm_id):
+      v = cfg.get(key)
+      if v is not None:
+        return v.get("content") if isinstance(v, dict) else v
+      return tokens[spm_id] if 0 <= spm_id < n else None
+
+    add_bos = cfg.get("add_bos_token", True)
+    return cls(hf, bos_token=token("bos_token", sp.bos_id()),
+               eos_token=token("eos_token", sp.eos_id()),
+               pad_token=token("pad_token", sp.pad_id()),
+               unk_token=token("unk_token", sp.unk_id()),
+               add_bos=bool(add_bos), chat_template=template, name=path)
 
   @classmethod
   def from_gguf(cls, path_or_reader) -> "Tokenizer":
@@ -257,9 +369,12 @@ class Tokenizer:
 
     add_bos = md.get("tokenizer.ggml.add_bos_token", add_bos_default)
     extra = [md.get(f"tokenizer.ggml.{k}") for k in ("eot_token_id", "eom_token_id")]
+    template = md.get("tokenizer.chat_template")
+    if template is None and gf.architecture == "gemma3":
+      template = GEMMA3_CHAT_TEMPLATE  # Gemma 3 files ship none; see above.
     return cls(hf, bos_token=token("bos_token_id"), eos_token=token("eos_token_id"),
                pad_token=token("padding_token_id"), unk_token=token("unknown_token_id"),
-               add_bos=bool(add_bos), chat_template=md.get("tokenizer.chat_template"),
+               add_bos=bool(add_bos), chat_template=template,
                extra_eos_ids=[e for e in extra if e is not None], name=path)
 
   def save(self, directory: str | os.PathLike) -> None:
@@ -401,6 +516,104 @@ class Tokenizer:
     return self._template.render(messages=chat,
                                  add_generation_prompt=add_generation_prompt,
                                  **variables)
+
+
+SPM_FILE = "tokenizer.model"
+
+
+def has_tokenizer(directory: str | os.PathLike) -> bool:
+  """Whether a model directory holds a tokenizer :meth:`Tokenizer.from_file`
+  reads (``tokenizer.json`` or a sentencepiece ``tokenizer.model``)."""
+  directory = os.fspath(directory)
+  return any(os.path.isfile(os.path.join(directory, f))
+             for f in ("tokenizer.json", SPM_FILE))
+
+
+def _tokenizer_config(directory: str) -> tuple[dict[str, Any], str | None]:
+  """(tokenizer_config.json as a dict or {}, the chat template or None)."""
+  cfg: dict[str, Any] = {}
+  cfg_file = os.path.join(directory, "tokenizer_config.json")
+  if os.path.isfile(cfg_file):
+    try:
+      with open(cfg_file, encoding="utf-8") as f:
+        cfg = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{cfg_file}: not valid JSON (line {e.lineno}): {e.msg}") from e
+  template = _pick_template(cfg.get("chat_template"))
+  jinja_file = os.path.join(directory, "chat_template.jinja")
+  if os.path.isfile(jinja_file):
+    with open(jinja_file, encoding="utf-8") as f:
+      template = f.read()
+  return cfg, template
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+  value, shift = 0, 0
+  while True:
+    b = buf[pos]
+    pos += 1
+    value |= (b & 0x7F) << shift
+    if b < 0x80:
+      return value, pos
+    shift += 7
+
+
+def _proto_fields(buf: bytes):
+  """(field number, wire type, value) of a protobuf message, in order.
+
+  Just enough protobuf to read a sentencepiece ModelProto without the
+  generated ``sentencepiece_model_pb2`` (which needs a matching protobuf
+  runtime): varints, 32/64-bit words and length-delimited bytes.
+  """
+  pos = 0
+  while pos < len(buf):
+    key, pos = _varint(buf, pos)
+    field, wire = key >> 3, key & 7
+    if wire == 0:
+      value, pos = _varint(buf, pos)
+    elif wire == 1:
+      value, pos = buf[pos:pos + 8], pos + 8
+    elif wire == 2:
+      n, pos = _varint(buf, pos)
+      value, pos = buf[pos:pos + n], pos + n
+    elif wire == 5:
+      value, pos = buf[pos:pos + 4], pos + 4
+    else:
+      raise ValueError(f"unsupported protobuf wire type {wire}")
+    yield field, wire, value
+
+
+def _read_spm_proto(buf: bytes) -> dict[str, Any]:
+  """The parts of a sentencepiece ModelProto the rebuild needs.
+
+  ModelProto: 1 pieces {1 piece, 2 score, 3 type}, 2 trainer_spec
+  {3 model_type}, 3 normalizer_spec {1 name, 3 add_dummy_prefix,
+  4 remove_extra_whitespaces}; proto2 defaults where a field is absent.
+  Piece types use the numbers llama.cpp's token_type copies (NORMAL 1 ...).
+  """
+  types: list[int] = []
+  out = {"types": types, "model_type": 1, "normalizer": "",
+         "add_dummy_prefix": True, "remove_extra_whitespaces": True}
+  for field, _, value in _proto_fields(buf):
+    if field == 1:
+      kind = _NORMAL
+      for f, _, v in _proto_fields(value):
+        if f == 3:
+          kind = v
+      types.append(kind)
+    elif field == 2:
+      for f, _, v in _proto_fields(value):
+        if f == 3:
+          out["model_type"] = v
+    elif field == 3:
+      for f, _, v in _proto_fields(value):
+        if f == 1:
+          out["normalizer"] = v.decode("utf-8")
+        elif f == 3:
+          out["add_dummy_prefix"] = bool(v)
+        elif f == 4:
+          out["remove_extra_whitespaces"] = bool(v)
+  return out
 
 
 def _pick_template(template) -> str | None:

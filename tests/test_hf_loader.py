@@ -53,8 +53,18 @@ def test_load_maps_names_and_layout(tmp_path, name):
                                 sd["model.layers.1.self_attn.q_proj.weight"].T)
   np.testing.assert_array_equal(params["layers"]["down"]["w"][0],
                                 sd["model.layers.0.mlp.down_proj.weight"].T)
+  # Llama's post_attention_layernorm is the MLP's input norm; Gemma's is the
+  # norm on the attention's output, and pre_feedforward_layernorm the MLP's.
+  mlp_norm = ("pre_feedforward_layernorm" if config.post_norms
+              else "post_attention_layernorm")
   np.testing.assert_array_equal(params["layers"]["mlp_norm"][1],
-                                sd["model.layers.1.post_attention_layernorm.weight"])
+                                sd[f"model.layers.1.{mlp_norm}.weight"])
+  if config.post_norms:
+    np.testing.assert_array_equal(params["layers"]["post_attn_norm"][1],
+                                  sd["model.layers.1.post_attention_layernorm.weight"])
+  if config.qk_norm:
+    np.testing.assert_array_equal(params["layers"]["k_norm"][1],
+                                  sd["model.layers.1.self_attn.k_norm.weight"])
   if config.qkv_bias:
     np.testing.assert_array_equal(params["layers"]["k"]["b"][1],
                                   sd["model.layers.1.self_attn.k_proj.bias"])

@@ -25,6 +25,14 @@ Three conventions of llama.cpp have to be undone on the way:
 * Llama-3 RoPE scaling is stored as a ``rope_freqs.weight`` tensor of
   per-frequency divisors rather than as metadata; it is matched back to the
   ``llama3`` parameters here.
+* ``gemma3`` files store every RMSNorm weight plus one (llama.cpp's converter
+  adds Gemma's ``1 + w`` offset so that its kernels can use a plain RMSNorm);
+  the loader subtracts it again, giving the Hugging Face values that
+  ``ModelConfig.norm_offset = 1`` expects. Gemma 3 facts the file does not
+  record are llama.cpp's fixed rules for ``gemma3``: every 6th layer is global
+  (the others slide over ``attention.sliding_window``), the local layers'
+  RoPE base is 10,000, and the attention scale is ``head_dim**-0.5`` except
+  for the 62-layer 27B (``(hidden / heads)**-0.5``).
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from gguf import quants as gguf_quants
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from fedjax_u2s.models import llama
+from fedjax_u2s.models import config as config_lib
 from fedjax_u2s.models.config import ModelConfig, RopeScaling, UnsupportedModelError
 from fedjax_u2s.models.formats import reject_pickle
 
@@ -52,7 +61,10 @@ PyTree = Any
 # Checkpoint suffixes that are Python pickles: loading one can run arbitrary code.
 
 # GGUF architectures this decoder implements -> whether q/k/v carry a bias.
-_ARCHITECTURES = {"llama": False, "qwen2": True}
+_ARCHITECTURES = {"llama": False, "qwen2": True, "qwen3": False, "gemma3": False}
+# llama.cpp's fixed sliding-window pattern for gemma3: layer i is global when
+# (i + 1) % 6 == 0 (it calls hparams.set_swa_pattern(6)).
+_GEMMA3_SWA_PATTERN = 6
 
 # Tensor types load_gguf accepts. Integer types are not weights; anything not
 # listed (e.g. the IQ* codebook types) is refused by name before any work.
@@ -349,7 +361,7 @@ def config_from_gguf(reader_or_path, **overrides) -> ModelConfig:
     raise UnsupportedModelError(
         f"{path}: general.architecture={arch!r} is not supported; this decoder "
         f"implements {sorted(_ARCHITECTURES)} GGUF files (Llama-2/3, SmolLM/SmolLM2, "
-        "Qwen2/2.5).")
+        "Qwen2/2.5, Qwen3, Gemma 3).")
 
   def get(key, default=None, required=False):
     full = f"{arch}.{key}"
@@ -383,6 +395,11 @@ def config_from_gguf(reader_or_path, **overrides) -> ModelConfig:
 
   rope_theta = _f32(get("rope.freq_base", 10000.0))
   rope_scaling = _rope_scaling(gf, arch, head_dim, rope_theta)
+  for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+    if get(key) is not None:
+      raise UnsupportedModelError(
+          f"{path}: {arch}.{key}={get(key)}: logit soft-capping from GGUF "
+          "metadata is not implemented (Gemma 3 has none).")
 
   vocab = get("vocab_size")
   if vocab is None:
@@ -421,9 +438,39 @@ def config_from_gguf(reader_or_path, **overrides) -> ModelConfig:
       eos_token_ids=tuple(eos_ids),
       pad_token_id=None if tok("padding_token_id") is None else int(tok("padding_token_id")),
       name=str(md.get("general.name") or md.get("general.basename") or arch),
+      architecture=arch,
+      qk_norm="blk.0.attn_q_norm.weight" in names,
   )
+  if arch == "gemma3":
+    kw.update(_gemma3_fields(get, path, kw))
   kw.update(overrides)
   return ModelConfig(**kw)
+
+
+def _gemma3_fields(get, path: str, kw: Mapping[str, Any]) -> dict[str, Any]:
+  """The Gemma 3 fields of a ``gemma3`` GGUF file's config (see the module
+  docstring for the rules llama.cpp fixes rather than records)."""
+  n = kw["num_layers"]
+  window = get("attention.sliding_window")
+  if window is None:
+    raise UnsupportedModelError(
+        f"{path}: gemma3.attention.sliding_window is missing; Gemma 3's local "
+        "layers need their window.")
+  pattern = get("attention.sliding_window_pattern", _GEMMA3_SWA_PATTERN)
+  if isinstance(pattern, list):  # Per-layer flags: True = sliding.
+    if len(pattern) != n:
+      raise UnsupportedModelError(
+          f"{path}: gemma3.attention.sliding_window_pattern has {len(pattern)} "
+          f"entries for {n} layers.")
+    types = ["sliding_attention" if p else "full_attention" for p in pattern]
+  else:
+    types = ["sliding_attention" if (i + 1) % int(pattern) else "full_attention"
+             for i in range(n)]
+  scalar = (kw["hidden_size"] // kw["num_heads"] if n == 62 else kw["head_dim"])
+  return dict(hidden_act="gelu_pytorch_tanh", norm_offset=1.0, post_norms=True,
+              embed_scale=True, qk_norm=True, query_pre_attn_scalar=float(scalar),
+              layer_types=tuple(types), sliding_window=int(window),
+              rope_local_theta=config_lib.GEMMA3_LOCAL_ROPE_THETA)
 
 
 def _llama3_factors(inv_freq: np.ndarray, rs: RopeScaling) -> np.ndarray:
@@ -449,6 +496,11 @@ def _rope_scaling(gf: GGUFFile, arch: str, head_dim: int,
   md, path = gf.metadata, gf.path
   kind = md.get(f"{arch}.rope.scaling.type", "none")
   linear = md.get(f"{arch}.rope.scale_linear")
+  factor = md.get(f"{arch}.rope.scaling.factor")
+  if arch == "gemma3" and kind == "linear" and factor is not None:
+    # Gemma 3 4B+: linear scaling of the global layers (the local ones never).
+    return None if float(factor) == 1.0 else RopeScaling(
+        factor=_f32(factor), rope_type="linear")
   if kind not in ("none", "") or (linear is not None and float(linear) != 1.0):
     raise UnsupportedModelError(
         f"{path}: RoPE scaling type {kind!r} (scale_linear={linear}) is not "
@@ -529,6 +581,7 @@ class _Target:
   np_shape: tuple[int, ...]    # expected numpy shape in the file
   transpose: bool              # [out, in] -> [in, out]
   unpermute_heads: int = 0     # undo llama.cpp's Q/K row order with this many heads
+  shift: float = 0.0           # subtracted from the values (gemma3 norms: 1)
 
 
 def _targets(cfg: ModelConfig, arch: str) -> dict[str, _Target]:
@@ -540,11 +593,22 @@ def _targets(cfg: ModelConfig, arch: str) -> dict[str, _Target]:
        "output_norm.weight": _Target(("final_norm",), None, (d,), False)}
   if not cfg.tie_word_embeddings:
     t["output.weight"] = _Target(("lm_head",), None, (v, d), True)
+  shift = cfg.norm_offset  # gemma3 files store norms as offset + w.
+  t["output_norm.weight"] = _Target(("final_norm",), None, (d,), False, 0, shift)
+  hd = cfg.head_dim
   for i in range(cfg.num_layers):
     def add(name, path, shape, transpose=False, heads=0, _i=i):
-      t[f"blk.{_i}.{name}"] = _Target(("layers",) + path, _i, shape, transpose, heads)
+      norm = name.endswith("norm.weight")
+      t[f"blk.{_i}.{name}"] = _Target(("layers",) + path, _i, shape, transpose, heads,
+                                      shift if norm else 0.0)
     add("attn_norm.weight", ("attn_norm",), (d,))
     add("ffn_norm.weight", ("mlp_norm",), (d,))
+    if cfg.qk_norm:
+      add("attn_q_norm.weight", ("q_norm",), (hd,))
+      add("attn_k_norm.weight", ("k_norm",), (hd,))
+    if cfg.post_norms:
+      add("post_attention_norm.weight", ("post_attn_norm",), (d,))
+      add("post_ffw_norm.weight", ("post_mlp_norm",), (d,))
     add("attn_q.weight", ("q", "w"), (q, d), True, hq)
     add("attn_k.weight", ("k", "w"), (kv, d), True, hk)
     add("attn_v.weight", ("v", "w"), (kv, d), True)
@@ -572,7 +636,7 @@ _CONSUMED_ELSEWHERE = ("rope_freqs.weight",)
 def load_gguf(path: str | os.PathLike, *, dtype: str = "float32",
               param_dtype: str = "float32",
               max_workers: int | None = None) -> tuple[ModelConfig, PyTree]:
-  """Loads a Llama/Qwen2 GGUF checkpoint.
+  """Loads a Llama/Qwen2/Qwen3/Gemma 3 GGUF checkpoint.
 
   Args:
     path: the ``.gguf`` file (or a :class:`GGUFFile` already read, or a
@@ -676,6 +740,8 @@ def _make_job(raw: np.ndarray, ggml_type, out: np.ndarray, tgt: _Target,
     w = _dequantize(raw if raw.ndim == 1 else raw[r0:r1], ggml_type)
     if tgt.unpermute_heads:
       w = unpermute_qk_rows(w, tgt.unpermute_heads)
+    if tgt.shift:
+      w = w - np.float32(tgt.shift)
     if tgt.transpose:
       out[:, r0:r1] = w.T
     else:

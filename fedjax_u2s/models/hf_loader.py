@@ -12,6 +12,13 @@ Tensors are mapped into the :mod:`fedjax_u2s.models.llama` layout::
     model.norm.weight [D]                            -> final_norm [D]
     lm_head.weight [V, D]                            -> lm_head [D, V]
 
+Gemma 3 and Qwen3 add ``self_attn.{q,k}_norm.weight [hd]`` (q_norm, k_norm);
+Gemma 3's four norms a layer are named differently from Llama's two:
+``post_attention_layernorm`` is the norm *on the attention's output*
+(post_attn_norm) and ``pre_feedforward_layernorm`` the MLP's input norm
+(mlp_norm), with ``post_feedforward_layernorm`` (post_mlp_norm) after the MLP.
+Gemma's norm weights are stored as HF stores them (``w``, applied as ``1 + w``).
+
 i.e. layers are stacked on a leading axis and PyTorch ``Linear`` weights
 (``[out, in]``) are transposed to ``[in, out]`` kernels. Nothing is dropped
 silently: a missing, extra or mis-shaped tensor is an error naming the tensor
@@ -49,6 +56,7 @@ _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 # Per-layer tensors: (HF suffix after "model.layers.{i}.", pytree path under
 # params["layers"], whether HF stores it as a PyTorch [out, in] Linear weight).
+# Llama/Qwen2's; _layer_tensors gives each architecture's.
 _LAYER_TENSORS = (
     ("input_layernorm.weight", ("attn_norm",), False),
     ("self_attn.q_proj.weight", ("q", "w"), True),
@@ -67,6 +75,29 @@ _LAYER_TENSORS = (
     ("mlp.down_proj.weight", ("down", "w"), True),
     ("mlp.down_proj.bias", ("down", "b"), False),
 )
+_QK_NORM_TENSORS = (
+    ("self_attn.q_norm.weight", ("q_norm",), False),
+    ("self_attn.k_norm.weight", ("k_norm",), False),
+)
+_GEMMA_NORMS = {
+    "post_attention_layernorm.weight": [
+        ("post_attention_layernorm.weight", ("post_attn_norm",), False),
+        ("pre_feedforward_layernorm.weight", ("mlp_norm",), False),
+        ("post_feedforward_layernorm.weight", ("post_mlp_norm",), False)],
+}
+
+
+def _layer_tensors(config: ModelConfig) -> tuple[tuple[str, tuple[str, ...], bool], ...]:
+  """The per-layer (HF suffix, pytree path, transposed) table of ``config``."""
+  out = []
+  for entry in _LAYER_TENSORS:
+    if config.post_norms and entry[0] in _GEMMA_NORMS:
+      out += _GEMMA_NORMS[entry[0]]
+    else:
+      out.append(entry)
+  if config.qk_norm:
+    out += _QK_NORM_TENSORS
+  return tuple(out)
 # Unstacked tensors: (HF name, top-level params key, transposed).
 _TOP_TENSORS = (
     ("model.embed_tokens.weight", "embed", False),
@@ -129,7 +160,7 @@ def load_hf_dir(path: str | os.PathLike, **config_overrides
       x = read(hf_name)
       params[key] = jnp.asarray(x.T if transpose else x)
     layers = {}
-    for suffix, tree_path, transpose in _LAYER_TENSORS:
+    for suffix, tree_path, transpose in _layer_tensors(config):
       names = [f"model.layers.{i}.{suffix}" for i in range(config.num_layers)]
       if names[0] not in expected:
         continue
@@ -237,7 +268,7 @@ def _expected_hf_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     if key in shapes:
       s = tuple(shapes[key].shape)
       out[hf_name] = s[::-1] if transpose else s
-  for suffix, tree_path, transpose in _LAYER_TENSORS:
+  for suffix, tree_path, transpose in _layer_tensors(config):
     leaf = _get(shapes["layers"], tree_path)
     if leaf is None:
       continue
@@ -266,7 +297,7 @@ def _check_names(expected: Mapping[str, Any], files: Mapping[str, str],
 
 
 def _describe(config: ModelConfig) -> str:
-  return (f"{config.num_layers} layers, qkv_bias={config.qkv_bias}, "
+  return (f"{config.architecture}, {config.num_layers} layers, qkv_bias={config.qkv_bias}, "
           f"o_bias={config.o_bias}, mlp_bias={config.mlp_bias}, "
           f"tie_word_embeddings={config.tie_word_embeddings}")
 
@@ -374,7 +405,16 @@ def to_hf_config(config: ModelConfig) -> dict[str, Any]:
     UnsupportedModelError: for a combination no HF architecture expresses
       (bias on q/k/v and MLP but not on o).
   """
-  if config.qkv_bias and not config.o_bias:
+  if config.architecture == "gemma3":
+    return _to_gemma3_config(config)
+  if config.architecture == "qwen3":
+    if config.qkv_bias != config.o_bias or config.mlp_bias:
+      raise UnsupportedModelError(
+          "Qwen3 has attention_bias (q, k, v and o together) and no mlp_bias; "
+          f"this ModelConfig has qkv_bias={config.qkv_bias}, o_bias="
+          f"{config.o_bias}, mlp_bias={config.mlp_bias}.")
+    model_type, arch = "qwen3", "Qwen3ForCausalLM"
+  elif config.qkv_bias and not config.o_bias:
     if config.mlp_bias:
       raise UnsupportedModelError(
           "qkv_bias without o_bias is Qwen2, which has no mlp_bias; no HF "
@@ -406,9 +446,14 @@ def to_hf_config(config: ModelConfig) -> dict[str, Any]:
   if model_type == "llama":
     hf["attention_bias"] = config.o_bias
     hf["mlp_bias"] = config.mlp_bias
+  elif model_type == "qwen3":
+    hf["attention_bias"] = config.o_bias
+    hf["use_sliding_window"] = False
   else:
     hf["use_sliding_window"] = False
-  if config.rope_scaling is not None:
+  if config.rope_scaling is not None and config.rope_scaling.rope_type == "linear":
+    hf["rope_scaling"] = {"rope_type": "linear", "factor": config.rope_scaling.factor}
+  elif config.rope_scaling is not None:
     rs = config.rope_scaling
     hf["rope_scaling"] = {
         "rope_type": "llama3", "factor": rs.factor,
@@ -425,10 +470,70 @@ def to_hf_config(config: ModelConfig) -> dict[str, Any]:
   return hf
 
 
+def _to_gemma3_config(config: ModelConfig) -> dict[str, Any]:
+  """``config.json`` of a Gemma3ForCausalLM (text only) for ``config``."""
+  gemma = dict(norm_offset=1.0, post_norms=True, embed_scale=True, qk_norm=True,
+               hidden_act="gelu_pytorch_tanh", mlp_bias=False)
+  off = [f"{k}={getattr(config, k)!r}" for k, v in gemma.items()
+         if getattr(config, k) != v]
+  if off or config.qkv_bias != config.o_bias:
+    raise UnsupportedModelError(
+        "architecture='gemma3' but this ModelConfig differs from Gemma 3 in "
+        + ", ".join(off or [f"qkv_bias={config.qkv_bias} != o_bias={config.o_bias}"]))
+  hf = {
+      "model_type": "gemma3_text",
+      "architectures": ["Gemma3ForCausalLM"],
+      "vocab_size": config.vocab_size,
+      "hidden_size": config.hidden_size,
+      "intermediate_size": config.intermediate_size,
+      "num_hidden_layers": config.num_layers,
+      "num_attention_heads": config.num_heads,
+      "num_key_value_heads": config.num_kv_heads,
+      "head_dim": config.head_dim,
+      "hidden_activation": config.hidden_act,
+      "rms_norm_eps": config.rms_norm_eps,
+      "rope_theta": config.rope_theta,
+      "rope_local_base_freq": config.rope_local_theta,
+      "query_pre_attn_scalar": _int_if_whole(config.query_pre_attn_scalar
+                                             if config.query_pre_attn_scalar
+                                             is not None else config.head_dim),
+      "sliding_window": config.sliding_window,
+      "layer_types": list(config.layer_types) or ["full_attention"] * config.num_layers,
+      "final_logit_softcapping": config.final_logit_softcapping,
+      "attn_logit_softcapping": None,
+      "attention_bias": config.o_bias,
+      "max_position_embeddings": config.max_position_embeddings,
+      "tie_word_embeddings": config.tie_word_embeddings,
+      "torch_dtype": config.param_dtype,
+  }
+  rs = config.rope_scaling
+  if rs is not None:
+    if rs.rope_type != "linear":
+      raise UnsupportedModelError(
+          f"Gemma 3 with rope_scaling {rs.rope_type!r}: only 'linear' is written.")
+    hf["rope_scaling"] = {"rope_type": "linear", "factor": rs.factor}
+  for key, value in (("bos_token_id", config.bos_token_id),
+                     ("pad_token_id", config.pad_token_id)):
+    if value is not None:
+      hf[key] = value
+  if config.eos_token_ids:
+    eos = list(config.eos_token_ids)
+    hf["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+  return hf
+
+
+def _int_if_whole(x: float) -> int | float:
+  """transformers' Gemma3TextConfig types query_pre_attn_scalar as an int."""
+  return int(x) if float(x).is_integer() else x
+
+
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                  "num_heads", "num_kv_heads", "head_dim", "tie_word_embeddings",
                  "qkv_bias", "o_bias", "mlp_bias", "rms_norm_eps", "rope_theta",
-                 "rope_scaling")
+                 "rope_scaling", "architecture", "hidden_act", "norm_offset",
+                 "qk_norm", "post_norms", "embed_scale", "layer_types",
+                 "sliding_window", "rope_local_theta", "query_pre_attn_scalar",
+                 "final_logit_softcapping")
 
 
 def save_hf_dir(path: str | os.PathLike, config: ModelConfig, params: PyTree,
@@ -477,7 +582,7 @@ def save_hf_dir(path: str | os.PathLike, config: ModelConfig, params: PyTree,
     if key in params:
       x = np.asarray(params[key])
       tensors[hf_name] = np.ascontiguousarray(x.T if transpose else x)
-  for suffix, tree_path, transpose in _LAYER_TENSORS:
+  for suffix, tree_path, transpose in _layer_tensors(config):
     leaf = _get(params["layers"], tree_path)
     if leaf is None:
       continue

@@ -1,7 +1,34 @@
 """Llama-family decoder as pure functions over a parameter pytree.
 
-Covers Llama-2/3, SmolLM/SmolLM2 and Qwen2/2.5: RMSNorm, RoPE (with Llama-3
-scaling), grouped-query attention, SwiGLU, tied or untied embeddings.
+Covers Llama-2/3, SmolLM/SmolLM2, Qwen2/2.5, Qwen3 and Gemma 3 (text): RMSNorm,
+RoPE (with Llama-3 or linear scaling), grouped-query attention, SwiGLU or
+GeGLU, tied or untied embeddings. What Gemma 3 adds is switched on by explicit
+:class:`~fedjax_u2s.models.config.ModelConfig` fields, each a few lines here:
+RMSNorm with ``(1 + w)`` (``norm_offset``), norms after attention and after the
+MLP too (``post_norms``: four a layer), RMSNorm on each head's q and k
+(``qk_norm``, also Qwen3), embeddings times sqrt(D) (``embed_scale``), the
+attention scale ``query_pre_attn_scalar**-0.5``, tanh-GELU (``hidden_act``),
+final logit soft-capping, and sliding-window local layers beside global ones
+(``layer_types``, ``sliding_window``, ``rope_local_theta``).
+
+Local and global layers differ only in two numbers: the window a query sees
+(``sliding_window`` or unbounded) and which RoPE frequency table rotates its q
+and k (``rope_local_theta``, unscaled, or ``rope_theta`` with
+``rope_scaling``). Their weights have the same shapes, so the layers stay one
+stacked pytree and one ``lax.scan``; each layer reads its window and table
+from per-layer arrays indexed by the layer number (a Python constant when the
+layers are unrolled). Two code paths (two scans, or a scan per run of local
+layers) would compile twice and break the one-pytree layout that LoRA,
+federated aggregation and the loaders share, for no gain: the window is one
+more mask term, the table a select between two [hd/2] vectors.
+
+The KV cache keeps every slot for every layer and a local layer masks the
+keys older than its window (``slot_q - slot_k >= sliding_window``), rather
+than a ring buffer of ``sliding_window`` slots for local layers: one cache
+shape for all layers keeps the stacked cache, the scan and the sampler's
+single write index as they are, and at our lengths (prompts of ~1k tokens)
+the masked slots cost little. A ring buffer would pay off only for contexts
+far beyond the window.
 
 Parameters are a plain pytree with the layers stacked on a leading axis ``L`` so
 the forward pass is one ``lax.scan`` (compile time independent of depth); for
@@ -147,19 +174,28 @@ def init_params(rng: jax.Array, config: ModelConfig, std: float = 0.02) -> PyTre
       p["b"] = normal(n, d_out)
     return p
 
+  def norm(*shape):  # Scales of 1 whatever the offset.
+    return jnp.full(shape, 1.0 - config.norm_offset, dt)
+
   layers = {
-      "attn_norm": jnp.ones((n, d), dt),
+      "attn_norm": norm(n, d),
       "q": proj(d, q, config.qkv_bias),
       "k": proj(d, kv, config.qkv_bias),
       "v": proj(d, kv, config.qkv_bias),
       "o": proj(q, d, config.o_bias),
-      "mlp_norm": jnp.ones((n, d), dt),
+      "mlp_norm": norm(n, d),
       "gate": proj(d, f, config.mlp_bias),
       "up": proj(d, f, config.mlp_bias),
       "down": proj(f, d, config.mlp_bias),
   }
+  if config.qk_norm:
+    layers["q_norm"] = norm(n, hd)
+    layers["k_norm"] = norm(n, hd)
+  if config.post_norms:
+    layers["post_attn_norm"] = norm(n, d)
+    layers["post_mlp_norm"] = norm(n, d)
   params = {"embed": normal(config.vocab_size, d), "layers": layers,
-            "final_norm": jnp.ones((d,), dt)}
+            "final_norm": norm(d)}
   if not config.tie_word_embeddings:
     params["lm_head"] = normal(d, config.vocab_size)
   return params
@@ -187,18 +223,27 @@ def param_shapes(config: ModelConfig) -> PyTree:
   return jax.eval_shape(lambda: init_params(jax.random.key(0), config))
 
 
-def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, offset: float = 0.0) -> jax.Array:
+  """RMSNorm over the last axis, scaled by ``offset + w`` (Gemma: offset 1)."""
   x32 = x.astype(jnp.float32)
   x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return (x32 * w.astype(jnp.float32)).astype(x.dtype)
+  w32 = w.astype(jnp.float32)
+  if offset:
+    w32 = offset + w32
+  return (x32 * w32).astype(x.dtype)
 
 
-def rope_frequencies(config: ModelConfig) -> np.ndarray:
-  """[hd/2] inverse frequencies, with Llama-3 scaling when configured."""
+def rope_frequencies(config: ModelConfig, local: bool = False) -> np.ndarray:
+  """[hd/2] inverse frequencies: the full-attention layers' (with Llama-3 or
+  linear scaling when configured), or with ``local`` the sliding-window
+  layers' (base ``rope_local_theta``, never scaled)."""
   hd = config.head_dim
-  inv = 1.0 / (config.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
-  rs = config.rope_scaling
-  if rs is not None:
+  theta = config.rope_local_theta if local else config.rope_theta
+  inv = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+  rs = None if local else config.rope_scaling
+  if rs is not None and rs.rope_type == "linear":
+    inv = inv / rs.factor
+  elif rs is not None:
     low_wl = rs.original_max_position_embeddings / rs.low_freq_factor
     high_wl = rs.original_max_position_embeddings / rs.high_freq_factor
     wavelen = 2 * math.pi / inv
@@ -210,7 +255,7 @@ def rope_frequencies(config: ModelConfig) -> np.ndarray:
   return inv.astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq) -> jax.Array:
   """Rotates [B, T, N, hd] by [B, T] positions (HF half-split layout)."""
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
   cos = jnp.cos(angles)[:, :, None, :]
@@ -270,9 +315,56 @@ class _Call(NamedTuple):
   config: ModelConfig
   ops: ops_lib.Ops
   positions: jax.Array  # [B, T] RoPE positions of the new tokens.
-  inv_freq: np.ndarray  # [hd/2] RoPE frequencies.
+  inv_freq: np.ndarray  # [hd/2] RoPE frequencies (of the full-attention layers).
   lora_config: lora_lib.LoraConfig | None
   dropout_rng: jax.Array | None  # LoRA dropout (training only).
+  # [hd/2] frequencies of the sliding-window layers; None without such layers.
+  local_inv_freq: np.ndarray | None = None
+
+
+def _new_call(config, ops, positions, lora_config, dropout_rng) -> _Call:
+  local = rope_frequencies(config, local=True) if config.has_sliding_layers else None
+  return _Call(config, ops, positions, rope_frequencies(config), lora_config,
+               dropout_rng, local)
+
+
+# Per-layer arrays of the one layer scan: a layer's attention window
+# (_NO_WINDOW for global layers) and whether it rotates with the local table.
+_NO_WINDOW = np.iinfo(np.int32).max
+
+
+def _layer_windows(config: ModelConfig) -> np.ndarray:
+  return np.asarray([config.sliding_window if config.is_sliding(i) else _NO_WINDOW
+                     for i in range(config.num_layers)], np.int32)
+
+
+def _layer_is_sliding(config: ModelConfig) -> np.ndarray:
+  return np.asarray([config.is_sliding(i) for i in range(config.num_layers)], bool)
+
+
+def _layer_inv_freq(call: _Call, i):
+  """Layer ``i``'s RoPE table: static when ``i`` is a Python int (unrolled
+  layers), else a select on the scanned layer index."""
+  if call.local_inv_freq is None:
+    return call.inv_freq
+  if isinstance(i, int):
+    return call.local_inv_freq if call.config.is_sliding(i) else call.inv_freq
+  return jnp.where(jnp.asarray(_layer_is_sliding(call.config))[i],
+                   call.local_inv_freq, call.inv_freq)
+
+
+def _window(config: ModelConfig, i, mask, dist):
+  """``mask`` of layer ``i`` with keys at ``dist`` >= its window hidden.
+
+  dist: query slot - key slot, broadcastable to ``mask``'s last two axes. A
+  sliding layer's query sees itself and the ``sliding_window - 1`` slots
+  before it (transformers' and llama.cpp's rule); a global layer everything.
+  """
+  if not config.has_sliding_layers:
+    return mask
+  if isinstance(i, int):
+    return mask & (dist < config.sliding_window) if config.is_sliding(i) else mask
+  return mask & (dist < jnp.asarray(_layer_windows(config))[i])
 
 
 def _inputs(tokens, input_mask, positions, cache):
@@ -300,7 +392,10 @@ def _causal_mask(input_mask, segment_ids=None):
 
 
 def _embed(params, tokens, config):
-  return jnp.take(params["embed"], tokens, axis=0).astype(config.compute_dtype)
+  x = jnp.take(params["embed"], tokens, axis=0).astype(config.compute_dtype)
+  if config.embed_scale:  # Gemma: scaled in the compute dtype, as transformers does.
+    x = x * jnp.asarray(math.sqrt(config.hidden_size), config.compute_dtype)
+  return x
 
 
 def _layer_rng(call: _Call, i):
@@ -324,12 +419,16 @@ def _linear(call: _Call, lp, ll, name: str, x, rng, j: int):
   return y
 
 
-def _qkv(call: _Call, lp, ll, x, rng):
-  """A layer's input -> q [B, T, H, hd] and k, v [B, K, T, hd], RoPE applied."""
+def _qkv(call: _Call, lp, ll, x, rng, i):
+  """Layer ``i``'s input -> q [B, T, H, hd] and k, v [B, K, T, hd], RoPE applied.
+
+  q comes pre-multiplied so that the attention's ``1/sqrt(hd)`` gives
+  ``query_pre_attn_scalar**-0.5`` (one scale for the XLA and kernel paths).
+  """
   cfg = call.config
   b, t, _ = x.shape
   hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-  h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+  h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps, cfg.norm_offset)
   if "qkv" in lp:  # Fused for inference: one product for q, k and v.
     if ll is not None and any(n in ll for n in ("q", "k", "v", "gate", "up")):
       raise ValueError("Fused q/k/v and gate/up weights leave no place for their "
@@ -339,22 +438,44 @@ def _qkv(call: _Call, lp, ll, x, rng):
                         [nh * hd, (nh + nkv) * hd], axis=-1)
   else:
     q, k, v = (_linear(call, lp, ll, n, h, rng, j) for j, n in enumerate("qkv"))
-  q = apply_rope(q.reshape(b, t, nh, hd), call.positions, call.inv_freq)
-  k = apply_rope(k.reshape(b, t, nkv, hd), call.positions, call.inv_freq)
+  q, k = q.reshape(b, t, nh, hd), k.reshape(b, t, nkv, hd)
+  if cfg.qk_norm:  # Per head, before RoPE (Gemma 3, Qwen3).
+    q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+    k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+  inv_freq = _layer_inv_freq(call, i)
+  q = apply_rope(q, call.positions, inv_freq)
+  k = apply_rope(k, call.positions, inv_freq)
+  if cfg.query_pre_attn_scalar is not None and cfg.query_pre_attn_scalar != hd:
+    q = q * jnp.asarray(math.sqrt(hd / cfg.query_pre_attn_scalar), q.dtype)
   return q, k.transpose(0, 2, 1, 3), v.reshape(b, t, nkv, hd).transpose(0, 2, 1, 3)
 
 
 def _out_and_mlp(call: _Call, lp, ll, x, attn, rng):
-  """The attention's output projection, then the gated MLP, each a residual."""
+  """The attention's output projection, then the gated MLP, each a residual
+  (with ``post_norms``, each normed before it is added)."""
   cfg = call.config
-  x = x + _linear(call, lp, ll, "o", attn, rng, 3)
-  h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+  eps, off = cfg.rms_norm_eps, cfg.norm_offset
+  out = _linear(call, lp, ll, "o", attn, rng, 3)
+  if cfg.post_norms:
+    out = rms_norm(out, lp["post_attn_norm"], eps, off)
+  x = x + out
+  h = rms_norm(x, lp["mlp_norm"], eps, off)
   if "gate_up" in lp:  # Fused for inference: both products and SiLU in one op.
+    if cfg.hidden_act != "silu":
+      raise ValueError(f"A fused gate_up weight computes SwiGLU; this model's "
+                       f"hidden_act is {cfg.hidden_act!r}: keep gate and up apart.")
     mlp = call.ops.swiglu(h, lp["gate_up"]["w"].astype(cfg.compute_dtype))
   else:
-    mlp = jax.nn.silu(_linear(call, lp, ll, "gate", h, rng, 4)) * _linear(
-        call, lp, ll, "up", h, rng, 5)
-  return x + _linear(call, lp, ll, "down", mlp, rng, 6)
+    gate = _linear(call, lp, ll, "gate", h, rng, 4)
+    if cfg.hidden_act == "silu":
+      gate = jax.nn.silu(gate)
+    else:  # gelu_pytorch_tanh: GeGLU with the tanh approximation.
+      gate = jax.nn.gelu(gate, approximate=True)
+    mlp = gate * _linear(call, lp, ll, "up", h, rng, 5)
+  out = _linear(call, lp, ll, "down", mlp, rng, 6)
+  if cfg.post_norms:
+    out = rms_norm(out, lp["post_mlp_norm"], eps, off)
+  return x + out
 
 
 def _over_layers(layer, x, layers, lora, per_layer, num_layers: int):
@@ -412,21 +533,23 @@ def _self_attention_layers(params, tokens, *, config, input_mask, positions, lor
   if segment_ids is not None and positions is None:
     raise ValueError("segment_ids (packed rows) need per-segment positions.")
   input_mask, positions = _inputs(tokens, input_mask, positions, cache)
-  call = _Call(config, ops, positions, rope_frequencies(config), lora_config,
-               dropout_rng)
+  call = _new_call(config, ops, positions, lora_config, dropout_rng)
   mask = _causal_mask(input_mask, segment_ids)
+  slot = jnp.arange(tokens.shape[1])
+  dist = slot[:, None] - slot[None, :]  # [T, T] query slot - key slot
 
   def layer(x, lp, ll, i, _):
     rng = _layer_rng(call, i)
-    q, k, v = _qkv(call, lp, ll, x, rng)
-    attn = _attention(q, k, v, mask, config, ops)
+    q, k, v = _qkv(call, lp, ll, x, rng, i)
+    attn = _attention(q, k, v, _window(config, i, mask, dist), config, ops)
     return _out_and_mlp(call, lp, ll, x, attn, rng), (k, v)
 
   if config.remat:
     layer = jax.checkpoint(layer, prevent_cse=False)
   x, kv = _over_layers(layer, _embed(params, tokens, config), params["layers"],
                        lora, None, config.num_layers)
-  return rms_norm(x, params["final_norm"], config.rms_norm_eps), input_mask, kv
+  x = rms_norm(x, params["final_norm"], config.rms_norm_eps, config.norm_offset)
+  return x, input_mask, kv
 
 
 def sequence_hidden(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
@@ -506,10 +629,12 @@ def decode_hidden(params: PyTree, tokens: jax.Array, cache: KVCache, *,
   """
   _check_lora(lora, lora_config)
   input_mask, positions = _inputs(tokens, input_mask, positions, cache)
-  call = _Call(config, ops, positions, rope_frequencies(config), lora_config, None)
+  call = _new_call(config, ops, positions, lora_config, None)
   dt = config.compute_dtype
   b, t = tokens.shape
   slot, k_slot = jnp.arange(t), jnp.arange(cache.max_length)
+  # [T, S] query slot - cache slot, for the sliding-window layers.
+  dist_cache = (cache.index + slot)[:, None] - k_slot[None, :]
   valid = jax.lax.dynamic_update_slice(cache.valid, input_mask, (0, cache.index))
   x = _embed(params, tokens, config)
 
@@ -523,12 +648,12 @@ def decode_hidden(params: PyTree, tokens: jax.Array, cache: KVCache, *,
 
     def layer(x, lp, ll, i, bufs):
       k_buf, v_buf = bufs
-      q, k, v = _qkv(call, lp, ll, x, None)
+      q, k, v = _qkv(call, lp, ll, x, None, i)
       at = (0, 0, cache.index, 0)
       k_buf = jax.lax.dynamic_update_slice(k_buf, k.astype(k_buf.dtype), at)
       v_buf = jax.lax.dynamic_update_slice(v_buf, v.astype(v_buf.dtype), at)
-      attn = ops.attention(q, k_buf.astype(dt), v_buf.astype(dt), mask,
-                           reference=reference)
+      attn = ops.attention(q, k_buf.astype(dt), v_buf.astype(dt),
+                           _window(config, i, mask, dist_cache), reference=reference)
       return _out_and_mlp(call, lp, ll, x, attn, None), (k_buf, v_buf)
 
     x, bufs = _over_layers(layer, x, params["layers"], lora, (cache.k, cache.v),
@@ -540,18 +665,21 @@ def decode_hidden(params: PyTree, tokens: jax.Array, cache: KVCache, *,
     # The real slots before the write index.
     seen = cache.valid & (k_slot[None, :] < cache.index)  # [B, S]
     mask_old = jnp.broadcast_to(seen[:, None, :], (b, t, cache.max_length))
+    dist_new = slot[:, None] - slot[None, :]
 
     def layer(x, lp, ll, i, old):
       k_old, v_old = old
-      q, k, v = _qkv(call, lp, ll, x, None)
-      attn = _attention(q, k, v, mask, config, ops, k_old.astype(dt),
-                        v_old.astype(dt), mask_old)
+      q, k, v = _qkv(call, lp, ll, x, None, i)
+      attn = _attention(q, k, v, _window(config, i, mask, dist_new), config, ops,
+                        k_old.astype(dt), v_old.astype(dt),
+                        _window(config, i, mask_old, dist_cache))
       return _out_and_mlp(call, lp, ll, x, attn, None), (k, v)
 
     x, kv = _over_layers(layer, x, params["layers"], lora, (cache.k, cache.v),
                          config.num_layers)
     new_cache = _write_stacked(cache, *_stacked(kv), valid, t)
-  return rms_norm(x, params["final_norm"], config.rms_norm_eps), new_cache
+  x = rms_norm(x, params["final_norm"], config.rms_norm_eps, config.norm_offset)
+  return x, new_cache
 
 
 def forward(params: PyTree, tokens: jax.Array, *, config: ModelConfig,
@@ -620,4 +748,8 @@ def logits_from_hidden(params: PyTree, x: jax.Array, *, config: ModelConfig,
     w, transpose_w = params["lm_head"], False
   else:  # Tied: the embedding, transposed.
     w, transpose_w = params["embed"], True
-  return ops.logits(x.astype(dt), w.astype(dt), transpose_w=transpose_w)
+  logits = ops.logits(x.astype(dt), w.astype(dt), transpose_w=transpose_w)
+  cap = config.final_logit_softcapping
+  if cap is not None:  # Gemma 2's soft-capping (float32, as the logits are).
+    logits = jnp.tanh(logits / cap) * cap
+  return logits

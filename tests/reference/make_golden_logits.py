@@ -38,7 +38,8 @@ import transformers
 
 from fedjax_u2s import testing
 
-SEEDS = {"llama": 0, "qwen2": 1, "llama_bias": 2}
+SEEDS = {"llama": 0, "qwen2": 1, "llama_bias": 2, "gemma3": 3, "gemma3_scaled": 4,
+         "qwen3": 5}
 PAD_ID = 0
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
                    "testdata", "golden_logits.npz")
