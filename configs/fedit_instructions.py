@@ -2,17 +2,19 @@ r"""Federated LoRA tuning on ready-made instruction data (FedIT / Shepherd).
 
   python -m fedjax_u2s.main --config=configs/fedit_instructions.py --workdir=/tmp/fedit
   python -m fedjax_u2s.main --config=configs/fedit_instructions.py:smoke --workdir=/tmp/s
+  python -m fedjax_u2s.main --config=configs/fedit_instructions.py:gpu --workdir=/tmp/fedit_gpu
 
 By default the instruction data are built from the packaged Wikipedia lead
 paragraphs (``builtin:wiki``: Dolly-style rows whose category is the article
 topic) and split over clients by a Dirichlet over categories, as Shepherd
 splits Dolly. Point ``data.path`` at a local JSON/JSONL/Parquet/CSV file of
-Alpaca, Dolly or chat-``messages`` rows to use your own.
+Alpaca, Dolly or chat-``messages`` rows to use your own. ``:gpu`` / ``:tpu``:
+the same job with one accelerator's settings (``config_blocks.accelerator``).
 """
 
 import ml_collections
 
-from fedjax_u2s.config_blocks import base_config
+from fedjax_u2s.config_blocks import ACCELERATORS, accelerator, base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -50,6 +52,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.local_steps = 2
     c.train_eval.every = 1
     c.train_eval.batch_size = 4
+  elif arg in ACCELERATORS:
+    accelerator(c, arg)
   elif arg not in (None, ""):
-    raise ValueError(f"Unknown config argument {arg!r}; use '' or 'smoke'.")
+    raise ValueError(f"Unknown config argument {arg!r}; use '', 'smoke', 'gpu' or 'tpu'.")
   return c

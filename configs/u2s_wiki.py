@@ -3,6 +3,7 @@ r"""FedIT-U2S on real Wikipedia text: generate -> federated LoRA tuning -> evalu
   python -m fedjax_u2s.main --config=configs/u2s_wiki.py --workdir=workdir/u2s
   python -m fedjax_u2s.main --config=configs/u2s_wiki.py:smoke --workdir=workdir/u2s_smoke
   python -m fedjax_u2s.main --config=configs/u2s_wiki.py:power --workdir=workdir/u2s_power
+  python -m fedjax_u2s.main --config=configs/u2s_wiki.py:gpu --workdir=workdir/u2s_gpu
 
 Clients hold the lead paragraphs of one domain each (two clients per domain:
 medicine, mathematics, and general knowledge as geography), from the
@@ -14,11 +15,15 @@ with MiniLM + ScaNN/exact search), then the clients tune a LoRA adapter of the
 same model together with FedAvg, and base and tuned are scored offline.
 Rerunning the same command resumes whichever stage was interrupted.
 ``:power`` evaluates on >= 300 questions per wiki split (sentence cloze added).
+``:gpu`` / ``:tpu`` are the default job with one accelerator's settings
+(``config_blocks.accelerator``: bf16 matmuls, remat, chunked logits, every
+client in one step), the same sizes, so its stage times compare with the
+CPU's (docs/benchmarks.md).
 """
 
 import ml_collections
 
-from fedjax_u2s.config_blocks import u2s_config
+from fedjax_u2s.config_blocks import ACCELERATORS, accelerator, u2s_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -55,6 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.evaluate.num_cloze_questions = 300
     c.evaluate.cloze_per_article = 3
     c.evaluate.cloze_merge = True
+  elif arg in ACCELERATORS:
+    accelerator(c, arg)
   elif arg not in (None, ""):
-    raise ValueError(f"Unknown config argument {arg!r}; use '', 'smoke' or 'power'.")
+    raise ValueError(f"Unknown config argument {arg!r}; use '', 'smoke', 'power', "
+                     "'gpu' or 'tpu'.")
   return c

@@ -69,7 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train_eval.batch_size = 8              # Eval micro-batch size.
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.num_devices = 0             # Devices for the client axis; 0 = all.
+  c.mesh.num_devices = 0             # Devices in the (clients, model) mesh; 0 = all.
+  c.mesh.model_parallel = 1          # Of them on the model axis (the base split over
+                                     # them, federated/parallel.py); must divide the
+                                     # devices; the rest split the clients. 1 = replicated.
 
   c.multihost = ml_collections.ConfigDict()
   c.multihost.enabled = False        # Call jax.distributed.initialize.
@@ -149,6 +152,40 @@ def u2s_config() -> ml_collections.ConfigDict:
   c.evaluate.batch_size = 8            # Rows per forward / sampler call.
   c.evaluate.seed = 0                  # Question sampling seed.
   c.evaluate.decode = "auto"           # Sampler decode path (decoding.DECODES).
+  return c
+
+
+ACCELERATORS = ("gpu", "tpu")
+
+
+def accelerator(c: ml_collections.ConfigDict, kind: str) -> ml_collections.ConfigDict:
+  """The ``:gpu`` / ``:tpu`` variants' settings, one definition for every config.
+
+  bf16 matmuls (norms, softmax and logits stay fp32 in the decoder), layers
+  rematerialised and the loss over T in chunks (the step's activation peak
+  is then one layer and one logits chunk), every sampled client in one vmapped
+  step (``clients_per_chunk=0``: accelerators have the memory the CPU lacks),
+  wider evaluation and generation batches, and the sampler's fastest decode
+  for the backend (``auto``: the CPU kernel path is CPU-only). The
+  accelerators differ in what the backend compiles, not in these settings.
+
+  Args:
+    c: a config from :func:`base_config` / :func:`u2s_config` (changed in place).
+    kind: ``"gpu"`` or ``"tpu"``.
+  """
+  if kind not in ACCELERATORS:
+    raise ValueError(f"accelerator kind {kind!r}: use one of {ACCELERATORS}.")
+  c.model.dtype = "bfloat16"
+  c.model.remat = True
+  c.train.logits_chunk_size = 128
+  c.federated.clients_per_chunk = 0
+  c.train_eval.batch_size = 32
+  if "evaluate" in c:
+    c.evaluate.batch_size = 32
+    c.evaluate.decode = "auto"
+  if "u2s" in c:
+    c.u2s.batch_size = 32
+    c.u2s.sampling.decode = "auto"
   return c
 
 

@@ -11,13 +11,44 @@ from fedjax_u2s.pipelines import validate
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {name: os.path.join(REPO, "configs", *name.split("/")) for name in
            ("fedit_instructions.py", "u2s_wiki.py", "generate.py",
-            "experiments/u2s_claim.py")}
+            "experiments/u2s_claim.py", "experiments/u2s_champ.py")}
+# Variants beyond "" and "smoke", per config.
+VARIANTS = {"u2s_wiki.py": ("power", "gpu", "tpu"),
+            "fedit_instructions.py": ("gpu", "tpu"),
+            "experiments/u2s_claim.py": ("gpu",)}
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-@pytest.mark.parametrize("arg", ["", "smoke"])
+@pytest.mark.parametrize("name,arg", [(n, a) for n in sorted(CONFIGS)
+                                      for a in ("", "smoke") + VARIANTS.get(n, ())])
 def test_shipped_configs_are_valid(name, arg):
   assert validate.problems(testing.load_config(CONFIGS[name], arg)) == []
+
+
+@pytest.mark.parametrize("name", ["u2s_wiki.py", "fedit_instructions.py"])
+@pytest.mark.parametrize("kind", ["gpu", "tpu"])
+def test_accelerator_variants_change_only_the_accelerator_settings(name, kind):
+  cpu = testing.load_config(CONFIGS[name], "").to_dict()
+  acc = testing.load_config(CONFIGS[name], kind).to_dict()
+
+  def flat(d, prefix=""):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        yield from flat(v, f"{prefix}{k}.")
+      else:
+        yield f"{prefix}{k}", v
+
+  cpu, acc = dict(flat(cpu)), dict(flat(acc))
+  changed = {k for k in cpu if cpu[k] != acc[k]}
+  assert {"model.dtype", "model.remat", "train.logits_chunk_size",
+          "federated.clients_per_chunk"} <= changed
+  # The job itself (data, sizes, algorithm) is the CPU default's.
+  allowed = {"model.dtype", "model.remat", "train.logits_chunk_size",
+             "federated.clients_per_chunk", "train_eval.batch_size",
+             "evaluate.batch_size", "evaluate.decode", "u2s.batch_size",
+             "u2s.sampling.decode", "mesh.model_parallel"}
+  assert changed <= allowed, changed - allowed
+  with pytest.raises(ValueError, match="'cpu'"):
+    testing.load_config(CONFIGS[name], "cpu")
 
 
 @pytest.mark.parametrize("field,value,says", [
