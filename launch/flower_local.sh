@@ -20,6 +20,15 @@
 # turns it into its own pairs (nodes/node<i>/generated/) before its first
 # training reply.
 #
+#   CONFIG=configs/fedpit.py:smoke WORKDIR=/tmp/fl_fedpit bash launch/flower_local.sh
+#
+# rehearses FedPIT: each node's dir gets the few real examples the in-process
+# fedpit job gives that client (instructions.jsonl) and the server the
+# non-members (eval.jsonl); every round a sampled SuperNode self-generates pairs
+# with base + global, uploads the global delta and trains its private local
+# adapter, which it keeps in nodes/node<i>/fedpit/<run id>/ (checkpoints, and at
+# the end adapter/, local_adapters/client_000i/, personal_adapter/).
+#
 #   TLS=1 WORKDIR=/tmp/fl_tls bash launch/flower_local.sh
 #
 # rehearses docs/DEPLOY.md's secured setup: a CA and a certificate for
@@ -124,3 +133,7 @@ if [ ! -f "$WORKDIR/flower_run.json" ] || [ ! -f "$WORKDIR/adapter/adapter_model
   exit 1
 fi
 echo "Flower rehearsal done in $(( $(date +%s) - start ))s: adapter in $WORKDIR/adapter, metrics in $WORKDIR/metrics.jsonl"
+for d in "$WORKDIR"/nodes/node*/fedpit/*/personal_adapter; do
+  [ -d "$d" ] && echo "  node adapters (global, local, personal): $(dirname "$d")"
+done
+exit 0

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_u2s import lora as lora_lib
 from fedjax_u2s.federated import aggregation
 from fedjax_u2s.federated import client as client_lib
 from fedjax_u2s.federated import objectives
@@ -64,7 +65,8 @@ PyTree = Any
 __all__ = ["ALGORITHMS", "LR_SCHEDULES", "AlgorithmConfig", "AlgorithmSpec",
            "FederatedAlgorithm", "RoundSums", "add_clients", "build",
            "client_learning_rate", "client_optimizer", "empty_sums",
-           "keep_old_if_nonfinite", "server_optimizer", "server_step"]
+           "keep_old_if_nonfinite", "local_key", "personal_loss",
+           "server_optimizer", "server_step", "train_local_adapter"]
 
 # fold_in stream of the local phase's randomness (the global phase uses the
 # root key folded with the round directly), so the two phases never share
@@ -304,18 +306,15 @@ def _train_local(cfg: AlgorithmConfig, local_loss_fn: objectives.LossFn,
     The updated stacked adapters, whether a real client went non-finite, and
     per-client loss sums and token counts ``[num_chunks, chunk]``.
   """
-  root = jax.random.fold_in(server_state.key(), LOCAL_STREAM)
-  round_key = jax.random.fold_in(root, server_state.round)
+  root = server_state.key()
   optimizer, lr = client_optimizer(cfg, server_state.round)
   beside = (frozen, server_state.params)
   num_clients = jax.tree.leaves(adapters)[0].shape[0]
 
   def one_client(start, batch, step_mask, client_id):
-    out = client_lib.client_update(
-        start, beside, batch, step_mask, jax.random.fold_in(round_key, client_id),
-        loss_fn=local_loss_fn, optimizer=optimizer, learning_rate=lr,
-        grad_clip=cfg.grad_clip)
-    return jax.tree.map(jnp.add, start, out.delta), out
+    return train_local_adapter(cfg, local_loss_fn, start, beside, batch, step_mask,
+                               local_key(root, server_state.round, client_id),
+                               optimizer, lr)
 
   def body(carry, chunk_xs):
     stacked, bad = carry
@@ -334,6 +333,49 @@ def _train_local(cfg: AlgorithmConfig, local_loss_fn: objectives.LossFn,
   (adapters, bad), sums = jax.lax.scan(body, (adapters, jnp.array(False)), xs,
                                        length=num_chunks)
   return adapters, bad, sums
+
+
+def train_local_adapter(cfg: AlgorithmConfig, local_loss_fn: objectives.LossFn,
+                        start: PyTree, beside: PyTree, batch: PyTree,
+                        step_mask: jax.Array, key: jax.Array,
+                        optimizer: optax.GradientTransformation, lr: jax.Array
+                        ) -> tuple[PyTree, client_lib.ClientOutput]:
+  """One client's local phase: its local adapter ``start`` trained on ``batch``.
+
+  ``beside`` is ``(frozen base, the round's received global adapter)``;
+  ``key`` the client's local-phase key (``fold_in(fold_in(fold_in(root,
+  LOCAL_STREAM), round), client)``), ``optimizer`` and ``lr`` the round's
+  (:func:`client_optimizer`). The local phase of :func:`build`'s
+  ``apply_isolated`` and a Flower FedPIT node
+  (:mod:`fedjax_u2s.flower.node_fedpit`) both run this.
+
+  Returns:
+    ``(trained adapter, the client update's output)``.
+  """
+  out = client_lib.client_update(
+      start, beside, batch, step_mask, key, loss_fn=local_loss_fn,
+      optimizer=optimizer, learning_rate=lr, grad_clip=cfg.grad_clip)
+  return jax.tree.map(jnp.add, start, out.delta), out
+
+
+def local_key(root: jax.Array, round_: jax.Array | int, client: jax.Array | int
+              ) -> jax.Array:
+  """Client ``client``'s local-phase key of round ``round_`` (root: the server's)."""
+  return jax.random.fold_in(jax.random.fold_in(
+      jax.random.fold_in(root, LOCAL_STREAM), round_), client)
+
+
+def personal_loss(loss_fn: objectives.LossFn) -> objectives.LossFn:
+  """FedPIT's local-adapter loss: the personal model base + global + local.
+
+  One adapter of twice the rank (:func:`fedjax_u2s.lora.concat_rank`), the
+  global half frozen: the returned loss takes ``(own local adapter, (base,
+  global adapter), batch, rng)``, the ``local_loss_fn`` of :func:`build`.
+  """
+  def local_loss_fn(own, frozen, batch, rng):
+    base, global_lora = frozen
+    return loss_fn(lora_lib.concat_rank(global_lora, own), base, batch, rng)
+  return local_loss_fn
 
 
 def _chunk_clients(cfg: AlgorithmConfig, client_batches: ClientBatches,

@@ -19,6 +19,13 @@ pairs from them (:mod:`fedjax_u2s.flower.node_u2s`), as the in-process job
 does for that client. No server eval file then: the job's held-out pairs are
 the clients' own and stay on the nodes.
 
+For a FedPIT config (``configs/fedpit.py``) client ``i``'s few real
+examples (:func:`fedjax_u2s.pipelines.fedpit.split_articles`, the job's
+split) go to ``OUT/node<i>/instructions.jsonl`` and the non-member examples
+(the job's held-out loss) to ``OUT/server/eval.jsonl``; each node
+self-generates and keeps its local adapter in ``OUT/node<i>/fedpit/``
+(:mod:`fedjax_u2s.flower.node_fedpit`).
+
 Prints one line per node; ``launch/flower_local.sh`` starts one SuperNode
 per directory.
 """
@@ -101,7 +108,11 @@ def write_node_dirs(config: ml_collections.ConfigDict, out: str) -> dict:
   """
   if config.get("pipeline") == "u2s":
     return write_text_dirs(config, out)
-  client_examples, eval_examples, _ = fedit.client_and_eval_examples(config)
+  if config.get("pipeline") == "fedpit":
+    from fedjax_u2s.pipelines import fedpit  # pylint: disable=g-import-not-at-top
+    client_examples, eval_examples, _ = fedpit.split_articles(config)
+  else:
+    client_examples, eval_examples, _ = fedit.client_and_eval_examples(config)
   nodes = []
   for i, examples in enumerate(client_examples):
     d = os.path.join(out, f"node{i}")

@@ -96,7 +96,8 @@ class Settings:
   poll_seconds: float = 0.2
 
 
-PIPELINES = ("fedit", "u2s")
+PIPELINES = ("fedit", "u2s", "fedpit")
+FINISH = "query.finish"
 
 
 def config_num_clients(config: ml_collections.ConfigDict) -> int:
@@ -167,8 +168,10 @@ def settings_from_run_config(run_config: dict[str, Any]) -> Settings:
     raise ValueError(f"Run config config={get('config', str)!r} is a "
                      f"{config.get('pipeline')!r} config; the Flower app runs the "
                      "fedit job (configs/fedit_instructions.py: nodes hold "
-                     "instruction files) or the u2s job (configs/u2s_wiki.py: "
-                     "nodes hold raw text and generate their own pairs).")
+                     "instruction files), the u2s job (configs/u2s_wiki.py: "
+                     "nodes hold raw text and generate their own pairs) or the "
+                     "fedpit job (configs/fedpit.py: nodes hold a few real "
+                     "examples, self-generate and keep a local adapter).")
   workdir = get("workdir", str)
   if not workdir:
     raise ValueError("Run config workdir is empty: flwr run ... -c "
@@ -272,6 +275,13 @@ def client_key_data(state: ServerState, round_: int, client: int) -> np.ndarray:
   """Raw key data of ``fold_in(fold_in(root, round), client)`` (the simulation's)."""
   key = jax.random.fold_in(jax.random.fold_in(state.key(), round_), client)
   return np.asarray(jax.random.key_data(key))
+
+
+def local_key_data(state: ServerState, round_: int, client: int) -> np.ndarray:
+  """Raw key data of the client's FedPIT local-phase key (the simulation's,
+  :func:`algorithms.local_key`)."""
+  return np.asarray(jax.random.key_data(
+      algorithms.local_key(state.key(), round_, client)))
 
 
 # ----------------------------------------------------------------------------
@@ -403,6 +413,8 @@ class _Server:
   template: PyTree
   lora_bytes: int
   evaluate: Callable[[PyTree], float] | None
+  # FedPIT: nodes keep a local adapter (sent its key, asked to export at the end).
+  isolated: bool = False
 
 
 def _setup(s: Settings) -> tuple[_Server, ServerState]:
@@ -431,21 +443,31 @@ def _setup(s: Settings) -> tuple[_Server, ServerState]:
       loss_sum, weight = ev(params, model.params, batch)
       return float(loss_sum) / max(float(weight), 1.0)
     evaluate = eval_loss
+  isolated = False
+  if config.get("pipeline") == "fedpit":
+    from fedjax_u2s.pipelines import fedpit  # pylint: disable=g-import-not-at-top
+    isolated = config.fedpit.variant in fedpit.ISOLATED
   srv = _Server(settings=s, fed=fed, model=model, lora_config=lcfg,
                 template=jax.eval_shape(lambda: init_lora),
-                lora_bytes=wire.tree_bytes(init_lora), evaluate=evaluate)
+                lora_bytes=wire.tree_bytes(init_lora), evaluate=evaluate,
+                isolated=isolated)
   return srv, fresh
 
 
 def _train_content(srv: _Server, state: ServerState, config_json: str, r: int,
                    client: int, cursor: int):
   from flwr.app import RecordDict  # pylint: disable=g-import-not-at-top
+  round_config = {
+      "config-json": config_json, "round": r, "client-id": client,
+      "cursor": int(cursor),
+      "key-data": [int(x) for x in client_key_data(state, r, client)]}
+  if srv.isolated:  # The local phase's key; the local adapter is the node's.
+    round_config.update({
+        "local-key-data": [int(x) for x in local_key_data(state, r, client)],
+        "num-clients": srv.settings.num_nodes})
   content = RecordDict({
       "params": wire.to_record(state.params),
-      "round": wire.config_record({
-          "config-json": config_json, "round": r, "client-id": client,
-          "cursor": int(cursor),
-          "key-data": [int(x) for x in client_key_data(state, r, client)]}),
+      "round": wire.config_record(round_config),
   })
   if srv.fed.spec.scaffold:
     content["control"] = wire.to_record(state.control)
@@ -460,15 +482,22 @@ def _parse_reply(srv: _Server, reply, client: int, node: int):
   for name in content.config_records:
     raise ValueError(f"{what} carries a config record {name!r}; a node sends "
                      "only arrays and metrics.")
+  m = dict(content["metrics"])
+  for k in ("num-examples", "cursor", "loss-sum", "num-tokens", "nonfinite"):
+    if k not in m:
+      raise ValueError(f"{what}: metric {k!r} missing.")
+  zeros = lambda: jax.tree.map(lambda t: np.zeros(t.shape, t.dtype), srv.template)
+  if "delta" not in content.array_records:
+    # A FedPIT node with nothing to train the global adapter on this round
+    # (no kept synthetic pair) uploads nothing: weight 0, as in the simulation.
+    if m["num-examples"] != 0:
+      raise ValueError(f"{what}: no delta but num-examples={m['num-examples']}.")
+    return zeros(), zeros() if srv.fed.spec.scaffold else None, m
   delta = wire.from_record(content["delta"], srv.template, f"{what}: delta")
   control = None
   if srv.fed.spec.scaffold:
     control = wire.from_record(content["control-delta"], srv.template,
                                f"{what}: control delta")
-  m = dict(content["metrics"])
-  for k in ("num-examples", "cursor", "loss-sum", "num-tokens", "nonfinite"):
-    if k not in m:
-      raise ValueError(f"{what}: metric {k!r} missing.")
   return delta, control, m
 
 
@@ -547,8 +576,21 @@ def _run_round(srv: _Server, grid, fed_nodes: Federation, state: ServerState,
          "answered": answered, "dropped": dropped,
          "client_loss": [m["loss-sum"] / max(m["num-tokens"], 1.0) for m in metrics],
          "wire_bytes_down": int(wire_down), "wire_bytes_up": int(wire_up)}
+  synthetic = {}
+  for c, m in zip(answered, metrics):
+    if "synthetic-made" in m:
+      from fedjax_u2s.flower import node_fedpit  # pylint: disable=g-import-not-at-top
+      counts = node_fedpit.synthetic_counts(m)
+      if counts is not None:
+        synthetic[str(c)] = counts
+  if synthetic:  # The simulation's fields (pipelines/fedpit.SelfGeneration).
+    row["synthetic"] = synthetic
+    row["synthetic_kept"] = sum(c.get("kept", 0) for c in synthetic.values())
   if fed.dp.enabled:
-    row["dp_clipped_fraction"] = float(clipped) / max(len(answered), 1)
+    # Over the clients that sent a delta (a weight-0 FedPIT node is not
+    # one), in float32 as the simulation's round metric.
+    sent = sum(1 for m in metrics if m["num-examples"] > 0)
+    row["dp_clipped_fraction"] = float(np.float32(clipped) / np.float32(max(sent, 1)))
     eps = privacy.epsilon(
         noise_multiplier=fed.dp.noise_multiplier,
         sampling_rate=privacy.sampling_rate(fed.clients_per_round, s.num_nodes),
@@ -606,15 +648,61 @@ def serve(grid, s: Settings) -> dict[str, Any]:
       print(f"[flower] round {done}/{fed.num_rounds}: train loss "
             f"{row['train_loss']:.4f}, answered {row['answered']}, "
             f"{row['seconds']:.1f}s", flush=True)
+    exported = None
+    if srv.isolated and int(state.round) == fed.num_rounds:
+      exported = finish_nodes(srv, grid, federation, state, config_json)
   finally:
     writer.close()
     ckpt.close()
   rows = metrics_lib.read_jsonl(os.path.join(s.workdir, "metrics.jsonl"))
-  _finish(srv, state, rows, time.perf_counter() - t_start)
+  _finish(srv, state, rows, time.perf_counter() - t_start, exported)
   return {"rounds": int(state.round), "rows": rows}
 
 
-def _finish(srv: _Server, state: ServerState, rows: list, seconds: float) -> None:
+def finish_nodes(srv: _Server, grid, federation: Federation, state: ServerState,
+                 config_json: str) -> dict[str, Any]:
+  """FedPIT: every node exports its adapters (global, local, personal).
+
+  Each node gets the final global adapter in a ``finish`` query and writes
+  them into its own dir (:func:`fedjax_u2s.flower.node_fedpit.finish`); the
+  reply carries no array. A node offline now exports at the next run's end.
+
+  Returns:
+    ``{"exported": [client ids], "missing": [{"client", "reason"}]}``.
+  """
+  from flwr.app import RecordDict  # pylint: disable=g-import-not-at-top
+  s = srv.settings
+  federation.refresh()
+  messages, missing = [], []
+  for c in range(s.num_nodes):
+    node = federation.node_of.get(c)
+    if node is None:
+      missing.append({"client": c, "reason": "no node online"})
+      continue
+    content = RecordDict({
+        "params": wire.to_record(state.params),
+        "round": wire.config_record({
+            "config-json": config_json, "round": int(state.round),
+            "client-id": c, "num-clients": s.num_nodes})})
+    messages.append(_message(content, node, FINISH, "finish"))
+  replies, failed = exchange(grid, messages, timeout=s.round_timeout,
+                             poll=s.poll_seconds) if messages else ({}, {})
+  for node, reply in replies.items():
+    audit_reply(s.audit_dir, f"finish-client{federation.client_of[node]}",
+                reply.content)
+  for node, why in failed.items():
+    missing.append({"client": federation.client_of.get(node), "reason": why})
+  exported = sorted(federation.client_of[n] for n in replies)
+  for m in missing:
+    print(f"[flower] client {m['client']} did not export its adapters: "
+          f"{m['reason']}", flush=True)
+  print(f"[flower] nodes {exported} wrote their global, local and personal "
+        "adapters into their own dirs", flush=True)
+  return {"exported": exported, "missing": missing}
+
+
+def _finish(srv: _Server, state: ServerState, rows: list, seconds: float,
+            exported: dict[str, Any] | None = None) -> None:
   s, config = srv.settings, srv.settings.config
   lora = jax.tree.map(np.asarray, state.params)
   if config.export.peft:
@@ -633,6 +721,8 @@ def _finish(srv: _Server, state: ServerState, rows: list, seconds: float) -> Non
              "algorithm": srv.fed.algorithm, "seconds": seconds,
              "dropped": [dict(d, round=r["round"]) for r in rows
                          for d in r.get("dropped", [])]}
+  if exported is not None:
+    summary["node_exports"] = exported
   with open(os.path.join(s.workdir, "flower_run.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=2)
   print(f"[flower] done: {summary['rounds']} rounds in {seconds:.0f}s; adapter in "

@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import ml_collections
@@ -180,14 +180,21 @@ class SelfGeneration:
   ``WORKDIR/synthetic`` (:class:`selfgen.SyntheticStore`), so a resumed run
   reads them back. Only the lead process generates; the others wait and
   read the files.
+
+  ``real`` is every client's real examples by client id: a list, or a
+  mapping holding only some clients (a Flower node holds its own client's:
+  :mod:`fedjax_u2s.flower.node_fedpit`, with its own ``workdir``).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, model,
-               real: Sequence[Sequence[instructions.Example]], lora_config):
+               real: (Sequence[Sequence[instructions.Example]] |
+                      Mapping[int, Sequence[instructions.Example]]),
+               lora_config):
     self.cfg = config.fedpit.selfgen
     self.seed = config.seed
     self.model = model
-    self.real = [as_pairs(exs) for exs in real]
+    self.real = {c: as_pairs(exs) for c, exs in (
+        real.items() if isinstance(real, Mapping) else enumerate(real))}
     self.lora_config = lora_config
     self.store = selfgen.SyntheticStore(os.path.join(workdir, "synthetic"))
     self.sampler = sampler_lib.Sampler(model.config, model.tokenizer,
@@ -248,10 +255,14 @@ class PhaseData:
   """:class:`fedjax_u2s.train.RoundData` of one training phase.
 
   ``use_real`` / ``use_synthetic`` say what the phase trains on; tokenized
-  sets are cached per (client, synthetic round).
+  sets are cached per (client, synthetic round). ``real`` is indexed by
+  client id (a list, or a mapping of some clients, as in
+  :class:`SelfGeneration`).
   """
 
-  def __init__(self, tokenize, real: Sequence[Sequence[instructions.Example]],
+  def __init__(self, tokenize,
+               real: (Sequence[Sequence[instructions.Example]] |
+                      Mapping[int, Sequence[instructions.Example]]),
                gen: SelfGeneration | None, *, use_real: bool, use_synthetic: bool,
                report_metrics: bool = False):
     self.tokenize = tokenize
@@ -308,10 +319,47 @@ def _phases(variant: str, tokenize, clients, gen):
   raise ValueError(f"config.fedpit.variant={variant!r} is not one of {VARIANTS}.")
 
 
+def node_phases(variant: str, tokenize,
+                clients: Mapping[int, Sequence[instructions.Example]],
+                gen: SelfGeneration | None) -> tuple[PhaseData, PhaseData | None]:
+  """:func:`_phases` for some clients only (a Flower node holds one).
+
+  Both phases as :class:`PhaseData` over ``clients`` (by client id): the
+  same examples :func:`_phases` gives each of them; the phase a variant does
+  not train gives no set (weight 0, nothing uploaded). None: no local phase.
+  """
+  if variant not in VARIANTS:
+    raise ValueError(f"config.fedpit.variant={variant!r} is not one of {VARIANTS}.")
+  synthetic = variant in SYNTHETIC
+  global_data = PhaseData(tokenize, clients, gen if synthetic else None,
+                          use_real=variant in ("no_isolation", "fedit"),
+                          use_synthetic=synthetic, report_metrics=True)
+  local_data = None
+  if variant in ISOLATED:
+    local_data = PhaseData(tokenize, clients, gen if synthetic else None,
+                           use_real=True, use_synthetic=variant == "fedpit")
+  return global_data, local_data
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Splits the data, trains (with self-generation), exports, evaluates, audits."""
-  variant = config.fedpit.variant
   model = common.load_model(config)
+  result, clients, non_members, split = train_and_export(config, workdir, model)
+  with common.stage("evaluate", "task accuracy, extraction and membership audit"):
+    summary = common.run_stage(workdir, "evaluate", lambda: evaluate(
+        config, workdir, model, result, clients, non_members, split))
+  if common.is_lead():
+    print(report.fedpit_summary(summary, os.path.join(workdir, "report.md")))
+
+
+def train_and_export(config: ml_collections.ConfigDict, workdir: str, model):
+  """The train stage of :func:`run`: split, train with self-generation, export.
+
+  Returns:
+    ``(train.TrainResult, clients' real examples, non-member examples,
+    split summary)``. The Flower test compares a FedPIT federation with it.
+  """
+  variant = config.fedpit.variant
   clients, non_members, split = split_articles(config)
   if common.is_lead():
     writer.atomic_write_json(os.path.join(workdir, "clients.json"), split)
@@ -334,11 +382,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                          eval_set=tokenize(non_members, "non-members"))
     if common.is_lead():
       _export(config, workdir, result)
-  with common.stage("evaluate", "task accuracy, extraction and membership audit"):
-    summary = common.run_stage(workdir, "evaluate", lambda: evaluate(
-        config, workdir, model, result, clients, non_members, split))
-  if common.is_lead():
-    print(report.fedpit_summary(summary, os.path.join(workdir, "report.md")))
+  return result, clients, non_members, split
 
 
 def _export(config, workdir: str, result: train.TrainResult) -> None:
