@@ -31,6 +31,7 @@ import numpy as np
 
 from fedjax_u2s import decoding
 from fedjax_u2s import lora as lora_lib
+from fedjax_u2s import ops as ops_lib
 from fedjax_u2s.models import llama
 from fedjax_u2s.models.config import ModelConfig
 
@@ -452,6 +453,20 @@ class Sampler:
     """Whether calls without an adapter decode from :meth:`decode_params`."""
     return self.plan.packed
 
+  def plan_for(self, params: PyTree) -> decoding.DecodePlan:
+    """The plan for ``params``: :attr:`plan`, or its plain-XLA twin when the
+    params are split over several devices (a base sharded over a mesh's
+    model axis, ``federated/parallel.py``). Packing gathers the weights onto
+    the host and the CPU kernel runs on one device's buffers; under plain
+    XLA the jitted sampler takes the shardings as they come and XLA inserts
+    the collectives."""
+    if self.plan.ops == ops_lib.XLA and not self.plan.packed:
+      return self.plan
+    if any(isinstance(x, jax.Array) and len(x.sharding.device_set) > 1
+           and not x.sharding.is_fully_replicated for x in jax.tree.leaves(params)):
+      return dataclasses.replace(self.plan, ops=ops_lib.XLA, packed=False)
+    return self.plan
+
   def decode_params(self, params: PyTree) -> PyTree:
     """``decoding.decode_weights(params)``, remade only for other params."""
     leaves = jax.tree.leaves(params)
@@ -509,13 +524,14 @@ class Sampler:
     rngs = jax.vmap(jax.random.fold_in, (None, 0))(base, jnp.asarray(row_seeds, jnp.uint32))
     tables, lengths = self.stop_tables(stop_strings)
     eos = tuple(int(e) for e in (tok.eos_ids if eos_ids is None else eos_ids))
-    decode = (self.decode_params(params) if self.keeps_decode_weights and lora is None
+    plan = self.plan_for(params)
+    decode = (self.decode_params(params) if plan.packed and lora is None
               else None)
     state = sample_tokens(params, jnp.asarray(tokens), jnp.asarray(mask), rngs,
                           tables, lengths, lora, decode, config=self.config,
                           strategy=strategy, max_new_tokens=max_new_tokens,
                           eos_ids=eos, pad_id=int(tok.pad_id),
-                          lora_config=lora_config, decode=self.plan)
+                          lora_config=lora_config, decode=plan)
     out_tokens = np.asarray(state.tokens)
     out_lengths = np.asarray(state.lengths)
     out_reasons = np.asarray(state.reason)

@@ -4,7 +4,8 @@
 data, U2S-generated data, experiments): it takes tokenized client datasets and
 runs ``config.federated.num_rounds`` rounds of the algorithm named by the
 config, one jitted call per round (all sampled clients vmapped in chunks, the
-client axis sharded over every device of every process).
+client axis sharded over every device of every process, the base split over
+``config.mesh.model_parallel`` of them: :mod:`fedjax_u2s.federated.parallel`).
 
 Exact resume: everything a round depends on is either in the checkpointed
 server state (adapter, optimizer state, controls, round, rng) or a pure
@@ -247,7 +248,8 @@ class _Run:
     algo: the algorithm, jitted over the client mesh.
     replicated, by_client: shardings of replicated and per-client arrays.
     multiple: the sampled clients are padded to a multiple of this.
-    base: the frozen base parameters, replicated.
+    base: the frozen base parameters, split over the mesh's model axis
+      (replicated when ``config.mesh.model_parallel`` is 1).
     eval_batch: the held-out micro-batches, replicated (None: no eval).
     lora_bytes: bytes of one adapter (what a client downloads and uploads).
     lead: this is process 0 (writes metrics, plots and progress).
@@ -329,8 +331,10 @@ def _setup(config: ml_collections.ConfigDict, fed: AlgorithmConfig, model_config
   loss_fn = functools.partial(objectives.causal_lm_loss, model_config=model_config,
                               lora_config=lcfg,
                               logits_chunk_size=config.train.logits_chunk_size)
-  # Devices: the client axis is sharded over all of them; the rest replicated.
-  mesh = parallel.make_mesh(config.mesh.num_devices or None)
+  # Devices: a (clients, model) mesh; the base split over the model axis,
+  # the clients over the other, the server state replicated.
+  mesh = parallel.make_mesh(config.mesh.num_devices or None,
+                            model_parallel=config.mesh.get("model_parallel", 1))
   local_loss_fn = None
   if local is not None:
     # The personal model is base + global + local: one adapter of twice the
@@ -338,9 +342,12 @@ def _setup(config: ml_collections.ConfigDict, fed: AlgorithmConfig, model_config
     def local_loss_fn(own, frozen, batch, rng):
       base, global_lora = frozen
       return loss_fn(lora_lib.concat_rank(global_lora, own), base, batch, rng)
-  algo = parallel.build(fed, loss_fn, mesh, local_loss_fn=local_loss_fn)
+  base_sharding = parallel.base_sharding(base_params, mesh)
+  algo = parallel.build(fed, loss_fn, mesh, local_loss_fn=local_loss_fn,
+                        base_sharding=base_sharding)
   replicated = parallel.replicated_sharding(mesh)
-  base = jax.tree.map(lambda x: _global_array(np.asarray(x), replicated), base_params)
+  # A base already laid out so (pipelines/common.load_model) is used as it is.
+  base = parallel.shard_base(base_params, mesh)
   rng = jax.random.key(config.seed)
   init_lora = lora_lib.init(jax.random.fold_in(rng, 0), model_config, lcfg)
   num_clients = data.num_clients

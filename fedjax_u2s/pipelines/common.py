@@ -10,6 +10,7 @@ which it calls these, plus what is its own.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -27,6 +28,7 @@ from fedjax_u2s.data import instructions
 from fedjax_u2s.data import wiki
 from fedjax_u2s.evaluation import report
 from fedjax_u2s.evaluation import runner
+from fedjax_u2s.federated import parallel
 from fedjax_u2s.models import bert
 from fedjax_u2s.models import registry
 from fedjax_u2s.pipelines import workdir as workdir_lib
@@ -86,10 +88,26 @@ def evaluate_stage(outputs: tuple[str, ...], extra: tuple[str, ...] = ()) -> Sta
 
 def load_model(config: ml_collections.ConfigDict, name: str | None = None
                ) -> registry.LoadedModel:
-  """The model ``config.model`` describes (or ``name``, with its dtypes)."""
+  """The model ``config.model`` describes (or ``name``, with its dtypes).
+
+  With ``config.mesh.model_parallel`` > 1 in a single process the weights
+  are read into host memory and split over the mesh's model axis
+  (``parallel.shard_base``) once, here: generation, training, evaluation and
+  export then share that one split copy and no device ever holds the whole
+  base. With several processes, generation and evaluation run on the lead
+  alone, so the loaded copy stays as it is and training splits its own.
+  """
   m = config.model
-  return registry.load(name or m.name, dtype=m.dtype, param_dtype=m.param_dtype,
-                       remat=m.get("remat", False))
+  load = lambda: registry.load(name or m.name, dtype=m.dtype,
+                               param_dtype=m.param_dtype, remat=m.get("remat", False))
+  mesh_cfg = config.get("mesh")
+  model_parallel = mesh_cfg.get("model_parallel", 1) if mesh_cfg else 1
+  if model_parallel <= 1 or jax.process_count() > 1:
+    return load()
+  mesh = parallel.make_mesh(mesh_cfg.num_devices or None, model_parallel=model_parallel)
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    model = load()
+  return dataclasses.replace(model, params=parallel.shard_base(model.params, mesh))
 
 
 def load_generator(config: ml_collections.ConfigDict, model: registry.LoadedModel

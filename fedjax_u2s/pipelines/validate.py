@@ -89,6 +89,7 @@ RULES: dict[str, Rule] = {
     "checkpoint.every": int_at_least(1),
     "checkpoint.keep": int_at_least(1),
     "mesh.num_devices": int_at_least(0),
+    "mesh.model_parallel": int_at_least(1),  # Divides the devices: parallel.make_mesh.
     "data.eval_fraction": number_in(0, 1, hi_open=True),
     "data.max_examples": int_at_least(0),
     "data.format": one_of("auto", *instructions.FORMATS),
