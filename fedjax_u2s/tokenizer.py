@@ -403,7 +403,9 @@ class Tokenizer:
     return self.hf.get_vocab_size(with_added_tokens=True)
 
   def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-    """Text -> ids; prepends BOS when ``add_bos`` (default: ``self.add_bos``)."""
+    """Text -> ids; prepends BOS when ``add_bos`` (default: ``self.add_bos``)
+    unless the text already starts with it (a chat template that writes
+    ``{{ bos_token }}``, as Gemma's does): one BOS, never two."""
     ids = self.hf.encode(text, add_special_tokens=False).ids
     return self._with_bos(ids, add_bos)
 
@@ -419,6 +421,8 @@ class Tokenizer:
       if self.bos_id is None:
         raise ValueError(f"{self.name or 'tokenizer'}: add_bos=True but the "
                          "tokenizer has no BOS token.")
+      if list(ids[:1]) == [self.bos_id]:
+        return list(ids)
       return [self.bos_id] + list(ids)
     return list(ids)
 
