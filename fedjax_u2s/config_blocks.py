@@ -158,7 +158,8 @@ def u2s_config() -> ml_collections.ConfigDict:
 ACCELERATORS = ("gpu", "tpu")
 
 
-def accelerator(c: ml_collections.ConfigDict, kind: str) -> ml_collections.ConfigDict:
+def accelerator(c: ml_collections.ConfigDict, kind: str,
+                model_parallel: int = 1) -> ml_collections.ConfigDict:
   """The ``:gpu`` / ``:tpu`` variants' settings, one definition for every config.
 
   bf16 matmuls (norms, softmax and logits stay fp32 in the decoder), layers
@@ -169,9 +170,17 @@ def accelerator(c: ml_collections.ConfigDict, kind: str) -> ml_collections.Confi
   for the backend (``auto``: the CPU kernel path is CPU-only). The
   accelerators differ in what the backend compiles, not in these settings.
 
+  The base is split over ``model_parallel`` devices (``mesh.model_parallel``,
+  federated/parallel.py). 1 for the shipped configs: SmolLM2-135M is half a
+  GB and its 9 heads / 3 KV heads divide by no device count a TPU slice
+  has, so a split would add resharding and save nothing. The 7-8B presets
+  (configs/plans/, ``python -m fedjax_u2s.plan``) are where the split pays:
+  there it is what makes the base fit at all.
+
   Args:
     c: a config from :func:`base_config` / :func:`u2s_config` (changed in place).
     kind: ``"gpu"`` or ``"tpu"``.
+    model_parallel: devices the frozen base is split over.
   """
   if kind not in ACCELERATORS:
     raise ValueError(f"accelerator kind {kind!r}: use one of {ACCELERATORS}.")
@@ -179,6 +188,7 @@ def accelerator(c: ml_collections.ConfigDict, kind: str) -> ml_collections.Confi
   c.model.remat = True
   c.train.logits_chunk_size = 128
   c.federated.clients_per_chunk = 0
+  c.mesh.model_parallel = model_parallel
   c.train_eval.batch_size = 32
   if "evaluate" in c:
     c.evaluate.batch_size = 32
