@@ -121,3 +121,36 @@ def test_champ_corpus_clients_and_their_questions():
     validate.validate(bad)
   with pytest.raises(ValueError, match="corpus.num_clients=7"):
     corpus.champ_clients(num_clients=7)
+
+
+def test_champ_experiment_smoke_end_to_end(tmp_path, smollm2_path):
+  """configs/experiments/u2s_champ.py:smoke through the claim job, on
+  pre-generated pairs (a tiny random model writes no parseable pair): the
+  only headline set is champ_heldout, asked of exactly the held problems."""
+  import os  # pylint: disable=g-import-not-at-top
+  from fedjax_u2s import pipelines, testing  # pylint: disable=g-import-not-at-top
+  from fedjax_u2s.pipelines import claim  # pylint: disable=g-import-not-at-top
+  from test_claim import write_generated  # pylint: disable=g-import-not-at-top
+
+  del smollm2_path  # The tiny model needs the real tokenizer.
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = str(tmp_path / "champ")
+  s = champ.split(0.9, 0)
+  held = [p.id for p in s.held]
+  write_generated(workdir, "retrieval", [s.kept[0].id, s.kept[1].id], held)
+  model = testing.write_tiny_chat_model(str(tmp_path / "tiny"))
+  config = testing.load_config(
+      os.path.join(repo, "configs", "experiments", "u2s_champ.py"), "smoke", **{
+          "model.name": model, "experiment.arms": ("base", "fedit_u2s", "raw_text"),
+          "experiment.seeds": (0,), "train.max_length": 96,
+          "data.eval_fraction": 0.25, "lora.rank": 2, "lora.alpha": 4.0,
+          "checkpoint.every": 100, "model.remat": False,
+          "train.logits_chunk_size": 0})
+  pipelines.run(config, workdir)
+  scores = json.load(open(claim.scores_path(claim.arm_dir(workdir, "fedit_u2s", 0))))
+  assert set(scores) == {"champ_heldout", "heldout_ppl"}
+  asked = [r["id"] for r in scores["champ_heldout"]["records"]]
+  assert len(asked) == config.evaluate.num_champ_questions == 6
+  assert set(asked) <= set(held)
+  md = open(os.path.join(workdir, "results.md")).read()
+  assert "champ_heldout" in md and "| fedit_u2s - raw_text |" in md
