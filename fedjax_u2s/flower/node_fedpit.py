@@ -272,6 +272,7 @@ def local_update(config: ml_collections.ConfigDict, data_dir: str, *,
              "num-tokens": 0.0, "num-steps": 0, "nonfinite": 0}
   delta = control_delta = None
   seconds = 0.0
+  t_global = time.perf_counter()
   if ts is not None and len(ts.tokens):
     batches, new_cursor = _batches(config, ts, client, cursor)
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -302,13 +303,11 @@ def local_update(config: ml_collections.ConfigDict, data_dir: str, *,
                           cursor=0, round=0)
     lts = local_data.sets(round_, [client], params)[0]
     batches, new_cursor = _batches(config, lts, client, before.cursor)
-    t1 = time.perf_counter()
     trained, out = local_program(fed, algorithms.personal_loss(loss))(
         jax.tree.map(jnp.asarray, before.adapter), model.params, params,
         batches.batch, batches.step_mask, jnp.asarray(local_key_data, jnp.uint32),
         jnp.asarray(round_, jnp.int32))
     trained = jax.tree.map(lambda x: np.asarray(x)[0], trained)
-    seconds += time.perf_counter() - t1
     bad = bool(np.asarray(out.nonfinite)[0]) or not all(
         np.isfinite(x).all() for x in jax.tree.leaves(trained))
     if bad:  # The job applies neither phase then; the server stops the run.
@@ -318,8 +317,10 @@ def local_update(config: ml_collections.ConfigDict, data_dir: str, *,
                             round=round_ + 1,
                             loss_sum=float(np.asarray(out.loss_sum)[0]),
                             num_tokens=float(np.asarray(out.num_tokens)[0])))
+  # Seconds of the global phase and what came before it; the local phase's
+  # time is not reported.
   metrics.update({"train-seconds": seconds,
-                  "setup-seconds": time.perf_counter() - t0 - seconds - gen_seconds,
+                  "setup-seconds": t_global - t0 - gen_seconds,
                   "generation-seconds": gen_seconds})
   made = extra.get("synthetic", {}).get(str(client))
   if made is not None:  # Counts: numbers about its own data, as a U2S node's.
