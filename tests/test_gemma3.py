@@ -448,9 +448,11 @@ GEMMA3_PROMPTS = ["The capital of France is", "def fibonacci(n):",
 
 @pytest.mark.slow
 def test_real_gemma3_greedy_agrees_with_transformers(gemma3_path):
-  """Greedy 16-token continuations of 3 prompts from our sampler equal
-  transformers' ``generate`` on the same GGUF (dequantized to float32), and
-  the prompt logits agree to fp32 rounding."""
+  """Greedy 16-token continuations of 3 prompts from our sampler are
+  transformers' greedy continuations on the same GGUF (dequantized to
+  float32): one transformers forward over prompt + our tokens has its argmax
+  at every generated position on our next token (so its ``generate`` would
+  pick the same 16), and its logits agree with ours to fp32 rounding."""
   import torch
   import transformers
   model = registry.load("gemma3-270m")
@@ -458,73 +460,21 @@ def test_real_gemma3_greedy_agrees_with_transformers(gemma3_path):
   assert (cfg.num_layers, cfg.hidden_size, cfg.vocab_size) == (18, 640, 262144)
   assert cfg.layer_types.count("full_attention") == 3 and cfg.sliding_window == 512
   assert tok.eos_ids == (1, 106)  # <eos>, and <end_of_turn> of the chat template
+  s = sampler_lib.Sampler(cfg, tok, decode="scan")
+  out = s(model.params, GEMMA3_PROMPTS, max_new_tokens=16, eos_ids=())
+  # The base model (not instruction-tuned): " the capital of the country of
+  # France. It is the largest city in France and".
+  assert "France" in out.texts[0]
   ref = transformers.AutoModelForCausalLM.from_pretrained(
       os.path.dirname(gemma3_path), gguf_file=os.path.basename(gemma3_path),
       dtype=torch.float32, attn_implementation="eager").eval()
-  s = sampler_lib.Sampler(cfg, tok, decode="scan")
-  out = s(model.params, GEMMA3_PROMPTS, max_new_tokens=16, eos_ids=())
+  fwd = jax.jit(lambda p, t: llama.forward(p, t, config=cfg)[0])
   for prompt, ours in zip(GEMMA3_PROMPTS, out.tokens):
     ids = tok.encode(prompt)
-    assert ids[0] == 2  # Gemma wants BOS first.
+    assert ids[0] == 2 and ids[1] != 2  # Gemma wants one BOS first.
+    seq = ids + ours
     with torch.no_grad():
-      gen = ref.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
-      want = ref(torch.tensor([ids])).logits.numpy()
-    assert ours == gen[0, len(ids):].tolist(), prompt
-    got = _logits(model.params, jnp.asarray([ids]), cfg)
+      want = ref(torch.tensor([seq])).logits.numpy()[0]
+    assert want[len(ids) - 1:-1].argmax(-1).tolist() == ours, prompt
+    got = np.asarray(fwd(model.params, jnp.asarray([seq])))[0]
     assert np.abs(got - want).max() < 2e-4, prompt
-  assert "Paris" in out.texts[0]
-
-
-# ----------------------------------------------------------------------------
-# As the tuned model: a tiny Gemma 3 with a tokenizer.model through a job.
-
-
-def _tiny_gemma3_chat_model(root) -> str:
-  """A tiny random Gemma 3 directory as older Gemma repositories ship it:
-  config.json, model.safetensors, a sentencepiece tokenizer.model (trained
-  here) and Gemma 3's chat template in tokenizer_config.json."""
-  import shutil
-  spm_path = _train_spm(os.path.join(root, "spm"), add_dummy_prefix=False)
-  import sentencepiece as spm
-  vocab = spm.SentencePieceProcessor(model_file=spm_path).get_piece_size()
-  path = _write(os.path.join(root, "gemma"), {**testing.TINY_HF_GEMMA3,
-                                              "vocab_size": vocab}, 0)
-  shutil.copy(spm_path, os.path.join(path, "tokenizer.model"))
-  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-    json.dump({"chat_template": tokenizer_lib.GEMMA3_CHAT_TEMPLATE}, f)
-  return path
-
-
-def test_fedit_job_tunes_and_exports_a_gemma3_model(tmp_path):
-  """The FedIT job (built-in instruction rows, 2 rounds) with a Gemma 3 as
-  the tuned model: LoRA on q, k, v, o, gate, up, down trains, and the PEFT
-  adapter names Gemma's modules and reads back into our pytree."""
-  from fedjax_u2s import export
-  from fedjax_u2s import pipelines
-  from fedjax_u2s.data import wiki
-  try:
-    wiki.resolve_path()
-  except FileNotFoundError as e:
-    pytest.skip(str(e))
-  model = _tiny_gemma3_chat_model(str(tmp_path))
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  config = testing.load_config(
-      os.path.join(repo, "configs", "fedit_instructions.py"), "smoke",
-      **{"model.name": model, "federated.num_rounds": 2,
-         "lora.targets": ("q", "k", "v", "o", "gate", "up", "down")})
-  workdir = str(tmp_path / "run")
-  pipelines.run(config, workdir)
-  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  assert all(np.isfinite(r["train_loss"]) for r in rows[1:])
-  adapter_dir = os.path.join(workdir, "adapter")
-  with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
-    assert sorted(json.load(f)["target_modules"]) == [
-        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
-  tensors = safetensors.numpy.load_file(
-      os.path.join(adapter_dir, "adapter_model.safetensors"))
-  assert "base_model.model.model.layers.2.mlp.gate_proj.lora_B.weight" in tensors
-  cfg, _ = hf_loader.load_hf_dir(model)
-  lora, lcfg = export.load_peft(adapter_dir, cfg)
-  assert set(lora) == set(lcfg.target_names) == {"q", "k", "v", "o", "gate", "up",
-                                                  "down"}
-  assert any(np.abs(ab["b"]).max() > 0 for ab in lora.values())
