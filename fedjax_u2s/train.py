@@ -49,6 +49,7 @@ from fedjax_u2s import lora as lora_lib
 from fedjax_u2s import metrics as metrics_lib
 from fedjax_u2s.data import batching
 from fedjax_u2s.evaluation import report
+from fedjax_u2s.federated import algorithms
 from fedjax_u2s.federated import objectives
 from fedjax_u2s.federated import parallel
 from fedjax_u2s.federated import privacy
@@ -335,13 +336,8 @@ def _setup(config: ml_collections.ConfigDict, fed: AlgorithmConfig, model_config
   # the clients over the other, the server state replicated.
   mesh = parallel.make_mesh(config.mesh.num_devices or None,
                             model_parallel=config.mesh.get("model_parallel", 1))
-  local_loss_fn = None
-  if local is not None:
-    # The personal model is base + global + local: one adapter of twice the
-    # rank (lora.concat_rank), the global half frozen.
-    def local_loss_fn(own, frozen, batch, rng):
-      base, global_lora = frozen
-      return loss_fn(lora_lib.concat_rank(global_lora, own), base, batch, rng)
+  # FedPIT: the personal model base + global + local trains the local adapter.
+  local_loss_fn = None if local is None else algorithms.personal_loss(loss_fn)
   base_sharding = parallel.base_sharding(base_params, mesh)
   algo = parallel.build(fed, loss_fn, mesh, local_loss_fn=local_loss_fn,
                         base_sharding=base_sharding)
