@@ -351,11 +351,11 @@ def test_empty_and_missing_file(tmp_path):
 def test_unknown_architecture(tmp_path):
   cfg = testing.tiny_llama_config()
   params = llama.init_params(jax.random.key(10), cfg)
-  path = write_gguf(tmp_path / "gem.gguf", cfg, hf_tensors(cfg, params, "llama"),
-                    arch="gemma3", metadata=False)
-  with pytest.raises(UnsupportedModelError, match=r"gem\.gguf.*'gemma3'"):
+  path = write_gguf(tmp_path / "fal.gguf", cfg, hf_tensors(cfg, params, "llama"),
+                    arch="falcon", metadata=False)
+  with pytest.raises(UnsupportedModelError, match=r"fal\.gguf.*'falcon'"):
     gguf_loader.load_gguf(path)
-  with pytest.raises(UnsupportedModelError, match=r"gem\.gguf.*'gemma3'"):
+  with pytest.raises(UnsupportedModelError, match=r"fal\.gguf.*'falcon'"):
     gguf_loader.config_from_gguf(path)
 
 
