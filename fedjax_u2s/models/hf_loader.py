@@ -426,23 +426,7 @@ def to_hf_config(config: ModelConfig) -> dict[str, Any]:
         "attention_bias sets both).")
   else:
     model_type, arch = "llama", "LlamaForCausalLM"
-  hf = {
-      "model_type": model_type,
-      "architectures": [arch],
-      "vocab_size": config.vocab_size,
-      "hidden_size": config.hidden_size,
-      "intermediate_size": config.intermediate_size,
-      "num_hidden_layers": config.num_layers,
-      "num_attention_heads": config.num_heads,
-      "num_key_value_heads": config.num_kv_heads,
-      "head_dim": config.head_dim,
-      "hidden_act": "silu",
-      "rms_norm_eps": config.rms_norm_eps,
-      "rope_theta": config.rope_theta,
-      "max_position_embeddings": config.max_position_embeddings,
-      "tie_word_embeddings": config.tie_word_embeddings,
-      "torch_dtype": config.param_dtype,
-  }
+  hf = {**_common_hf_fields(config, model_type, arch), "hidden_act": "silu"}
   if model_type == "llama":
     hf["attention_bias"] = config.o_bias
     hf["mlp_bias"] = config.mlp_bias
@@ -460,14 +444,41 @@ def to_hf_config(config: ModelConfig) -> dict[str, Any]:
         "low_freq_factor": rs.low_freq_factor,
         "high_freq_factor": rs.high_freq_factor,
         "original_max_position_embeddings": rs.original_max_position_embeddings}
+  return {**hf, **_token_id_fields(config)}
+
+
+def _common_hf_fields(config: ModelConfig, model_type: str, arch: str) -> dict[str, Any]:
+  """The ``config.json`` fields every written architecture shares: shapes,
+  norm epsilon, RoPE base, context length, tying and dtype."""
+  return {
+      "model_type": model_type,
+      "architectures": [arch],
+      "vocab_size": config.vocab_size,
+      "hidden_size": config.hidden_size,
+      "intermediate_size": config.intermediate_size,
+      "num_hidden_layers": config.num_layers,
+      "num_attention_heads": config.num_heads,
+      "num_key_value_heads": config.num_kv_heads,
+      "head_dim": config.head_dim,
+      "rms_norm_eps": config.rms_norm_eps,
+      "rope_theta": config.rope_theta,
+      "max_position_embeddings": config.max_position_embeddings,
+      "tie_word_embeddings": config.tie_word_embeddings,
+      "torch_dtype": config.param_dtype,
+  }
+
+
+def _token_id_fields(config: ModelConfig) -> dict[str, Any]:
+  """bos/eos/pad ids as transformers reads them (one eos id as an int)."""
+  out: dict[str, Any] = {}
   if config.bos_token_id is not None:
-    hf["bos_token_id"] = config.bos_token_id
+    out["bos_token_id"] = config.bos_token_id
   if config.eos_token_ids:
     eos = list(config.eos_token_ids)
-    hf["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    out["eos_token_id"] = eos[0] if len(eos) == 1 else eos
   if config.pad_token_id is not None:
-    hf["pad_token_id"] = config.pad_token_id
-  return hf
+    out["pad_token_id"] = config.pad_token_id
+  return out
 
 
 def _to_gemma3_config(config: ModelConfig) -> dict[str, Any]:
@@ -481,18 +492,8 @@ def _to_gemma3_config(config: ModelConfig) -> dict[str, Any]:
         "architecture='gemma3' but this ModelConfig differs from Gemma 3 in "
         + ", ".join(off or [f"qkv_bias={config.qkv_bias} != o_bias={config.o_bias}"]))
   hf = {
-      "model_type": "gemma3_text",
-      "architectures": ["Gemma3ForCausalLM"],
-      "vocab_size": config.vocab_size,
-      "hidden_size": config.hidden_size,
-      "intermediate_size": config.intermediate_size,
-      "num_hidden_layers": config.num_layers,
-      "num_attention_heads": config.num_heads,
-      "num_key_value_heads": config.num_kv_heads,
-      "head_dim": config.head_dim,
+      **_common_hf_fields(config, "gemma3_text", "Gemma3ForCausalLM"),
       "hidden_activation": config.hidden_act,
-      "rms_norm_eps": config.rms_norm_eps,
-      "rope_theta": config.rope_theta,
       "rope_local_base_freq": config.rope_local_theta,
       "query_pre_attn_scalar": _int_if_whole(config.query_pre_attn_scalar
                                              if config.query_pre_attn_scalar
@@ -502,9 +503,6 @@ def _to_gemma3_config(config: ModelConfig) -> dict[str, Any]:
       "final_logit_softcapping": config.final_logit_softcapping,
       "attn_logit_softcapping": None,
       "attention_bias": config.o_bias,
-      "max_position_embeddings": config.max_position_embeddings,
-      "tie_word_embeddings": config.tie_word_embeddings,
-      "torch_dtype": config.param_dtype,
   }
   rs = config.rope_scaling
   if rs is not None:
@@ -512,14 +510,7 @@ def _to_gemma3_config(config: ModelConfig) -> dict[str, Any]:
       raise UnsupportedModelError(
           f"Gemma 3 with rope_scaling {rs.rope_type!r}: only 'linear' is written.")
     hf["rope_scaling"] = {"rope_type": "linear", "factor": rs.factor}
-  for key, value in (("bos_token_id", config.bos_token_id),
-                     ("pad_token_id", config.pad_token_id)):
-    if value is not None:
-      hf[key] = value
-  if config.eos_token_ids:
-    eos = list(config.eos_token_ids)
-    hf["eos_token_id"] = eos[0] if len(eos) == 1 else eos
-  return hf
+  return {**hf, **_token_id_fields(config)}
 
 
 def _int_if_whole(x: float) -> int | float:
