@@ -102,8 +102,14 @@ def test_num_params_counts_the_extra_norms(tmp_path):
 # The window, the RoPE tables, the scale: each changes the logits.
 
 
-def _logits(params, tokens, cfg):
-  return np.asarray(llama.forward(params, tokens, config=cfg)[0])
+@functools.partial(jax.jit, static_argnames="cfg")
+def _jit_logits(params, tokens, cfg, input_mask=None):
+  return llama.forward(params, tokens, config=cfg, input_mask=input_mask)[0]
+
+
+def _logits(params, tokens, cfg, input_mask=None):
+  """Full-forward logits, jitted (op by op, a forward compiles every op)."""
+  return np.asarray(_jit_logits(params, tokens, cfg, input_mask))
 
 
 @pytest.mark.parametrize("change", [
@@ -168,7 +174,7 @@ def test_kv_cache_decoding_past_the_window_matches_recompute(tmp_path, name,
   mask[1, :2] = False  # left padding
   tokens[~mask] = 0
   tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
-  full, _ = llama.forward(params, tokens, config=config, input_mask=mask)
+  full = _logits(params, tokens, config, mask)
   cache = llama.init_cache(config, 2, 16, per_layer=per_layer)
   logits, cache = jax.jit(functools.partial(llama.forward, config=config,
                                             prefill=True))(
@@ -195,8 +201,12 @@ def test_sampler_decode_paths_agree_past_the_window(tmp_path, decode):
     pytest.skip("the CPU kernel does not run here")
   prompt = [int(x) for x in np.random.default_rng(2).integers(3, 256, 5)]
   seq = list(prompt)
+  # One shape for every step: the attention is causal, so the zeros after
+  # the sequence change none of its logits.
+  buf = np.zeros((1, len(prompt) + 12), np.int32)
   for _ in range(12):
-    seq.append(int(np.argmax(_logits(params, jnp.asarray([seq]), config)[0, -1])))
+    buf[0, :len(seq)] = seq
+    seq.append(int(np.argmax(_logits(params, jnp.asarray(buf), config)[0, len(seq) - 1])))
   s = sampler_lib.Sampler(config, testing.ByteTokenizer(), decode=decode)
   out = s(params, [prompt], max_new_tokens=12, eos_ids=())
   assert out.tokens[0] == seq[len(prompt):]
