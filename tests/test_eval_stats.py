@@ -58,6 +58,9 @@ def test_a_always_right_b_always_wrong_is_clear():
   assert stats.verdict(r, lower_is_better=False) == "better"
   assert stats.verdict(r, lower_is_better=True) == "worse"
   assert stats.format_interval(r) == "+1.000 [+1.000, +1.000], p<2e-03, n=30"
+  # Its Holm adjustment (k * 0) is below the resolution too, not "p=0".
+  assert stats.format_interval({**r, "p_holm": 0.0}).endswith(
+      ", p<2e-03, Holm p<2e-03, n=30")
 
 
 def test_one_flip_in_a_hundred_is_not_clear():

@@ -232,10 +232,12 @@ def format_interval(result: Mapping, digits: int = 3) -> str:
   """``"+0.050 [−0.010, +0.110], p=0.12, n=80"`` (or ``"-"``)."""
   if not result.get("n") or result["diff"] is None:
     return "-"
-  p = result["p_value"]
   floor = 2.0 / result.get("num_samples", 10_000)  # Resolution of the estimate.
-  p_txt = f"p<{floor:.0e}" if p < floor else f"p={p:.2g}"
-  holm_txt = (f", Holm p={result['p_holm']:.2g}"
+  # Below the resolution a p-value (and so its Holm adjustment) says only
+  # "smaller than this", never 0.
+  p_text = lambda name, p: f"{name}<{floor:.0e}" if p < floor else f"{name}={p:.2g}"
+  p_txt = p_text("p", result["p_value"])
+  holm_txt = (", " + p_text("Holm p", result["p_holm"])
               if result.get("p_holm") is not None else "")
   return (f"{result['diff']:+.{digits}f} [{result['ci_low']:+.{digits}f}, "
           f"{result['ci_high']:+.{digits}f}], {p_txt}{holm_txt}, n={result['n']}")
