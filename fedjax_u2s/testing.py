@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -215,6 +216,30 @@ TINY_HF_CONFIGS = {
     "gemma3_scaled": TINY_HF_GEMMA3_SCALED,
     "qwen3": TINY_HF_QWEN3,
 }
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def full_logits(params, tokens, cfg: ModelConfig, input_mask=None) -> jax.Array:
+  """Logits of one jitted full forward pass (the reference that cached and
+  kernel decoding are checked against; op by op, a forward compiles every op)."""
+  return llama.forward(params, tokens, config=cfg, input_mask=input_mask)[0]
+
+
+def greedy_by_recompute(params, cfg: ModelConfig, prompt: list[int], n: int,
+                        width: int | None = None) -> list[int]:
+  """Reference greedy decoding: ``n`` tokens, each the argmax of a full
+  forward pass over everything so far, one token at a time on the host.
+
+  Sequences are right-padded to one width (default: prompt + ``n``), so there
+  is one compile; under the causal mask the padding cannot affect the
+  positions read.
+  """
+  width = width or len(prompt) + n
+  seq = list(prompt)
+  for _ in range(n):
+    padded = jnp.asarray([seq + [0] * (width - len(seq))])
+    seq.append(int(jnp.argmax(full_logits(params, padded, cfg)[0, len(seq) - 1])))
+  return seq[len(prompt):]
 
 
 def random_hf_state_dict(hf_config: dict, seed: int) -> dict[str, np.ndarray]:

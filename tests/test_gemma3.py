@@ -102,14 +102,8 @@ def test_num_params_counts_the_extra_norms(tmp_path):
 # The window, the RoPE tables, the scale: each changes the logits.
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
-def _jit_logits(params, tokens, cfg, input_mask=None):
-  return llama.forward(params, tokens, config=cfg, input_mask=input_mask)[0]
-
-
 def _logits(params, tokens, cfg, input_mask=None):
-  """Full-forward logits, jitted (op by op, a forward compiles every op)."""
-  return np.asarray(_jit_logits(params, tokens, cfg, input_mask))
+  return np.asarray(testing.full_logits(params, tokens, cfg, input_mask))
 
 
 @pytest.mark.parametrize("change", [
@@ -200,16 +194,9 @@ def test_sampler_decode_paths_agree_past_the_window(tmp_path, decode):
   if decode == "cpu_kernel" and not decoding.kernel_decodes(config):
     pytest.skip("the CPU kernel does not run here")
   prompt = [int(x) for x in np.random.default_rng(2).integers(3, 256, 5)]
-  seq = list(prompt)
-  # One shape for every step: the attention is causal, so the zeros after
-  # the sequence change none of its logits.
-  buf = np.zeros((1, len(prompt) + 12), np.int32)
-  for _ in range(12):
-    buf[0, :len(seq)] = seq
-    seq.append(int(np.argmax(_logits(params, jnp.asarray(buf), config)[0, len(seq) - 1])))
   s = sampler_lib.Sampler(config, testing.ByteTokenizer(), decode=decode)
   out = s(params, [prompt], max_new_tokens=12, eos_ids=())
-  assert out.tokens[0] == seq[len(prompt):]
+  assert out.tokens[0] == testing.greedy_by_recompute(params, config, prompt, 12)
 
 
 def test_decode_weights_keep_gate_and_up_apart_for_geglu(tmp_path):

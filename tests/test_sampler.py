@@ -1,6 +1,5 @@
 """Sampler: exact greedy decoding, per-row stops, seeds, strategies."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -21,22 +20,9 @@ def model():
   return cfg, params, tok
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
-def _full_logits(params, tokens, cfg):
-  return llama.forward(params, tokens, config=cfg)[0]
-
-
-def argmax_loop(params, cfg, prompt, n, width=32):
-  """Reference: greedy by full recomputation, one token at a time on the host.
-
-  Sequences are right-padded to a fixed width (one compile); under the causal
-  mask the padding cannot affect the positions read.
-  """
-  seq = list(prompt)
-  for _ in range(n):
-    padded = jnp.asarray([seq + [0] * (width - len(seq))])
-    seq.append(int(jnp.argmax(_full_logits(params, padded, cfg)[0, len(seq) - 1])))
-  return seq[len(prompt):]
+def argmax_loop(params, cfg, prompt, n):
+  """Reference: greedy by full recomputation (one width for every prompt here)."""
+  return testing.greedy_by_recompute(params, cfg, prompt, n, width=32)
 
 
 def test_greedy_equals_argmax_loop_for_ragged_batch(model):
