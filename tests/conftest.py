@@ -21,7 +21,8 @@ def smollm2_path() -> str:
 def _drop_caches_between_modules():
   """Each test file starts with JAX's caches empty and the rest frozen.
 
-  One pytest process runs every file. JAX keeps every traced and compiled
+  A pytest process (the one, or each xdist worker of ``launch/test.sh``)
+  runs many files in turn. JAX keeps every traced and compiled
   program (its jaxprs, lowerings and executables, millions of Python objects
   after a few hundred tests), and Python's cyclic collector walks all of them
   on each full collection: eager op-by-op tests late in the run (a forward
