@@ -101,6 +101,21 @@ def test_changed_file_contents_are_named(tmp_path, corpus):
     workdir_lib.check_and_record(_config(corpus), wd, STAGES)
 
 
+def test_long_values_keep_their_ends():
+  """A long path is cut in the middle: the part that differs stays in view."""
+  old = "/data/" + "x" * 300 + "/batch_a.jsonl"
+  new = "/data/" + "x" * 300 + "/batch_b.jsonl"
+  (line,) = workdir_lib.differences({"config.data.path": old},
+                                    {"config.data.path": new})
+  a, b = line[len("config.data.path: "):].split(" (workdir) -> ")
+  assert a == '"/data/' + "x" * 71 + "..." + "x" * 64 + '/batch_a.jsonl"'
+  assert b == '"/data/' + "x" * 71 + "..." + "x" * 64 + '/batch_b.jsonl" (this run)'
+  assert len(a) == 160
+  short = {"config.seed": 0}
+  assert workdir_lib.differences(short, {"config.seed": 1}) == [
+      "config.seed: 0 (workdir) -> 1 (this run)"]
+
+
 def test_a_run_that_made_nothing_does_not_lock_the_workdir(tmp_path, corpus):
   """A typo'd corpus path fails before generating: the fixed rerun just runs."""
   wd = str(tmp_path / "wd")

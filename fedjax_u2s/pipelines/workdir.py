@@ -170,9 +170,17 @@ def fingerprint(config: ml_collections.ConfigDict, stage: Stage,
 # Comparing and recording.
 
 
-def _short(value: Any, limit: int = 80) -> str:
+def _short(value: Any, limit: int = 160) -> str:
+  """``value`` as JSON, cut in the middle when longer than ``limit``.
+
+  The middle, not the end: two paths that differ usually differ in their
+  last part (``.../batch_a.jsonl`` against ``.../batch_b.jsonl``).
+  """
   text = json.dumps(value, ensure_ascii=False)
-  return text if len(text) <= limit else text[:limit - 3] + "..."
+  if len(text) <= limit:
+    return text
+  head = (limit - 3) // 2
+  return text[:head] + "..." + text[len(text) - (limit - 3 - head):]
 
 
 def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
