@@ -175,6 +175,33 @@ def test_two_processes_model_parallel_equal_one(reference, tiny_model, tmp_path)
     np.testing.assert_allclose(got[k], want[k], atol=1e-5, rtol=1e-4, err_msg=k)
 
 
+def test_bf16_training_tracks_fp32(reference, tiny_model, tmp_path):
+  """The whole job with bf16 compute (the accelerator configs' setting)
+  against fp32: every round's train loss within 1% and the adapters' trained
+  B factors pointing the same way (the issue's bf16-vs-fp32 pair, on the CPU,
+  where XLA converts bf16 matmul inputs to f32: what is checked is bf16
+  rounding of weights and activations, the same as on an accelerator). The
+  tiny random model's loss stays near log(vocab), so the loss check is weak
+  here and the adapters' direction carries the test; the real SmolLM2 pair is
+  in docs/benchmarks.md ("Accelerators")."""
+  workdir = str(tmp_path)
+  pipelines.run(_config(tiny_model, **{"model.dtype": "bfloat16"}), workdir)
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))][1:]
+  ref_rows = [json.loads(l) for l in open(os.path.join(reference, "metrics.jsonl"))][1:]
+  got = np.array([r["train_loss"] for r in rows])
+  want = np.array([r["train_loss"] for r in ref_rows])
+  rel = np.abs(got - want) / want
+  print("bf16 vs fp32 train loss, relative difference per round:", rel)
+  assert rel.max() < 0.01
+  a, b = _adapter(reference), _adapter(workdir)
+  keys = [k for k in a if "lora_B" in k]
+  x = np.concatenate([a[k].ravel() for k in keys]).astype(np.float64)
+  y = np.concatenate([b[k].ravel() for k in keys]).astype(np.float64)
+  cos = x @ y / np.linalg.norm(x) / np.linalg.norm(y)
+  print(f"lora_B cosine {cos:.5f}, relative L2 {np.linalg.norm(x - y) / np.linalg.norm(x):.3e}")
+  assert cos > 0.98
+
+
 def test_nonfinite_loss_stops_with_checkpoint_intact(tiny_model, tmp_path):
   workdir = str(tmp_path)
   pipelines.run(_config(tiny_model, **{"train.halt_after_round": 1}), workdir)
