@@ -55,6 +55,7 @@ def test_champ_heldout_suites():
   s = champ.split(held_fraction=0.9, seed=0)
   mc = suites.build_suite("champ_heldout", form="mc")
   assert mc == suites.champ_heldout("mc")
+  assert mc.headline == "accuracy"  # Short numeric options: acc_norm measured nothing.
   assert [q.id for q in mc.questions] == [p.id for p in s.held]
   by_id = {p.id: p for p in s.held}
   for q in mc.questions:

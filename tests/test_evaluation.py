@@ -90,6 +90,11 @@ def test_multiple_choice_exact_scores_and_length_normalisation():
   assert res["accuracy"] == 0.0 and res["acc_norm"] == 1.0
   assert res["acc_token_norm"] == 1.0 and res["chance"] == 0.5
   assert res["headline"] == "acc_norm"
+  # A task may lead with another metric (numeric options: plain accuracy).
+  task = tasks.MultipleChoiceTask("t", (q,), headline="accuracy")
+  assert tasks.run_multiple_choice(task, FAKE, TOK, batch_size=2)["headline"] == "accuracy"
+  with pytest.raises(ValueError, match="headline 'acc' is not one of"):
+    tasks.MultipleChoiceTask("t", (q,), headline="acc")
 
 
 def test_choose_per_char_vs_per_token():

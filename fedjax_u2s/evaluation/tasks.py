@@ -99,12 +99,29 @@ class PPLExample:
   meta: dict = dataclasses.field(default_factory=dict, compare=False)
 
 
+MC_METRICS = ("accuracy", "acc_norm", "acc_token_norm")
+
+
 @dataclasses.dataclass(frozen=True)
 class MultipleChoiceTask:
+  """Questions scored by the log-likelihood of each option.
+
+  Attributes:
+    headline: the metric a report leads with and judges on (one of
+      ``MC_METRICS``). ``acc_norm`` (per character) suits prose options of
+      unequal length; for short numeric options it rewards the longer
+      number, and ``accuracy`` (the plain sum) is the one that measures.
+  """
   name: str
   questions: tuple[MCQuestion, ...]
   description: str = ""
+  headline: str = "acc_norm"
   kind = "multiple_choice"
+
+  def __post_init__(self):
+    if self.headline not in MC_METRICS:
+      raise ValueError(f"{self.name}: headline {self.headline!r} is not one of "
+                       f"{MC_METRICS}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +216,7 @@ def run_multiple_choice(task: MultipleChoiceTask, logprob_fn: scoring.LogprobFn,
 
   Returns:
     ``{"kind", "n", "accuracy", "acc_norm", "acc_token_norm", "chance",
-    "headline": "acc_norm", "records"}``.
+    "headline": task.headline, "records"}``.
   """
   pairs, texts = [], []
   for q in task.questions:
@@ -225,7 +242,7 @@ def run_multiple_choice(task: MultipleChoiceTask, logprob_fn: scoring.LogprobFn,
         correct_token_norm=choice.pred_token_norm == q.answer,
         truncated_tokens=truncated, meta=dict(q.meta)))
   return dict(
-      kind=task.kind, n=len(records), headline="acc_norm",
+      kind=task.kind, n=len(records), headline=task.headline,
       accuracy=_mean([r["correct"] for r in records]),
       acc_norm=_mean([r["correct_norm"] for r in records]),
       acc_token_norm=_mean([r["correct_token_norm"] for r in records]),
