@@ -51,6 +51,11 @@ def _config(model, **overrides):
       "model.name": model, "federated.num_rounds": ROUNDS, **overrides})
 
 
+def _metrics(workdir):
+  """The rows of ``metrics.jsonl`` (row 0: the evaluation before round 1)."""
+  return [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
 def _adapter(workdir):
   return safetensors.numpy.load_file(
       os.path.join(workdir, "adapter", "adapter_model.safetensors"))
@@ -66,7 +71,7 @@ def reference(tiny_model, tmp_path_factory):
 
 
 def test_main_command_writes_everything(reference):
-  rows = [json.loads(l) for l in open(os.path.join(reference, "metrics.jsonl"))]
+  rows = _metrics(reference)
   assert [r["round"] for r in rows] == list(range(ROUNDS + 1))  # 0: eval before.
   train_rows = rows[1:]
   assert all(np.isfinite(r["train_loss"]) and r["num_tokens"] > 0 for r in train_rows)
@@ -99,9 +104,9 @@ def test_halt_and_rerun_is_bit_identical(reference, tiny_model, tmp_path):
   assert sorted(want) == sorted(got)
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  rows = _metrics(workdir)
   assert [r["round"] for r in rows] == list(range(ROUNDS + 1))  # No round twice.
-  ref_rows = [json.loads(l) for l in open(os.path.join(reference, "metrics.jsonl"))]
+  ref_rows = _metrics(reference)
   assert [r.get("train_loss") for r in rows] == [r.get("train_loss") for r in ref_rows]
 
 
@@ -146,7 +151,7 @@ def test_two_processes_equal_one(reference, tiny_model, tmp_path):
   want, got = _adapter(reference), _adapter(str(tmp_path))
   for k in want:
     np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=1e-5, err_msg=k)
-  rows = [json.loads(l) for l in open(os.path.join(str(tmp_path), "metrics.jsonl"))]
+  rows = _metrics(str(tmp_path))
   assert len(rows) == ROUNDS + 1  # Only process 0 writes metrics.
 
 
@@ -186,8 +191,8 @@ def test_bf16_training_tracks_fp32(reference, tiny_model, tmp_path):
   in docs/benchmarks.md ("Accelerators")."""
   workdir = str(tmp_path)
   pipelines.run(_config(tiny_model, **{"model.dtype": "bfloat16"}), workdir)
-  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))][1:]
-  ref_rows = [json.loads(l) for l in open(os.path.join(reference, "metrics.jsonl"))][1:]
+  rows = _metrics(workdir)[1:]
+  ref_rows = _metrics(reference)[1:]
   got = np.array([r["train_loss"] for r in rows])
   want = np.array([r["train_loss"] for r in ref_rows])
   rel = np.abs(got - want) / want

@@ -1,6 +1,5 @@
 """Sampler: exact greedy decoding, per-row stops, seeds, strategies."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

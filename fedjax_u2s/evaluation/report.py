@@ -18,7 +18,8 @@ import numpy as np
 
 from fedjax_u2s.evaluation import stats
 
-# Metrics shown per task kind, the headline first.
+# Metrics shown per task kind, the default headline first (a multiple-choice
+# task may lead with another: tasks.MultipleChoiceTask.headline).
 METRICS = {
     "multiple_choice": ("acc_norm", "accuracy", "acc_token_norm"),
     "generation": ("accuracy",),

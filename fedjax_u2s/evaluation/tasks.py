@@ -29,6 +29,7 @@ import numpy as np
 
 from fedjax_u2s import lora as lora_lib
 from fedjax_u2s import sampler as sampler_lib
+from fedjax_u2s.evaluation import report
 from fedjax_u2s.evaluation import scoring
 
 PyTree = Any
@@ -99,16 +100,13 @@ class PPLExample:
   meta: dict = dataclasses.field(default_factory=dict, compare=False)
 
 
-MC_METRICS = ("accuracy", "acc_norm", "acc_token_norm")
-
-
 @dataclasses.dataclass(frozen=True)
 class MultipleChoiceTask:
   """Questions scored by the log-likelihood of each option.
 
   Attributes:
     headline: the metric a report leads with and judges on (one of
-      ``MC_METRICS``). ``acc_norm`` (per character) suits prose options of
+      ``report.METRICS["multiple_choice"]``). ``acc_norm`` (per character) suits prose options of
       unequal length; for short numeric options it rewards the longer
       number, and ``accuracy`` (the plain sum) is the one that measures.
   """
@@ -119,9 +117,9 @@ class MultipleChoiceTask:
   kind = "multiple_choice"
 
   def __post_init__(self):
-    if self.headline not in MC_METRICS:
+    if self.headline not in report.METRICS[self.kind]:
       raise ValueError(f"{self.name}: headline {self.headline!r} is not one of "
-                       f"{MC_METRICS}.")
+                       f"{report.METRICS[self.kind]}.")
 
 
 @dataclasses.dataclass(frozen=True)
